@@ -1,0 +1,228 @@
+"""Kafka group membership, the fetch loop with backpressure, and offset commits.
+
+The loop reads records, has each one decoded, matched and handed to the dispatcher, and commits, per partition, the
+contiguous prefix of records whose deliveries are all settled. When too many deliveries are unsettled it pauses its
+partitions but keeps polling, so the group never mistakes a busy member for a dead one and memory stays bounded
+however large the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from webhookd.deliver import Delivery
+from webhookd.dispatch import Dispatcher
+from webhookd.events import BadEvent, decode
+from webhookd.metrics import Metrics
+from webhookd.offsets import PartitionOffsets
+from webhookd.record import BadRecord, Recorder
+from webhookd.subscriptions import SubscriptionIndex
+
+log = structlog.get_logger("webhookd.consume")
+
+
+@dataclass(frozen=True)
+class ConsumeSettings:
+    """What the loop needs from the configuration."""
+
+    max_pending: int  # unsettled first attempts before fetching pauses
+    max_poll_records: int
+    max_event_bytes: int
+    commit_interval: float
+    revoke_timeout: float
+
+
+class Consumer:
+    """Owns the AIOKafkaConsumer from start to stop."""
+
+    def __init__(
+        self,
+        kafka: AIOKafkaConsumer,
+        topics: tuple[str, ...],
+        dispatcher: Dispatcher,
+        index: SubscriptionIndex,
+        recorder: Recorder,
+        metrics: Metrics,
+        settings: ConsumeSettings,
+    ) -> None:
+        self._kafka = kafka
+        self._topics = topics
+        self._dispatcher = dispatcher
+        self._index = index
+        self._recorder = recorder
+        self._metrics = metrics
+        self._settings = settings
+        self._partitions: dict[TopicPartition, PartitionOffsets] = {}
+        self._bad_writes: set[asyncio.Task[None]] = set()
+        self._paused = False
+        self.last_poll = 0.0  # loop time of the last fetch, for /healthz
+        self.consuming = False  # True once the group gave us an assignment, for /readyz
+
+    async def start(self) -> None:
+        self._kafka.subscribe(list(self._topics), listener=_Rebalance(self))
+        await self._kafka.start()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Fetch and hand out records until `stopping` is set; then return, leaving in-flight work running."""
+        loop = asyncio.get_running_loop()
+        next_commit = loop.time() + self._settings.commit_interval
+        while not stopping.is_set():
+            room = self._settings.max_pending - self._dispatcher.pending
+            self._set_paused(room <= 0)
+            batch = await self._kafka.getmany(
+                timeout_ms=100 if self._paused else 200,
+                max_records=max(1, min(self._settings.max_poll_records, room)),
+            )
+            self.last_poll = loop.time()
+            for tp, records in batch.items():
+                offsets = self._partitions.get(tp)
+                if offsets is None:  # fetched just before a revocation; the new owner reads it again
+                    continue
+                for record in records:
+                    self._handle(tp, offsets, record)
+            if loop.time() >= next_commit:
+                await self.commit()
+                self._update_lag()
+                next_commit = loop.time() + self._settings.commit_interval
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self._paused:
+            return
+        self._paused = paused
+        assigned = list(self._kafka.assignment())
+        if paused:
+            self._kafka.pause(*assigned)
+            log.debug("fetch_paused", pending=self._dispatcher.pending)
+        else:
+            self._kafka.resume(*assigned)
+
+    def _handle(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord) -> None:
+        offsets.started(record.offset)
+        self._metrics.events_consumed.labels(tp.topic).inc()
+        event = decode(
+            record.value,
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=record.offset,
+            timestamp_ms=record.timestamp,
+            max_bytes=self._settings.max_event_bytes,
+        )
+        if isinstance(event, BadEvent):
+            self._keep_bad(tp, offsets, record, event)
+            return
+        obj, action = event.object_and_action
+        webhooks = self._index.match(event.workspace_id, obj, action)
+        if not webhooks:
+            offsets.finished(record.offset)
+            return
+        source = f"{tp.topic}:{tp.partition}:{record.offset}"
+        deliveries = [
+            Delivery(
+                event_id=event.id,
+                event_name=event.name,
+                workspace_id=event.workspace_id,
+                webhook=webhook,
+                body=event.body,
+                kafka_timestamp_ms=event.kafka_timestamp_ms,
+                source=source,
+            )
+            for webhook in webhooks
+        ]
+        self._dispatcher.submit(deliveries, _finisher(offsets, record.offset))
+
+    def _keep_bad(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord, bad: BadEvent) -> None:
+        self._metrics.events_invalid.labels(bad.reason).inc()
+        log.warning(
+            "bad_event",
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=record.offset,
+            reason=bad.reason,
+            detail=bad.detail,
+        )
+        kept = BadRecord(tp.topic, tp.partition, record.offset, f"{bad.reason}: {bad.detail}", record.value or b"")
+
+        async def keep() -> None:
+            await self._recorder.bad_event(kept)
+            offsets.finished(record.offset)
+
+        task = asyncio.create_task(keep())
+        self._bad_writes.add(task)
+        task.add_done_callback(self._bad_writes.discard)
+
+    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        positions: dict[TopicPartition, int] = {}
+        for tp, offsets in self._partitions.items():
+            if (only is None or tp in only) and offsets.needs_commit():
+                position = offsets.commit_position()
+                assert position is not None
+                positions[tp] = position
+        if not positions:
+            return
+        try:
+            await self._kafka.commit(positions)
+        except (CommitFailedError, KafkaError) as exc:
+            # The group moved on (a rebalance is under way); the next owner starts from the last good commit.
+            log.warning("commit_failed", error=str(exc))
+            return
+        for tp, position in positions.items():
+            self._partitions[tp].committed = position
+
+    def _update_lag(self) -> None:
+        for tp, offsets in self._partitions.items():
+            highwater = self._kafka.highwater(tp)
+            position = offsets.committed if offsets.committed is not None else offsets.commit_position()
+            if highwater is not None and position is not None:
+                self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        """Partitions are leaving us: let their deliveries settle (within the timeout), commit, forget them."""
+        ours = {tp for tp in partitions if tp in self._partitions}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.revoke_timeout
+        while any(self._partitions[tp].in_flight for tp in ours) and loop.time() < deadline:  # noqa: ASYNC110
+            # Counts change in the callbacks of many tasks; polling only while a rebalance waits is simpler than an
+            # event per partition on the hot path.
+            await asyncio.sleep(0.05)
+        await self.commit(ours)
+        for tp in ours:
+            self._partitions.pop(tp).revoked = True
+            self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+        log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in ours))
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            self._partitions.setdefault(tp, PartitionOffsets())
+        if self._paused:
+            self._kafka.pause(*partitions)
+        self.consuming = True
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
+
+    async def wait_bad_writes(self) -> None:
+        if self._bad_writes:
+            await asyncio.wait(list(self._bad_writes))
+
+    async def stop(self) -> None:
+        await self._kafka.stop()
+
+
+def _finisher(offsets: PartitionOffsets, offset: int) -> Callable[[], None]:
+    return lambda: offsets.finished(offset)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information
+    def __init__(self, consumer: Consumer) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._consumer.revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._consumer.assigned(set(assigned))

@@ -1,0 +1,167 @@
+"""One HTTP attempt: sign, POST, and classify what came back.
+
+Every way an attempt can end becomes an AttemptResult with a bounded `result` label; nothing a receiver does (hang,
+drip, redirect, huge body, reset) escapes as an exception or holds more than a small, fixed amount of memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from yarl import URL
+
+from webhookd import __version__
+from webhookd.egress import BlockedDestination, EgressPolicy, literal_address
+from webhookd.payload import sign
+from webhookd.subscriptions import Webhook
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One (event, webhook) pair on its way; `attempts` counts the attempts already made."""
+
+    event_id: str
+    event_name: str
+    workspace_id: str
+    webhook: Webhook
+    body: bytes = field(repr=False)
+    kafka_timestamp_ms: int | None
+    source: str  # topic:partition:offset, for operators
+    attempts: int = 0
+    row_id: int | None = None  # the durable row, once the delivery is on the retry path
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """How one attempt ended; `result` is the metric label."""
+
+    result: str
+    status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.result == "2xx"
+
+    @property
+    def retryable(self) -> bool:
+        # A blocked destination stays blocked: retrying would only knock on the same closed door.
+        return self.result != "blocked"
+
+    def describe(self) -> str:
+        if self.status is not None:
+            return f"HTTP {self.status}" + (f": {self.error}" if self.error else "")
+        return f"{self.result}: {self.error}" if self.error else self.result
+
+
+class Sender:
+    """Sends attempts through one shared aiohttp session (keep-alive, one connection pool)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        policy: EgressPolicy,
+        timeout_seconds: float,
+        body_limit: int,
+        max_retry_after: float,
+    ) -> None:
+        self._session = session
+        self._policy = policy
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._body_limit = body_limit
+        self._max_retry_after = max_retry_after
+        self._user_agent = f"webhookd/{__version__}"
+
+    def headers(self, delivery: Delivery, now_ms: int) -> dict[str, str]:
+        return {
+            "Content-Type": "application/json",
+            "User-Agent": self._user_agent,
+            "X-Twenty-Webhook-Timestamp": str(now_ms),
+            "X-Twenty-Webhook-Signature": sign(delivery.webhook.secret, now_ms, delivery.body),
+            "X-Twenty-Webhook-Nonce": os.urandom(16).hex(),
+            "X-Twenty-Webhook-Event-Id": delivery.event_id,
+        }
+
+    async def attempt(self, delivery: Delivery) -> AttemptResult:
+        url = URL(delivery.webhook.target_url)
+        literal = literal_address(url.host or "")
+        if literal is not None and not self._policy.allows(literal):
+            return AttemptResult("blocked", error=f"{literal} is a forbidden destination")
+        started = time.monotonic()
+        try:
+            headers = self.headers(delivery, int(time.time() * 1000))
+            async with self._session.post(
+                url, data=delivery.body, headers=headers, allow_redirects=False, timeout=self._timeout
+            ) as response:
+                excerpt = await self._read_capped(response)
+                status = response.status
+                duration = time.monotonic() - started
+                if 200 <= status < 300:
+                    return AttemptResult("2xx", status=status, duration=duration)
+                return AttemptResult(
+                    f"{status // 100}xx" if 300 <= status < 600 else "5xx",
+                    status=status,
+                    error=_excerpt_text(excerpt, response.headers.get("Location")),
+                    retry_after=self._retry_after(response.headers.get("Retry-After")),
+                    duration=duration,
+                )
+        except TimeoutError:
+            return AttemptResult("timeout", error="no answer in time", duration=time.monotonic() - started)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, BlockedDestination):
+                return AttemptResult("blocked", error=str(exc.os_error), duration=time.monotonic() - started)
+            return _connection_error(exc, started)
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return _connection_error(exc, started)
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        # Read small bodies whole so the connection can be reused; past the cap, stop and let aiohttp close it.
+        chunks: list[bytes] = []
+        remaining = self._body_limit
+        while remaining > 0:
+            chunk = await response.content.read(remaining)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+
+    def _retry_after(self, value: str | None) -> float | None:
+        if not value:
+            return None
+        value = value.strip()
+        if value.isdigit():
+            seconds = float(value)
+        else:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return None
+            seconds = when.timestamp() - time.time()
+        return max(0.0, min(seconds, self._max_retry_after))
+
+
+def _connection_error(exc: BaseException, started: float) -> AttemptResult:
+    message = str(exc) or type(exc).__name__
+    return AttemptResult("connection_error", error=message[:300], duration=time.monotonic() - started)
+
+
+def _excerpt_text(excerpt: bytes, location: str | None) -> str | None:
+    text = excerpt[:300].decode("utf-8", "replace").strip()
+    if location:
+        # Redirects are never followed; say where it pointed so an operator can fix the URL.
+        text = f"redirect to {location[:200]}" + (f"; {text}" if text else "")
+    return text or None
+
+
+async def close_session(session: aiohttp.ClientSession) -> None:
+    await session.close()
+    # aiohttp closes TLS transports on the next loop iterations; give them that, as its docs advise.
+    await asyncio.sleep(0.05)

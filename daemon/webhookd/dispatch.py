@@ -1,0 +1,259 @@
+"""Fan-out under limits: every delivery of an event is attempted at once, within the global and per-host budgets.
+
+Each attempt ends in exactly one settled state: delivered, durably scheduled for a retry, or dead-lettered. The
+first attempt of a record's deliveries is tracked per record, and the record is done (its offset committable) only
+when all of its deliveries are settled. Live tasks sit in registries, so shutdown can hand unfinished ones to the
+durable retry path and an unexpected error in any of them reaches the service instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import structlog
+
+from webhookd.deliver import AttemptResult, Delivery, Sender
+from webhookd.metrics import Metrics
+from webhookd.record import Recorder, after
+
+log = structlog.get_logger("webhookd.dispatch")
+
+
+class RecordJob:
+    """The deliveries of one record; calls `on_done` once the last of them is settled."""
+
+    __slots__ = ("on_done", "remaining")
+
+    def __init__(self, remaining: int, on_done: Callable[[], None]) -> None:
+        self.remaining = remaining
+        self.on_done = on_done
+
+    def one_done(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.on_done()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try again: `schedule[n-1]` seconds after attempt n, spread by jitter; after the last, dead."""
+
+    schedule: tuple[float, ...]
+    jitter: float
+
+    def delay_after(self, attempts: int, result: AttemptResult) -> float | None:
+        if not result.retryable or attempts > len(self.schedule):
+            return None
+        base = self.schedule[attempts - 1]
+        # Jitter spreads the retries of a burst that failed together, so a recovering receiver is not hit at once.
+        delay = base * (1 + random.uniform(-self.jitter, self.jitter))
+        if result.retry_after is not None:
+            delay = max(delay, result.retry_after)
+        return delay
+
+
+class _HostSlot:
+    __slots__ = ("semaphore", "users")
+
+    def __init__(self, limit: int) -> None:
+        self.semaphore = asyncio.Semaphore(limit)
+        self.users = 0
+
+
+class Dispatcher:
+    """Runs attempts within the concurrency limits and settles each one."""
+
+    def __init__(
+        self,
+        sender: Sender,
+        recorder: Recorder,
+        metrics: Metrics,
+        policy: RetryPolicy,
+        concurrency: int,
+        per_host_concurrency: int,
+        on_fatal: Callable[[BaseException], None],
+    ) -> None:
+        self._sender = sender
+        self._recorder = recorder
+        self._metrics = metrics
+        self._policy = policy
+        self._global = asyncio.Semaphore(concurrency)
+        self._per_host_limit = per_host_concurrency
+        self._hosts: dict[str, _HostSlot] = {}
+        self._first: dict[asyncio.Task[None], tuple[Delivery, RecordJob]] = {}
+        self._retries: dict[asyncio.Task[None], Delivery] = {}
+        self._interrupted: list[tuple[Delivery, RecordJob]] = []
+        self._on_fatal = on_fatal
+
+    @property
+    def pending(self) -> int:
+        """First attempts not yet settled: what the consumer's backpressure counts."""
+        return len(self._first)
+
+    @property
+    def retries_in_flight(self) -> int:
+        return len(self._retries)
+
+    def submit(self, deliveries: list[Delivery], on_done: Callable[[], None]) -> None:
+        """Start the first attempt of each of a record's deliveries; `on_done` runs once all are settled."""
+        job = RecordJob(len(deliveries), on_done)
+        for delivery in deliveries:
+            task = asyncio.create_task(self._first_attempt(delivery))
+            self._first[task] = (delivery, job)
+            task.add_done_callback(self._first_finished)
+
+    def submit_retry(self, delivery: Delivery) -> None:
+        """Attempt a delivery claimed from the durable retry queue."""
+        task = asyncio.create_task(self._retry(delivery))
+        self._retries[task] = delivery
+        task.add_done_callback(self._retry_finished)
+
+    def _first_finished(self, task: asyncio.Task[None]) -> None:
+        delivery, job = self._first.pop(task)
+        if task.cancelled():
+            self._interrupted.append((delivery, job))
+        elif (exc := task.exception()) is not None:
+            self._on_fatal(exc)
+        else:
+            job.one_done()
+
+    def _retry_finished(self, task: asyncio.Task[None]) -> None:
+        self._retries.pop(task, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._on_fatal(exc)
+
+    async def _send(self, delivery: Delivery) -> AttemptResult:
+        key = _host_key(delivery.webhook.target_url)
+        slot = self._hosts.get(key)
+        if slot is None:
+            slot = self._hosts[key] = _HostSlot(self._per_host_limit)
+        slot.users += 1
+        try:
+            # The host's own budget is taken first, so deliveries queued for one slow host never hold global slots.
+            async with slot.semaphore, self._global:
+                self._metrics.inflight.inc()
+                try:
+                    result = await self._sender.attempt(delivery)
+                finally:
+                    self._metrics.inflight.dec()
+        finally:
+            slot.users -= 1
+            if slot.users == 0:
+                del self._hosts[key]
+        self._metrics.delivery_attempts.labels(result.result).inc()
+        if result.status is not None:
+            self._metrics.delivery_duration.observe(result.duration)
+        return result
+
+    async def _first_attempt(self, delivery: Delivery) -> None:
+        result = await self._send(delivery)
+        delivery.attempts = 1
+        if result.ok:
+            self._delivered(delivery)
+            return
+        delay = self._policy.delay_after(delivery.attempts, result)
+        self._log_failure(delivery, result, delay)
+        if delay is None:
+            self._metrics.deliveries.labels("dead_lettered").inc()
+        await self._recorder.schedule(
+            delivery,
+            status="pending" if delay is not None else "dead",
+            next_attempt_at=after(delay or 0.0),
+            last_status=result.status,
+            error=result.describe(),
+        )
+
+    async def _retry(self, delivery: Delivery) -> None:
+        assert delivery.row_id is not None, "a retried delivery always has its durable row"
+        result = await self._send(delivery)
+        delivery.attempts += 1
+        if result.ok:
+            self._delivered(delivery)
+            status, delay = "delivered", None
+        else:
+            delay = self._policy.delay_after(delivery.attempts, result)
+            self._log_failure(delivery, result, delay)
+            status = "pending" if delay is not None else "dead"
+            if delay is None:
+                self._metrics.deliveries.labels("dead_lettered").inc()
+        await self._recorder.update(
+            delivery.row_id,
+            status=status,
+            attempts=delivery.attempts,
+            next_attempt_at=after(delay or 0.0),
+            last_status=result.status,
+            error=None if result.ok else result.describe(),
+        )
+
+    def _delivered(self, delivery: Delivery) -> None:
+        self._metrics.deliveries.labels("delivered").inc()
+        if delivery.kafka_timestamp_ms is not None:
+            latency = time.time() - delivery.kafka_timestamp_ms / 1000
+            self._metrics.event_delivery_latency.observe(max(latency, 0.0))
+        if delivery.attempts > 1:
+            log.info(
+                "delivered_after_retry",
+                event_id=delivery.event_id,
+                webhook_id=delivery.webhook.id,
+                workspace_id=delivery.workspace_id,
+                attempt=delivery.attempts,
+            )
+
+    def _log_failure(self, delivery: Delivery, result: AttemptResult, delay: float | None) -> None:
+        log.info(
+            "delivery_attempt_failed" if delay is not None else "delivery_dead_lettered",
+            event_id=delivery.event_id,
+            webhook_id=delivery.webhook.id,
+            workspace_id=delivery.workspace_id,
+            attempt=delivery.attempts,
+            result=result.result,
+            status=result.status,
+            error=result.error,
+            duration=round(result.duration, 4),
+            retry_in=round(delay, 3) if delay is not None else None,
+        )
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to `timeout` for every first attempt to settle; True if they all did."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._first and loop.time() < deadline:
+            await asyncio.wait(list(self._first), timeout=deadline - loop.time())
+        return not self._first
+
+    async def hand_off(self) -> int:
+        """Move every unsettled first attempt to the durable retry path, then settle it; returns how many."""
+        tasks = list(self._first)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        interrupted, self._interrupted = self._interrupted, []
+
+        async def persist(delivery: Delivery, job: RecordJob) -> None:
+            # Not counted as an attempt: the receiver may never have seen it, and it deserves its full schedule.
+            delivery.attempts = 0
+            await self._recorder.schedule(
+                delivery, status="pending", next_attempt_at=after(0.0), last_status=None, error="interrupted"
+            )
+            job.one_done()
+
+        await asyncio.gather(*(persist(d, j) for d, j in interrupted))
+        return len(interrupted)
+
+    async def cancel_retries(self) -> list[int]:
+        """Stop retried attempts under way; returns their rows, whose claims the caller releases."""
+        claimed = dict(self._retries)
+        for task in claimed:
+            task.cancel()
+        await asyncio.gather(*claimed, return_exceptions=True)
+        return [d.row_id for d in claimed.values() if d.row_id is not None]
+
+
+def _host_key(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"

@@ -1,0 +1,98 @@
+"""Where deliveries may go: no private, loopback or link-local destination unless the operator allows it.
+
+Webhook URLs are typed in by customers, so a daemon inside a cluster must not become a way to reach the cluster.
+The check runs on the addresses a name resolves to, inside the resolver aiohttp connects with, so the connection
+goes to the very address that was checked (no second lookup, hence no DNS rebinding).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Prefixes that embed an IPv4 address in an IPv6 one; the embedded address is what the packet finally reaches.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_SHARED_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+
+
+class BlockedDestination(OSError):
+    """Raised by the resolver when every address of a host is forbidden; aiohttp wraps it as a connect error."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"{host} resolves only to addresses that egress rules forbid")
+        self.host = host
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """The operator's egress rules: private ranges are blocked unless allowed in general or by CIDR."""
+
+    allow_private: bool = False
+    allowed_cidrs: tuple[IPNetwork, ...] = ()
+
+    def allows(self, address: IPAddress) -> bool:
+        if self.allow_private:
+            return True
+        if any(address in net for net in self.allowed_cidrs if net.version == address.version):
+            return True
+        return not any(_is_internal(a) for a in _addresses_behind(address))
+
+
+def _addresses_behind(address: IPAddress) -> Iterable[IPAddress]:
+    yield address
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            yield address.ipv4_mapped
+        if address.sixtofour is not None:
+            yield address.sixtofour
+        if address in _NAT64 or address in _NAT64_LOCAL:
+            yield ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if address.teredo is not None:
+            yield address.teredo[1]
+
+
+def _is_internal(address: IPAddress) -> bool:
+    # is_global is False for loopback, RFC 1918, link-local (metadata), ULA, documentation, reserved, 0.0.0.0/8
+    # and CGNAT; multicast is "global" for some ranges, so it is named on its own.
+    if address.is_multicast or address.is_unspecified or address.is_reserved:
+        return True
+    if isinstance(address, ipaddress.IPv4Address) and address in _SHARED_CGNAT:
+        return True
+    return not address.is_global
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address a URL host names literally, or None for a name (bracketed IPv6 as yarl gives it is handled)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves with the system resolver and drops every address the policy forbids."""
+
+    def __init__(self, policy: EgressPolicy, inner: AbstractResolver | None = None) -> None:
+        self._policy = policy
+        self._inner = inner if inner is not None else DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        allowed = [r for r in results if self._policy.allows(ipaddress.ip_address(r["host"].split("%")[0]))]
+        if not allowed:
+            raise BlockedDestination(host)
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()

@@ -1,0 +1,123 @@
+"""One Kafka record becomes an Event, or a BadEvent that says what is wrong with it.
+
+A record is parsed exactly once, here; the body sent to receivers is built from this parse (see `payload`).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from webhookd.payload import build_body, js_iso_timestamp
+
+_EVENT_NAME = re.compile(r"[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A valid change event, with the body every receiver gets (built once, signed per webhook)."""
+
+    id: str
+    name: str  # "<object>.<action>"
+    workspace_id: str  # canonical lowercase UUID text, as asyncpg returns the column
+    body: bytes
+    kafka_timestamp_ms: int | None
+
+    @property
+    def object_and_action(self) -> tuple[str, str]:
+        obj, _, action = self.name.partition(".")
+        return obj, action
+
+
+@dataclass(frozen=True, slots=True)
+class BadEvent:
+    """A record that can never be delivered: kept for an operator, never retried, never blocking."""
+
+    reason: str  # a short, bounded label, also used as the metric label
+    detail: str  # what exactly is wrong, for the operator
+
+
+def decode(
+    value: bytes | None,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int | None,
+    max_bytes: int,
+) -> Event | BadEvent:
+    """Validate one record's value against the input contract."""
+    if value is None:
+        return BadEvent("empty", "the record has no value (a tombstone?)")
+    if len(value) > max_bytes:
+        return BadEvent("too_large", f"the record is {len(value)} bytes; delivery.max_event_bytes is {max_bytes}")
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        return BadEvent("invalid_json", f"not valid UTF-8 JSON: {exc}")
+    if not isinstance(doc, dict):
+        return BadEvent("not_an_object", f"the value is a JSON {type(doc).__name__}, not an object")
+    problem = _check_fields(doc)
+    if problem is not None:
+        return problem
+
+    event_id = doc.get("id")
+    if event_id is None:
+        event_id = f"{topic}:{partition}:{offset}"
+    timestamp = doc.get("timestamp")
+    if timestamp is None:
+        if timestamp_ms is None or timestamp_ms < 0:
+            return BadEvent("missing_field", "no `timestamp` field and the Kafka record carries no timestamp")
+        timestamp = js_iso_timestamp(timestamp_ms)
+    try:
+        body = build_body(doc["event"], doc["data"], timestamp)
+    except (ValueError, TypeError) as exc:  # orjson refuses what it cannot write (e.g. nesting deeper than it allows)
+        return BadEvent("unserializable", f"the event cannot be written as JSON: {exc}")
+    return Event(
+        id=event_id,
+        name=doc["event"],
+        workspace_id=str(uuid.UUID(doc["workspaceId"])),
+        body=body,
+        kafka_timestamp_ms=timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else None,
+    )
+
+
+def _check_fields(doc: dict[str, Any]) -> BadEvent | None:
+    for field in ("event", "workspaceId", "data"):
+        if field not in doc:
+            return BadEvent("missing_field", f"required field `{field}` is missing")
+    name = doc["event"]
+    if not isinstance(name, str):
+        return _wrong_type("event", "a string", name)
+    if not _EVENT_NAME.fullmatch(name):
+        return BadEvent("invalid_field", f"`event` must look like object.action with [A-Za-z0-9_], got {name[:80]!r}")
+    workspace = doc["workspaceId"]
+    if not isinstance(workspace, str):
+        return _wrong_type("workspaceId", "a string", workspace)
+    try:
+        uuid.UUID(workspace)
+    except ValueError:
+        # Workspaces are UUIDs in the subscriptions table: any other value can never match, so say so loudly.
+        return BadEvent("invalid_field", f"`workspaceId` is not a UUID: {workspace[:80]!r}")
+    if not isinstance(doc["data"], dict):
+        return _wrong_type("data", "an object", doc["data"])
+    for field in ("timestamp", "id"):
+        value = doc.get(field)
+        if value is not None and not isinstance(value, str):
+            return _wrong_type(field, "a string", value)
+    if doc.get("id") == "":
+        return BadEvent("invalid_field", "`id` is empty")
+    return None
+
+
+def _wrong_type(field: str, expected: str, value: object) -> BadEvent:
+    return BadEvent("wrong_type", f"`{field}` must be {expected}, got {_json_type(value)}")
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")

@@ -1,0 +1,66 @@
+"""Every Prometheus metric webhookd exports, in one place; names and labels are part of the contract.
+
+Labels stay bounded: results, outcomes, reasons, topics and partitions; never a URL, a webhook or a workspace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ATTEMPT_RESULTS = ("2xx", "3xx", "4xx", "5xx", "timeout", "connection_error", "blocked")
+OUTCOMES = ("delivered", "dead_lettered")
+
+# Receivers answer in milliseconds to seconds; the top buckets reach the longest delivery timeout we expect.
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# End-to-end latency includes retries, so it spans from milliseconds to the retry schedule's hours.
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0, 36000.0)
+
+
+@dataclass
+class Metrics:
+    """The daemon's metrics, registered on their own registry so that several daemons can share a process."""
+
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events_consumed = Counter("webhookd_events_consumed", "Records read from Kafka.", ["topic"], registry=r)
+        self.events_invalid = Counter(
+            "webhookd_events_invalid", "Records kept as bad events, by reason.", ["reason"], registry=r
+        )
+        self.delivery_attempts = Counter(
+            "webhookd_delivery_attempts", "HTTP delivery attempts, by result.", ["result"], registry=r
+        )
+        self.deliveries = Counter(
+            "webhookd_deliveries", "Deliveries that reached an end, by outcome.", ["outcome"], registry=r
+        )
+        self.delivery_duration = Histogram(
+            "webhookd_delivery_duration_seconds",
+            "Time of one HTTP attempt, from sending to the response headers.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.event_delivery_latency = Histogram(
+            "webhookd_event_delivery_latency_seconds",
+            "From the event's Kafka timestamp to its 2xx answer.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("webhookd_inflight_deliveries", "HTTP attempts under way.", registry=r)
+        self.retry_queue_depth = Gauge(
+            "webhookd_retry_queue_depth", "Deliveries waiting in Postgres for another attempt.", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "webhookd_consumer_lag",
+            "Records between the committed position and the partition's high watermark.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.subscriptions = Gauge("webhookd_subscriptions", "Live webhooks in the in-memory index.", registry=r)
+        # Pre-create the bounded label values so that dashboards see zeros, not missing series.
+        for result in ATTEMPT_RESULTS:
+            self.delivery_attempts.labels(result)
+        for outcome in OUTCOMES:
+            self.deliveries.labels(outcome)

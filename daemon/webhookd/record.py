@@ -1,0 +1,164 @@
+"""Durable outcomes, written to Postgres in batches: retries scheduled, dead letters, bad events, late successes.
+
+A record's Kafka offset may be committed only once every failed delivery of it is safely on disk, so callers wait
+for their write. Writes from many deliveries are gathered into one transaction, which keeps the cost per failure
+small; while Postgres is down, writes wait and retry, never drop (and the consumer, waiting on them, stops
+committing, which is exactly what must happen).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import structlog
+
+from webhookd.deliver import Delivery
+
+log = structlog.get_logger("webhookd.record")
+
+_BATCH_LIMIT = 1000
+_RAW_LIMIT = 64 * 1024  # bytes of a bad record kept for inspection; the real size is stored beside it
+
+_INSERT_DELIVERY = """
+INSERT INTO webhookd.deliveries
+    (event_id, webhook_id, workspace_id, event_name, body, event_time, source,
+     status, attempts, next_attempt_at, last_status, last_error)
+VALUES ($1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (event_id, webhook_id) DO NOTHING
+"""
+_UPDATE_DELIVERY = """
+UPDATE webhookd.deliveries
+SET status = $2, attempts = $3, next_attempt_at = $4, last_status = $5, last_error = $6,
+    locked_until = NULL, updated_at = now(),
+    delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE delivered_at END
+WHERE id = $1
+"""
+_INSERT_BAD_EVENT = """
+INSERT INTO webhookd.bad_events (topic, "partition", "offset", reason, raw, raw_size)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (topic, "partition", "offset") DO NOTHING
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A record kept for an operator: where it was, why it was refused, and its bytes (capped)."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    raw: bytes
+
+
+@dataclass(slots=True)
+class _Write:
+    sql: str
+    args: tuple[Any, ...]
+    done: asyncio.Future[None]
+
+
+class Recorder:
+    """Gathers writes from every delivery and commits them together; `close` flushes what is queued."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._queue: asyncio.Queue[_Write] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self._run(), name="recorder")
+        return self._task
+
+    async def schedule(
+        self, delivery: Delivery, *, status: str, next_attempt_at: datetime, last_status: int | None, error: str | None
+    ) -> None:
+        """Write a delivery that failed its first attempt (pending retry or dead) as its durable row."""
+        event_time = (
+            datetime.fromtimestamp(delivery.kafka_timestamp_ms / 1000, UTC)
+            if delivery.kafka_timestamp_ms is not None
+            else None
+        )
+        await self._write(
+            _INSERT_DELIVERY,
+            delivery.event_id,
+            delivery.webhook.id,
+            delivery.workspace_id,
+            delivery.event_name,
+            delivery.body,
+            event_time,
+            delivery.source,
+            status,
+            delivery.attempts,
+            next_attempt_at,
+            last_status,
+            error,
+        )
+
+    async def update(
+        self,
+        row_id: int,
+        *,
+        status: str,
+        attempts: int,
+        next_attempt_at: datetime,
+        last_status: int | None,
+        error: str | None,
+    ) -> None:
+        """Record the outcome of an attempt on a delivery that already has its durable row."""
+        await self._write(_UPDATE_DELIVERY, row_id, status, attempts, next_attempt_at, last_status, error)
+
+    async def bad_event(self, bad: BadRecord) -> None:
+        await self._write(
+            _INSERT_BAD_EVENT, bad.topic, bad.partition, bad.offset, bad.reason, bad.raw[:_RAW_LIMIT], len(bad.raw)
+        )
+
+    async def _write(self, sql: str, *args: Any) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Write(sql, args, done))
+        # The write belongs to the batch now; a cancelled caller must not unqueue it, so only the wait is cancelled.
+        await asyncio.shield(done)
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < _BATCH_LIMIT and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._commit(batch)
+    
+    async def _commit(self, batch: list[_Write]) -> None:
+        by_sql: dict[str, list[tuple[Any, ...]]] = {}
+        for write in batch:
+            by_sql.setdefault(write.sql, []).append(write.args)
+        backoff = 0.2
+        while True:
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    for sql, rows in by_sql.items():
+                        await conn.executemany(sql, rows)
+                break
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("record_write_retrying", error=str(exc), writes=len(batch), retry_in=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        for write in batch:
+            if not write.done.done():
+                write.done.set_result(None)
+
+    async def close(self, timeout: float) -> None:
+        """Let queued writes reach Postgres (within `timeout`), then stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def after(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)

@@ -1,0 +1,127 @@
+"""The durable retry path: claims due deliveries from Postgres and feeds them back to the dispatcher.
+
+Several replicas may share one database. A claim is a lease (`locked_until`) taken with FOR UPDATE SKIP LOCKED, so
+two replicas never take the same row at once, and a replica killed mid-attempt loses its claims when they expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+
+from webhookd.deliver import Delivery
+from webhookd.dispatch import Dispatcher
+from webhookd.metrics import Metrics
+from webhookd.record import Recorder, after
+from webhookd.subscriptions import SubscriptionIndex
+
+log = structlog.get_logger("webhookd.retries")
+
+_CLAIM = """
+UPDATE webhookd.deliveries d
+SET locked_until = now() + make_interval(secs => $2), updated_at = now()
+WHERE d.id IN (
+    SELECT id FROM webhookd.deliveries
+    WHERE status = 'pending' AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
+    ORDER BY next_attempt_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING d.id, d.event_id, d.webhook_id::text AS webhook_id, d.workspace_id::text AS workspace_id,
+          d.event_name, d.body, (extract(epoch FROM d.event_time) * 1000)::bigint AS event_ms, d.source, d.attempts
+"""
+_RELEASE = "UPDATE webhookd.deliveries SET locked_until = NULL WHERE id = ANY($1::bigint[]) AND status = 'pending'"
+_DEPTH = "SELECT count(*) FROM webhookd.deliveries WHERE status = 'pending'"
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """How often to look for due retries, how many may run at once, and how long a claim lasts."""
+
+    poll_interval: float
+    max_in_flight: int
+    lease_seconds: float
+
+
+class RetryPoller:
+    """Claims due deliveries while the dispatcher has room for them."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dispatcher: Dispatcher,
+        index: SubscriptionIndex,
+        recorder: Recorder,
+        metrics: Metrics,
+        settings: RetrySettings,
+    ) -> None:
+        self._pool = pool
+        self._dispatcher = dispatcher
+        self._index = index
+        self._recorder = recorder
+        self._metrics = metrics
+        self._settings = settings
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_depth = 0.0
+        while True:
+            room = self._settings.max_in_flight - self._dispatcher.retries_in_flight
+            claimed = 0
+            try:
+                if room > 0:
+                    claimed = await self.claim(room)
+                if loop.time() >= next_depth:
+                    self._metrics.retry_queue_depth.set(await self._pool.fetchval(_DEPTH))
+                    next_depth = loop.time() + 5.0
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("retry_poll_failed", error=str(exc))
+            # A full claim suggests more are due: look again at once rather than after the interval.
+            if claimed < room or room <= 0:
+                await asyncio.sleep(self._settings.poll_interval)
+
+    async def claim(self, limit: int) -> int:
+        rows = await self._pool.fetch(_CLAIM, limit, self._settings.lease_seconds)
+        for row in rows:
+            webhook = self._index.get(row["webhook_id"])
+            if webhook is None or webhook.workspace_id != row["workspace_id"]:
+                # The subscription was deleted (or moved to another workspace, which must never see this event).
+                self._metrics.deliveries.labels("dead_lettered").inc()
+                log.info(
+                    "delivery_dead_lettered",
+                    event_id=row["event_id"],
+                    webhook_id=row["webhook_id"],
+                    workspace_id=row["workspace_id"],
+                    reason="webhook deleted",
+                )
+                await self._recorder.update(
+                    row["id"],
+                    status="dead",
+                    attempts=row["attempts"],
+                    next_attempt_at=after(0.0),
+                    last_status=None,
+                    error="webhook no longer exists",
+                )
+                continue
+            self._dispatcher.submit_retry(
+                Delivery(
+                    event_id=row["event_id"],
+                    event_name=row["event_name"],
+                    workspace_id=row["workspace_id"],
+                    webhook=webhook,
+                    body=bytes(row["body"]),
+                    kafka_timestamp_ms=row["event_ms"],
+                    source=row["source"],
+                    attempts=row["attempts"],
+                    row_id=row["id"],
+                )
+            )
+        return len(rows)
+
+    async def release(self, row_ids: list[int]) -> None:
+        """Give claims back at shutdown so another replica need not wait for the lease to expire."""
+        if row_ids:
+            await self._pool.execute(_RELEASE, row_ids)

@@ -1,0 +1,285 @@
+"""The daemon's lifecycle, in three acts: startup builds every resource, the main loop consumes, shutdown drains.
+
+Signal handlers only set state. The first SIGTERM or SIGINT starts a bounded graceful shutdown: fetching stops,
+in-flight deliveries get `delivery.drain_timeout_seconds` to settle, whatever has not settled by then moves to the
+durable retry path, offsets are committed and the process exits 0. A second signal exits at once; what was in flight
+is delivered again later (its offsets were never committed), never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaConsumer
+
+from webhookd.config import Settings
+from webhookd.consume import Consumer, ConsumeSettings
+from webhookd.deliver import Sender, close_session
+from webhookd.dispatch import Dispatcher, RetryPolicy
+from webhookd.egress import EgressPolicy, GuardedResolver
+from webhookd.metrics import Metrics
+from webhookd.record import Recorder
+from webhookd.retries import RetryPoller, RetrySettings
+from webhookd.subscriptions import SubscriptionStore
+from webhookd.web import Probes, build_app, start_server
+
+log = structlog.get_logger("webhookd.service")
+
+# Liveness fails only if the consume loop has not polled for this long: far beyond any healthy pause.
+_STALL_SECONDS = 60.0
+
+
+class StartupError(Exception):
+    """Something the daemon needs is missing or unreachable; the message says what and how to fix it."""
+
+
+@dataclass
+class _Resources:
+    pool: asyncpg.Pool
+    session: aiohttp.ClientSession
+    recorder: Recorder
+    store: SubscriptionStore
+    dispatcher: Dispatcher
+    consumer: Consumer
+    poller: RetryPoller
+    web: Any  # aiohttp.web.AppRunner
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+
+class Service:
+    """One daemon process: `await Service(settings).serve()` returns the exit status."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.stopping = asyncio.Event()
+        self.started = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._res: _Resources | None = None
+
+    def request_stop(self) -> None:
+        """Signal-handler entry: first call drains, second forces an immediate exit."""
+        if self.stopping.is_set():
+            log.warning("forced_exit", reason="second signal")
+            os._exit(1)
+        log.info("shutdown_requested")
+        self.stopping.set()
+
+    def _on_fatal(self, exc: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = exc
+            log.error("fatal_error", exc_info=exc)
+        self.stopping.set()
+
+    async def serve(self, install_signal_handlers: bool = True) -> int:
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.startup()
+        except StartupError as exc:
+            log.error("startup_failed", error=str(exc))
+            await self._close_partial()
+            return 1
+        try:
+            await self._main_loop()
+        finally:
+            await self.shutdown()
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        return 1 if self._fatal is not None else 0
+
+    async def startup(self) -> None:
+        s = self.settings
+        try:
+            pool = await asyncpg.create_pool(s.postgres.dsn, min_size=1, max_size=s.postgres.pool_size, timeout=10)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise StartupError(f"cannot connect to Postgres (postgres.dsn): {exc}") from exc
+        assert pool is not None
+        if not await pool.fetchval("SELECT to_regclass('webhookd.deliveries') IS NOT NULL"):
+            await pool.close()
+            raise StartupError("the webhookd schema is missing: run `webhookd migrate --config FILE` first")
+        self._res = await self._build(pool)
+        res = self._res
+        res.recorder.start()
+        res.tasks["subscriptions"] = asyncio.create_task(res.store.run(), name="subscriptions")
+        await self._wait_or_fail(res.store.loaded.wait(), res.tasks["subscriptions"], "loading subscriptions")
+        try:
+            await res.consumer.start()
+        except Exception as exc:
+            raise StartupError(f"cannot reach Kafka at {','.join(s.kafka.bootstrap_servers)}: {exc}") from exc
+        res.tasks["retries"] = asyncio.create_task(res.poller.run(), name="retries")
+        res.web = await start_server(
+            build_app(self.metrics, Probes(alive=self._alive, ready=self._ready)), s.http.host, s.http.port
+        )
+        self.started.set()
+        log.info(
+            "started",
+            topics=list(s.kafka.topics),
+            group_id=s.kafka.group_id,
+            subscriptions=len(res.store.index),
+            listen=s.http.listen,
+        )
+
+    async def _build(self, pool: asyncpg.Pool) -> _Resources:
+        s = self.settings
+        policy = EgressPolicy(s.egress.allow_private, tuple(s.egress.allowed_cidrs))
+        connector = aiohttp.TCPConnector(
+            limit=s.delivery.concurrency,
+            limit_per_host=s.delivery.per_host_concurrency,
+            resolver=GuardedResolver(policy),
+            ttl_dns_cache=30,
+            enable_cleanup_closed=True,
+        )
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("Accept",))
+        sender = Sender(
+            session,
+            policy,
+            timeout_seconds=s.delivery.timeout_seconds,
+            body_limit=s.delivery.response_body_limit_bytes,
+            max_retry_after=s.delivery.max_retry_after_seconds,
+        )
+        recorder = Recorder(pool)
+        store = SubscriptionStore(
+            s.postgres.dsn,
+            pool,
+            s.postgres.subscriptions_table_sql,
+            s.postgres.subscriptions_refresh_seconds,
+            on_count=self.metrics.subscriptions.set,
+        )
+        dispatcher = Dispatcher(
+            sender,
+            recorder,
+            self.metrics,
+            RetryPolicy(tuple(s.delivery.retry_schedule), s.delivery.retry_jitter),
+            s.delivery.concurrency,
+            s.delivery.per_host_concurrency,
+            on_fatal=self._on_fatal,
+        )
+        kafka = AIOKafkaConsumer(
+            bootstrap_servers=list(s.kafka.bootstrap_servers),
+            group_id=s.kafka.group_id,
+            group_instance_id=s.kafka.group_instance_id,
+            client_id=s.kafka.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=s.kafka.auto_offset_reset,
+            session_timeout_ms=s.kafka.session_timeout_ms,
+            heartbeat_interval_ms=max(s.kafka.session_timeout_ms // 3, 100),
+            max_poll_records=s.kafka.max_poll_records,
+        )
+        consumer = Consumer(
+            kafka,
+            tuple(s.kafka.topics),
+            dispatcher,
+            store.index,
+            recorder,
+            self.metrics,
+            ConsumeSettings(
+                max_pending=s.delivery.effective_max_pending_deliveries,
+                max_poll_records=s.kafka.max_poll_records,
+                max_event_bytes=s.delivery.max_event_bytes,
+                commit_interval=s.kafka.commit_interval_ms / 1000,
+                revoke_timeout=s.delivery.drain_timeout_seconds,
+            ),
+        )
+        poller = RetryPoller(
+            pool,
+            dispatcher,
+            store.index,
+            recorder,
+            self.metrics,
+            RetrySettings(
+                poll_interval=s.delivery.retry_poll_interval_seconds,
+                max_in_flight=s.delivery.concurrency,
+                # Long enough to cover waiting for a slot plus the attempt itself; expiry only risks a duplicate.
+                lease_seconds=max(60.0, 3 * s.delivery.timeout_seconds),
+            ),
+        )
+        return _Resources(pool, session, recorder, store, dispatcher, consumer, poller, web=None)
+
+    async def _wait_or_fail(self, aw: Any, task: asyncio.Task[None], what: str) -> None:
+        waiter = asyncio.ensure_future(aw)
+        done, _ = await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            raise StartupError(f"timed out {what}")
+
+    async def _main_loop(self) -> None:
+        res = self._res
+        assert res is not None
+        consume = asyncio.create_task(res.consumer.run(self.stopping), name="consume")
+        watched = {consume, *res.tasks.values()}
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait({*watched, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done & watched:
+                # Every watched task runs until shutdown: ending early, with or without an error, is a failure.
+                exc = None if task.cancelled() else task.exception()
+                self._on_fatal(exc or RuntimeError(f"{task.get_name()} stopped unexpectedly"))
+            self.stopping.set()
+            await asyncio.wait({consume}, timeout=5)
+        finally:
+            stop_wait.cancel()
+            consume.cancel()
+
+    async def shutdown(self) -> None:
+        res = self._res
+        if res is None:
+            return
+        s = self.settings
+        drained = await res.dispatcher.drain(s.delivery.drain_timeout_seconds)
+        if not drained:
+            moved = await asyncio.shield(res.dispatcher.hand_off())
+            log.info("handed_off_to_retry", deliveries=moved)
+        await res.consumer.wait_bad_writes()
+        await res.recorder.close(timeout=5)
+        with contextlib.suppress(Exception):  # a broker that is down cannot take the commit; replay covers it
+            await res.consumer.commit()
+        for task in res.tasks.values():
+            task.cancel()
+        await asyncio.gather(*res.tasks.values(), return_exceptions=True)
+        with contextlib.suppress(Exception):  # expired leases free these rows anyway
+            await res.poller.release(await res.dispatcher.cancel_retries())
+        await res.consumer.stop()
+        if res.web is not None:
+            await res.web.cleanup()
+        await close_session(res.session)
+        await res.pool.close()
+        log.info("stopped", exit_status=1 if self._fatal is not None else 0)
+
+    async def _close_partial(self) -> None:
+        res, self._res = self._res, None
+        if res is not None:
+            for task in res.tasks.values():
+                task.cancel()
+            await asyncio.gather(*res.tasks.values(), return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await res.consumer.stop()
+            await close_session(res.session)
+            await res.pool.close()
+
+    def _alive(self) -> bool:
+        res = self._res
+        if res is None:
+            return False
+        return asyncio.get_running_loop().time() - res.consumer.last_poll < _STALL_SECONDS
+
+    async def _ready(self) -> bool:
+        res = self._res
+        if res is None or not res.consumer.consuming or self.stopping.is_set():
+            return False
+        try:
+            await res.pool.fetchval("SELECT 1", timeout=2)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return False
+        return True

@@ -1,0 +1,81 @@
+"""Creates and upgrades the database objects webhookd needs; safe to run any number of times, from any replica.
+
+Two kinds of objects are managed here. The `webhookd` schema is ours: its SQL files in `migrations/` run once each,
+in order, recorded in `webhookd.schema_migrations`. The subscriptions table has Twenty's layout and, in a Twenty
+database, belongs to Twenty: it is created only where it is missing and never altered; we only attach a trigger that
+tells running daemons when a row changes.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import asyncpg
+
+from webhookd.subscriptions import NOTIFY_CHANNEL
+
+# Any constant works; it only has to be the same for every replica so that two `migrate` runs never interleave.
+_MIGRATE_LOCK_KEY = 0x7765_6268_6F6F_6B64  # "webhookd"
+
+
+def _subscriptions_ddl(table: str) -> str:
+    schema = table.rpartition(".")[0]
+    create_schema = f"CREATE SCHEMA IF NOT EXISTS {schema};" if schema else ""
+    return f"""
+    {create_schema}
+    CREATE TABLE IF NOT EXISTS {table} (
+        id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        "workspaceId" uuid NOT NULL,
+        "targetUrl"   text NOT NULL,
+        operations    text[] NOT NULL DEFAULT '{{*.*}}',
+        description   text,
+        secret        text NOT NULL,
+        "createdAt"   timestamptz NOT NULL DEFAULT now(),
+        "updatedAt"   timestamptz NOT NULL DEFAULT now(),
+        "deletedAt"   timestamptz
+    );
+    CREATE OR REPLACE FUNCTION webhookd.notify_subscription_change() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        -- The payload is only the row id: the listener reads the row itself, so the secret never travels here.
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', COALESCE(NEW.id, OLD.id)::text);
+        RETURN NULL;
+    END $$;
+    CREATE OR REPLACE TRIGGER webhookd_subscription_change
+        AFTER INSERT OR UPDATE OR DELETE ON {table}
+        FOR EACH ROW EXECUTE FUNCTION webhookd.notify_subscription_change();
+    """
+
+
+async def migrate(conn: asyncpg.Connection, table: str) -> list[str]:
+    """Bring the database up to date and return the names of the migrations applied now.
+
+    `table` is the subscriptions table already quoted for SQL, with its schema if it has one ('"core"."webhook"').
+    """
+    applied: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK_KEY)
+        await conn.execute(
+            """
+            CREATE SCHEMA IF NOT EXISTS webhookd;
+            CREATE TABLE IF NOT EXISTS webhookd.schema_migrations (
+                name       text PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            );
+            """
+        )
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM webhookd.schema_migrations")}
+        for name, sql in _migration_files():
+            if name in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO webhookd.schema_migrations (name) VALUES ($1)", name)
+            applied.append(name)
+        await conn.execute(_subscriptions_ddl(table))
+    return applied
+
+
+def _migration_files() -> list[tuple[str, str]]:
+    folder = resources.files("webhookd.store") / "migrations"
+    files = sorted((f.name, f.read_text("utf-8")) for f in folder.iterdir() if f.name.endswith(".sql"))
+    return files

@@ -1,0 +1,211 @@
+"""Which webhooks want an event: the subscriptions table, held in memory per workspace and kept current.
+
+Matching is Twenty's: an event `X.op` goes to every live webhook of the same workspace whose `operations` holds any of
+`X.op`, `*.op`, `X.*` or `*.*`. The index answers from memory, so its cost per event does not grow with the number of
+webhooks. Changes arrive through LISTEN/NOTIFY (a trigger that `migrate` installs), with a periodic full reload as
+the safety net for anything a lost connection missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import asyncpg
+import structlog
+
+NOTIFY_CHANNEL = "webhookd_subscriptions"
+# Past this many changed rows at once, one full reload is cheaper than reading them one by one.
+_BULK_CHANGE_THRESHOLD = 500
+# Notifications are gathered for this long so that a burst of row changes is read in one query.
+_DEBOUNCE_SECONDS = 0.05
+
+log = structlog.get_logger("webhookd.subscriptions")
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """One live subscription row, as delivery needs it."""
+
+    id: str
+    workspace_id: str
+    target_url: str
+    operations: tuple[str, ...]
+    secret: bytes = field(repr=False)
+
+
+class SubscriptionIndex:
+    """Webhooks by workspace and by operation pattern; rows are replaced whole, never edited in place."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Webhook] = {}
+        self._by_workspace: dict[str, dict[str, dict[str, Webhook]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def get(self, webhook_id: str) -> Webhook | None:
+        return self._by_id.get(webhook_id)
+
+    def match(self, workspace_id: str, obj: str, action: str) -> list[Webhook]:
+        patterns = self._by_workspace.get(workspace_id)
+        if not patterns:
+            return []
+        found: dict[str, Webhook] = {}
+        for key in (f"{obj}.{action}", f"*.{action}", f"{obj}.*", "*.*"):
+            hooks = patterns.get(key)
+            if hooks:
+                found.update(hooks)
+        return list(found.values())
+
+    def put(self, webhook: Webhook) -> None:
+        self.remove(webhook.id)
+        self._by_id[webhook.id] = webhook
+        patterns = self._by_workspace.setdefault(webhook.workspace_id, {})
+        for op in webhook.operations:
+            patterns.setdefault(op, {})[webhook.id] = webhook
+
+    def remove(self, webhook_id: str) -> None:
+        old = self._by_id.pop(webhook_id, None)
+        if old is None:
+            return
+        patterns = self._by_workspace[old.workspace_id]
+        for op in old.operations:
+            hooks = patterns.get(op)
+            if hooks is not None:
+                hooks.pop(webhook_id, None)
+                if not hooks:
+                    del patterns[op]
+        if not patterns:
+            del self._by_workspace[old.workspace_id]
+
+    def replace_all(self, webhooks: Iterable[Webhook]) -> None:
+        fresh = SubscriptionIndex()
+        for webhook in webhooks:
+            fresh.put(webhook)
+        self._by_id, self._by_workspace = fresh._by_id, fresh._by_workspace
+
+
+def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
+    """A row as a Webhook, or None (with a warning naming the row) when it can never be delivered to."""
+    url: str = row["targetUrl"]
+    try:
+        parts = urlsplit(url)
+        valid_url = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        valid_url = False
+    if not valid_url:
+        log.warning("webhook_skipped", webhook_id=row["id"], reason="targetUrl is not an http(s) URL with a host")
+        return None
+    operations = tuple(op for op in (row["operations"] or ()) if _valid_operation(op))
+    if len(operations) != len(row["operations"] or ()):
+        log.warning("webhook_operations_ignored", webhook_id=row["id"], reason="not of the form object.action")
+    return Webhook(
+        id=row["id"],
+        workspace_id=row["workspaceId"],
+        target_url=url,
+        operations=operations,
+        secret=row["secret"].encode(),
+    )
+
+
+def _valid_operation(op: object) -> bool:
+    if not isinstance(op, str):
+        return False
+    obj, dot, action = op.partition(".")
+    return bool(dot and obj and action and "." not in action)
+
+
+class SubscriptionStore:
+    """Loads the table into a SubscriptionIndex and follows its changes until closed."""
+
+    def __init__(
+        self,
+        dsn: str,
+        pool: asyncpg.Pool,
+        table: str,
+        refresh_seconds: float,
+        on_count: Callable[[int], object] = lambda _: None,
+    ) -> None:
+        self.index = SubscriptionIndex()
+        self._dsn = dsn
+        self._pool = pool
+        self._select = (
+            f'SELECT id::text AS id, "workspaceId"::text AS "workspaceId", "targetUrl", operations, secret '
+            f'FROM {table} WHERE "deletedAt" IS NULL'
+        )
+        self._refresh_seconds = refresh_seconds
+        self._on_count = on_count
+        self._changed: set[str] = set()
+        self._wake = asyncio.Event()
+        self.loaded = asyncio.Event()
+        self.listening = False
+
+    async def reload(self) -> None:
+        rows = await self._pool.fetch(self._select)
+        self.index.replace_all(w for w in map(webhook_from_row, rows) if w is not None)
+        self.loaded.set()
+        self._on_count(len(self.index))
+        log.debug("subscriptions_reloaded", count=len(self.index))
+
+    async def _apply_changes(self, ids: list[str]) -> None:
+        rows = await self._pool.fetch(self._select + " AND id = ANY($1::uuid[])", ids)
+        live = {row["id"]: row for row in rows}
+        for webhook_id in ids:
+            row = live.get(webhook_id)
+            webhook = webhook_from_row(row) if row is not None else None
+            if webhook is None:
+                self.index.remove(webhook_id)
+            else:
+                self.index.put(webhook)
+        self._on_count(len(self.index))
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self._changed.add(str(payload))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Follow changes forever: reconnects on its own, reloading in full after every reconnect."""
+        backoff = 0.5
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                self.listening = True
+                await self.reload()
+                backoff = 0.5
+                await self._follow(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("subscriptions_listener_lost", error=str(exc), retry_in=backoff)
+            finally:
+                self.listening = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):  # the connection may already be gone; nothing to save
+                        await conn.close(timeout=1)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _follow(self, conn: asyncpg.Connection) -> None:
+        loop = asyncio.get_running_loop()
+        next_reload = loop.time() + self._refresh_seconds
+        while not conn.is_closed():
+            with contextlib.suppress(TimeoutError):
+                # Wake at least every second to notice a dead connection, which asyncpg reports only when used.
+                await asyncio.wait_for(self._wake.wait(), timeout=min(1.0, self._refresh_seconds))
+            if self._wake.is_set():
+                await asyncio.sleep(_DEBOUNCE_SECONDS)
+                self._wake.clear()
+                changed, self._changed = list(self._changed), set()
+                if len(changed) > _BULK_CHANGE_THRESHOLD:
+                    await self.reload()
+                elif changed:
+                    await self._apply_changes(changed)
+            if loop.time() >= next_reload:
+                await self.reload()
+                next_reload = loop.time() + self._refresh_seconds
+            else:
+                await conn.fetchval("SELECT 1", timeout=5)

@@ -1,0 +1,240 @@
+"""Test tools shared by the integration tests: a recording receiver, the daemon in-process or as a process,
+and small helpers to produce events and write subscriptions. Everything runs against the real broker and Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+import yaml
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+
+from webhookd.config import Settings
+from webhookd.embedded import free_port
+from webhookd.service import Service
+
+Behaviour = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Received:
+    """One request as the receiver saw it."""
+
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    @property
+    def event_id(self) -> str:
+        return self.headers["X-Twenty-Webhook-Event-Id"]
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+async def ok(_request: web.Request, _body: bytes) -> web.StreamResponse:
+    return web.Response(text="ok")
+
+
+@dataclass
+class Receiver:
+    """An HTTP receiver on loopback that records every request; each path can be given its own behaviour."""
+
+    port: int = field(default_factory=free_port)
+    requests: list[Received] = field(default_factory=list)
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    open_requests: int = 0
+    max_open_requests: int = 0
+    _runner: web.AppRunner | None = None
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.open_requests += 1
+        self.max_open_requests = max(self.max_open_requests, self.open_requests)
+        try:
+            body = await request.read()
+            self.requests.append(Received(request.path, dict(request.headers), body, time.monotonic()))
+            self._arrived.set()
+            return await self.behaviours.get(request.path, ok)(request, body)
+        finally:
+            self.open_requests -= 1
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def at(self, path: str) -> list[Received]:
+        return [r for r in self.requests if r.path == path]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(r.event_id, r.path) for r in self.requests]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}; got {len(self.requests)} requests")
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
+
+
+def settings_for(kafka: str, dsn: str, topic: str, **sections: dict[str, Any]) -> Settings:
+    """Settings for a test daemon: its own group, loopback allowed, fast commits; `sections` override keys."""
+    data: dict[str, Any] = {
+        "kafka": {
+            "bootstrap_servers": kafka,
+            "topics": [topic],
+            "group_id": f"g-{topic}",
+            "session_timeout_ms": 6000,
+            "commit_interval_ms": 200,
+        },
+        "postgres": {"dsn": dsn},
+        "delivery": {"timeout_seconds": 5, "retry_schedule": ["200ms", "200ms"], "retry_poll_interval_seconds": 0.1,
+                     "drain_timeout_seconds": 5},
+        "egress": {"allow_private": True},
+        "http": {"listen": f"127.0.0.1:{free_port()}"},
+        "logging": {"level": "info", "format": "console"},
+    }
+    for section, keys in sections.items():
+        data.setdefault(section, {}).update(keys)
+    return Settings.model_validate(data)
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Service]:
+    """The daemon in this process, consuming (partitions assigned) when the block starts, stopped after it."""
+    service = Service(settings)
+    task = asyncio.create_task(service.serve(install_signal_handlers=False))
+    try:
+        deadline = time.monotonic() + 30
+        while not (service._res is not None and service._res.consumer.consuming):  # noqa: ASYNC110
+            # Readiness is what the test waits for; the service exposes it through the same state /readyz reads.
+            if task.done():
+                raise AssertionError(f"the daemon stopped during startup with status {task.result()}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the daemon got no partitions within 30 s")
+            await asyncio.sleep(0.05)
+        yield service
+    finally:
+        service.request_stop()
+        status = await asyncio.wait_for(task, 60)
+        assert status == 0, f"the daemon exited with status {status}"
+
+
+async def produce(kafka: str, topic: str, records: list[dict[str, Any] | bytes], partition: int | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=kafka, enable_idempotence=False, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(topic, r if isinstance(r, bytes) else orjson.dumps(r), partition=partition)
+            for r in records
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def event(name: str, workspace: str, data: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"event": name, "workspaceId": workspace, "data": data if data is not None else {"id": str(uuid.uuid4())},
+            **extra}
+
+
+async def add_webhook(
+    dsn: str,
+    workspace: str,
+    url: str,
+    operations: list[str],
+    secret: str = "s3cr3t",
+    *,
+    deleted: bool = False,
+) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        webhook_id: uuid.UUID = await conn.fetchval(
+            'INSERT INTO core.webhook ("workspaceId", "targetUrl", operations, secret, "deletedAt") '
+            "VALUES ($1, $2, $3, $4, CASE WHEN $5 THEN now() END) RETURNING id",
+            uuid.UUID(workspace),
+            url,
+            operations,
+            secret,
+            deleted,
+        )
+    finally:
+        await conn.close()
+    return str(webhook_id)
+
+
+async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+def new_workspace() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass
+class DaemonProcess:
+    """`webhookd run` as a real process, for the tests that kill it."""
+
+    config: Path
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "webhookd", "run", "--config", str(self.config)],
+            env={**os.environ, **self.env},
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+
+def write_config(path: Path, settings: Settings) -> Path:
+    path.write_text(yaml.safe_dump(_plain(settings.model_dump(mode="json"))))
+    return path
+
+
+def _plain(value: Any) -> Any:
+    return value

@@ -1,0 +1,313 @@
+"""The embedded Kafka broker and Postgres server: they work, they stop, and they never outlive their parent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import psutil
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from webhookd import embedded
+from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic
+
+
+def _gone(pids: list[int], timeout: float = 5.0) -> bool:
+    """True once none of pids runs; a zombie that nobody reaps counts as gone, since it holds nothing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+def _processes_mentioning(text: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and any(text in arg for arg in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _family(pid: int) -> list[int]:
+    proc = psutil.Process(pid)
+    return [pid, *(child.pid for child in proc.children(recursive=True))]
+
+
+@pytest.fixture
+def broker() -> Iterator[KafkaBroker]:
+    with KafkaBroker.start() as started:
+        yield started
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres.start(tmp_path / "pgdata") as started:
+        yield started
+
+
+async def _fetchval(dsn: str, sql: str) -> object:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+# Kafka
+
+
+async def test_broker_produces_and_consumes_with_a_group_and_manual_commit(broker: KafkaBroker) -> None:
+    await create_topic(broker.bootstrap, "crm-events", partitions=2)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, enable_idempotence=False)
+    await producer.start()
+    try:
+        for i in range(20):
+            await producer.send_and_wait("crm-events", f"event-{i}".encode(), key=f"k{i % 5}".encode())
+    finally:
+        await producer.stop()
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker.bootstrap,
+        group_id="webhookd-test",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    consumer.subscribe(["crm-events"])
+    await consumer.start()
+    try:
+        values: list[bytes] = []
+        async with asyncio.timeout(20):
+            while len(values) < 20:
+                batches = await consumer.getmany(timeout_ms=500)
+                values += [record.value for records in batches.values() for record in records]
+        await consumer.commit()
+        partitions = [TopicPartition("crm-events", p) for p in (0, 1)]
+        committed = [await consumer.committed(tp) for tp in partitions]
+        highwaters = [consumer.highwater(tp) for tp in partitions]
+    finally:
+        await consumer.stop()
+
+    assert sorted(values) == sorted(f"event-{i}".encode() for i in range(20))
+    assert sum(c or 0 for c in committed) == 20
+    assert committed == highwaters
+
+
+async def test_creating_an_existing_topic_fails_and_restart_forgets_topics(broker: KafkaBroker) -> None:
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    await create_topic(broker.bootstrap, "t", partitions=1)
+    with pytest.raises(TopicAlreadyExistsError):
+        await create_topic(broker.bootstrap, "t", partitions=1)
+
+    old_pid, bootstrap = broker.pid, broker.bootstrap
+    await asyncio.to_thread(broker.restart)
+    assert broker.bootstrap == bootstrap
+    assert broker.pid not in (None, old_pid)
+    assert old_pid is not None
+    assert _gone([old_pid])
+    await create_topic(broker.bootstrap, "t", partitions=1)  # memory storage: the old topic is gone
+
+
+def test_broker_stop_leaves_no_process() -> None:
+    broker = KafkaBroker.start()
+    pid = broker.pid
+    assert pid is not None
+    assert psutil.Process(pid).is_running()
+
+    broker.stop()
+    broker.stop()
+
+    assert broker.pid is None
+    assert _gone([pid])
+    assert _processes_mentioning(f"tcp://{broker.bootstrap}") == []
+    assert not broker.log_path.exists()
+
+
+def test_broker_outlives_the_thread_that_started_it() -> None:
+    # The kernel's parent-death signal follows the forking thread, so this is what a to_thread start needs.
+    started: list[KafkaBroker] = []
+    thread = threading.Thread(target=lambda: started.append(KafkaBroker.start()))
+    thread.start()
+    thread.join()
+    (broker,) = started
+    try:
+        time.sleep(0.3)
+        assert broker.pid is not None
+    finally:
+        broker.stop()
+
+
+def test_broker_start_fails_with_the_log_tail_when_the_port_is_taken() -> None:
+    with KafkaBroker.start() as first, pytest.raises(RuntimeError, match="its log ends with"):
+        KafkaBroker.start(first.port)
+
+
+# Postgres
+
+
+async def test_postgres_answers_and_survives_restart_with_data_and_dsn(postgres: EmbeddedPostgres) -> None:
+    dsn = postgres.dsn
+    assert await _fetchval(dsn, "select 1") == 1
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("create table kept (v text); insert into kept values ('before restart')")
+    finally:
+        await conn.close()
+    old_pid = postgres.pid
+
+    await asyncio.to_thread(postgres.restart)
+
+    assert postgres.dsn == dsn
+    assert postgres.pid not in (None, old_pid)
+    assert await _fetchval(dsn, "select v from kept") == "before restart"
+
+
+async def test_postgres_can_be_down_for_a_while(postgres: EmbeddedPostgres) -> None:
+    await asyncio.to_thread(postgres.stop_server)
+    # The socket is gone, so this fails as a connection to a downed server does.
+    with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
+        await _fetchval(postgres.dsn, "select 1")
+    await asyncio.to_thread(postgres.start_server)
+    assert await _fetchval(postgres.dsn, "select 1") == 1
+
+
+async def test_create_database_returns_a_working_dsn(postgres: EmbeddedPostgres) -> None:
+    dsn = await create_database(postgres.dsn, "Tenant-A")
+    assert await _fetchval(dsn, "select current_database()") == "Tenant-A"
+    with pytest.raises(asyncpg.DuplicateDatabaseError):
+        await create_database(postgres.dsn, "Tenant-A")
+
+
+def test_database_dsns_keep_server_user_and_options() -> None:
+    assert (
+        embedded._dsn_with_database("postgresql://u:p@db.example:6432/postgres?sslmode=require", "a b")
+        == "postgresql://u:p@db.example:6432/a%20b?sslmode=require"
+    )
+    assert (
+        embedded._dsn_with_database("postgres://u@h?dbname=x&connect_timeout=5", "n")
+        == "postgres://u@h/n?connect_timeout=5"
+    )
+    assert (
+        embedded._dsn_with_database("postgresql://postgres@/postgres?host=/tmp/pg", "n")
+        == "postgresql://postgres@/n?host=/tmp/pg"
+    )
+    with pytest.raises(ValueError, match="not a postgres"):
+        embedded._dsn_with_database("host=/tmp dbname=x", "n")
+
+
+def test_postgres_stop_leaves_no_process_and_no_data(tmp_path: Path) -> None:
+    data_dir = tmp_path / "pgdata"
+    postgres = EmbeddedPostgres.start(data_dir)
+    assert postgres.pid is not None
+    family = _family(postgres.pid)
+    assert len(family) > 1  # the postmaster's helpers (checkpointer, walwriter, ...) are counted too
+
+    postgres.stop()
+    postgres.stop()
+
+    assert _gone(family)
+    assert _processes_mentioning(str(data_dir)) == []
+    assert not data_dir.exists()
+    with pytest.raises(RuntimeError, match="removed by stop"):
+        postgres.start_server()
+
+
+def test_a_data_dir_is_served_once_and_foreign_dirs_are_not_deleted(tmp_path: Path) -> None:
+    with EmbeddedPostgres.start(tmp_path / "pgdata"), pytest.raises(RuntimeError, match="already served"):
+        EmbeddedPostgres.start(tmp_path / "pgdata")
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing to delete"):
+        EmbeddedPostgres.start(tmp_path / "precious")
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+
+
+# A crashed parent
+
+_CRASHING_PARENT = """
+import json, sys, time
+from pathlib import Path
+from webhookd.embedded import EmbeddedPostgres, KafkaBroker
+
+broker = KafkaBroker.start()
+postgres = EmbeddedPostgres.start(Path(sys.argv[1]))
+print(json.dumps({"broker": broker.pid, "postgres": postgres.pid}), flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def crashed_run(tmp_path: Path) -> tuple[list[int], Path]:
+    """Start both servers in a child Python, kill -9 it, and return the servers' pids and the Postgres dir."""
+    data_dir = tmp_path / "pgdata"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_PARENT, str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        assert line, "the child Python failed before its servers were up"
+        pids = json.loads(line)
+        servers = [pids["broker"], *_family(pids["postgres"])]
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+    return servers, data_dir
+
+
+def test_servers_die_with_a_killed_parent(crashed_run: tuple[list[int], Path]) -> None:
+    servers, _ = crashed_run
+    assert _gone(servers)
+
+
+def test_start_replaces_whatever_a_crashed_run_left_in_the_data_dir(crashed_run: tuple[list[int], Path]) -> None:
+    servers, data_dir = crashed_run
+    assert _gone(servers)
+    assert (data_dir / "postmaster.pid").exists()  # stale: its postmaster is dead
+    # Worse than a stale pid file: a server started by pg_ctl, which no parent death reaches.
+    run_as = embedded._system_user()
+    subprocess.run(
+        [
+            str(embedded._postgres_bin_dir() / "pg_ctl"),
+            *("-D", str(data_dir), "-w", "-l", str(data_dir / "leftover.log")),
+            *("-o", f"-c listen_addresses= -c unix_socket_directories={data_dir}", "start"),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        user=run_as.uid if run_as else None,
+        group=run_as.gid if run_as else None,
+        extra_groups=[] if run_as else None,
+    )
+    leftover = int((data_dir / "postmaster.pid").read_text().split()[0])
+    assert psutil.Process(leftover).is_running()
+
+    with EmbeddedPostgres.start(data_dir) as postgres:
+        assert _gone([leftover])
+        assert asyncio.run(_fetchval(postgres.dsn, "select count(*) from pg_database where datname = 'x'")) == 0
