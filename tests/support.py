@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,10 @@ class Receiver:
     async def start(self) -> None:
         app = web.Application(client_max_size=16 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+        # Cancel a handler when its client goes away, so open_requests counts what the daemon really has in flight.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5, handler_cancellation=True
+        )
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
@@ -99,32 +102,42 @@ class Receiver:
         while not predicate():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}; got {len(self.requests)} requests")
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what}; got {len(self.requests)} requests"
+                )
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
 
 
-def settings_for(kafka: str, dsn: str, topic: str, **sections: dict[str, Any]) -> Settings:
-    """Settings for a test daemon: its own group, loopback allowed, fast commits; `sections` override keys."""
+def config_for(bootstrap: str, dsn: str, topic: str, /, **sections: dict[str, Any]) -> dict[str, Any]:
+    """Configuration for a test daemon: its own group, loopback allowed, fast commits; `sections` override keys."""
     data: dict[str, Any] = {
         "kafka": {
-            "bootstrap_servers": kafka,
+            "bootstrap_servers": bootstrap,
             "topics": [topic],
             "group_id": f"g-{topic}",
             "session_timeout_ms": 6000,
             "commit_interval_ms": 200,
         },
         "postgres": {"dsn": dsn},
-        "delivery": {"timeout_seconds": 5, "retry_schedule": ["200ms", "200ms"], "retry_poll_interval_seconds": 0.1,
-                     "drain_timeout_seconds": 5},
+        "delivery": {
+            "timeout_seconds": 5,
+            "retry_schedule": ["200ms", "200ms"],
+            "retry_poll_interval_seconds": 0.1,
+            "drain_timeout_seconds": 5,
+        },
         "egress": {"allow_private": True},
         "http": {"listen": f"127.0.0.1:{free_port()}"},
         "logging": {"level": "info", "format": "console"},
     }
     for section, keys in sections.items():
         data.setdefault(section, {}).update(keys)
-    return Settings.model_validate(data)
+    return data
+
+
+def settings_for(bootstrap: str, dsn: str, topic: str, /, **sections: dict[str, Any]) -> Settings:
+    return Settings.model_validate(config_for(bootstrap, dsn, topic, **sections))
 
 
 @contextlib.asynccontextmanager
@@ -134,7 +147,7 @@ async def running(settings: Settings) -> AsyncIterator[Service]:
     task = asyncio.create_task(service.serve(install_signal_handlers=False))
     try:
         deadline = time.monotonic() + 30
-        while not (service._res is not None and service._res.consumer.consuming):  # noqa: ASYNC110
+        while not (service._res is not None and service._res.consumer.consuming):
             # Readiness is what the test waits for; the service exposes it through the same state /readyz reads.
             if task.done():
                 raise AssertionError(f"the daemon stopped during startup with status {task.result()}")
@@ -148,7 +161,9 @@ async def running(settings: Settings) -> AsyncIterator[Service]:
         assert status == 0, f"the daemon exited with status {status}"
 
 
-async def produce(kafka: str, topic: str, records: list[dict[str, Any] | bytes], partition: int | None = None) -> None:
+async def produce(
+    kafka: str, topic: str, records: Sequence[dict[str, Any] | bytes], partition: int | None = None
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=kafka, enable_idempotence=False, linger_ms=5)
     await producer.start()
     try:
@@ -162,8 +177,12 @@ async def produce(kafka: str, topic: str, records: list[dict[str, Any] | bytes],
 
 
 def event(name: str, workspace: str, data: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
-    return {"event": name, "workspaceId": workspace, "data": data if data is not None else {"id": str(uuid.uuid4())},
-            **extra}
+    return {
+        "event": name,
+        "workspaceId": workspace,
+        "data": data if data is not None else {"id": str(uuid.uuid4())},
+        **extra,
+    }
 
 
 async def add_webhook(
@@ -231,10 +250,6 @@ class DaemonProcess:
         return self.proc.wait(timeout)
 
 
-def write_config(path: Path, settings: Settings) -> Path:
-    path.write_text(yaml.safe_dump(_plain(settings.model_dump(mode="json"))))
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _plain(value: Any) -> Any:
-    return value

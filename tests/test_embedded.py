@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -56,14 +59,23 @@ def _family(pid: int) -> list[int]:
 
 
 @pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A private temp dir. Not tmp_path: pytest runs started meanwhile on this machine prune old base temp
+    dirs, and would delete a data dir under a running server."""
+    path = Path(tempfile.mkdtemp(prefix="webhookd-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def broker() -> Iterator[KafkaBroker]:
     with KafkaBroker.start() as started:
         yield started
 
 
 @pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    with EmbeddedPostgres.start(tmp_path / "pgdata") as started:
+def postgres(scratch: Path) -> Iterator[EmbeddedPostgres]:
+    with EmbeddedPostgres.start(scratch / "pgdata") as started:
         yield started
 
 
@@ -217,8 +229,8 @@ def test_database_dsns_keep_server_user_and_options() -> None:
         embedded._dsn_with_database("host=/tmp dbname=x", "n")
 
 
-def test_postgres_stop_leaves_no_process_and_no_data(tmp_path: Path) -> None:
-    data_dir = tmp_path / "pgdata"
+def test_postgres_stop_leaves_no_process_and_no_data(scratch: Path) -> None:
+    data_dir = scratch / "pgdata"
     postgres = EmbeddedPostgres.start(data_dir)
     assert postgres.pid is not None
     family = _family(postgres.pid)
@@ -234,14 +246,26 @@ def test_postgres_stop_leaves_no_process_and_no_data(tmp_path: Path) -> None:
         postgres.start_server()
 
 
-def test_a_data_dir_is_served_once_and_foreign_dirs_are_not_deleted(tmp_path: Path) -> None:
-    with EmbeddedPostgres.start(tmp_path / "pgdata"), pytest.raises(RuntimeError, match="already served"):
-        EmbeddedPostgres.start(tmp_path / "pgdata")
-    (tmp_path / "precious").mkdir()
-    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+async def test_postgres_in_a_deep_dir_puts_its_socket_elsewhere(scratch: Path) -> None:
+    data_dir = scratch / ("deep" * 25) / "pgdata"
+    postgres = await asyncio.to_thread(EmbeddedPostgres.start, data_dir)
+    try:
+        assert str(data_dir) not in postgres.dsn
+        assert await _fetchval(postgres.dsn, "select 1") == 1
+    finally:
+        await asyncio.to_thread(postgres.stop)
+    assert not await asyncio.to_thread(data_dir.exists)
+    assert not await asyncio.to_thread(Path(postgres.dsn.split("host=")[1]).exists)
+
+
+def test_a_data_dir_is_served_once_and_foreign_dirs_are_not_deleted(scratch: Path) -> None:
+    with EmbeddedPostgres.start(scratch / "pgdata"), pytest.raises(RuntimeError, match="already served"):
+        EmbeddedPostgres.start(scratch / "pgdata")
+    (scratch / "precious").mkdir()
+    (scratch / "precious" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match="refusing to delete"):
-        EmbeddedPostgres.start(tmp_path / "precious")
-    assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
+        EmbeddedPostgres.start(scratch / "precious")
+    assert (scratch / "precious" / "notes.txt").read_text() == "keep me"
 
 
 # A crashed parent
@@ -259,13 +283,14 @@ time.sleep(60)
 
 
 @pytest.fixture
-def crashed_run(tmp_path: Path) -> tuple[list[int], Path]:
+def crashed_run(scratch: Path) -> tuple[list[int], Path]:
     """Start both servers in a child Python, kill -9 it, and return the servers' pids and the Postgres dir."""
-    data_dir = tmp_path / "pgdata"
+    data_dir = scratch / "pgdata"
     parent = subprocess.Popen(
         [sys.executable, "-c", _CRASHING_PARENT, str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(scratch)},  # a killed parent cannot delete its broker's log dir
     )
     try:
         assert parent.stdout is not None
@@ -281,16 +306,23 @@ def crashed_run(tmp_path: Path) -> tuple[list[int], Path]:
     return servers, data_dir
 
 
-def test_servers_die_with_a_killed_parent(crashed_run: tuple[list[int], Path]) -> None:
-    servers, _ = crashed_run
-    assert _gone(servers)
-
-
-def test_start_replaces_whatever_a_crashed_run_left_in_the_data_dir(crashed_run: tuple[list[int], Path]) -> None:
+def test_servers_die_with_a_killed_parent_and_its_dir_can_be_reused(crashed_run: tuple[list[int], Path]) -> None:
     servers, data_dir = crashed_run
     assert _gone(servers)
     assert (data_dir / "postmaster.pid").exists()  # stale: its postmaster is dead
-    # Worse than a stale pid file: a server started by pg_ctl, which no parent death reaches.
+
+    with EmbeddedPostgres.start(data_dir) as postgres:
+        assert asyncio.run(_fetchval(postgres.dsn, "select 1")) == 1
+
+
+def test_start_kills_a_server_left_running_by_pg_ctl(crashed_run: tuple[list[int], Path]) -> None:
+    # pg_ctl daemonizes the postmaster, so no parent's death reaches it: the worst leftover there is.
+    servers, data_dir = crashed_run
+    assert _gone(servers)
+    # Postgres takes the dead postmaster for a live one until whoever adopted it has reaped it; here that can
+    # take a while, so its lock files go.
+    (data_dir / "postmaster.pid").unlink()
+    (data_dir / ".s.PGSQL.5432.lock").unlink()
     run_as = embedded._system_user()
     subprocess.run(
         [
@@ -305,9 +337,9 @@ def test_start_replaces_whatever_a_crashed_run_left_in_the_data_dir(crashed_run:
         group=run_as.gid if run_as else None,
         extra_groups=[] if run_as else None,
     )
-    leftover = int((data_dir / "postmaster.pid").read_text().split()[0])
-    assert psutil.Process(leftover).is_running()
+    leftover = _family(int((data_dir / "postmaster.pid").read_text().split()[0]))
 
     with EmbeddedPostgres.start(data_dir) as postgres:
-        assert _gone([leftover])
-        assert asyncio.run(_fetchval(postgres.dsn, "select count(*) from pg_database where datname = 'x'")) == 0
+        assert _gone(leftover)
+        assert postgres.pid not in leftover
+        assert asyncio.run(_fetchval(postgres.dsn, "select 1")) == 1

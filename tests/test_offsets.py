@@ -129,3 +129,25 @@ def test_commit_position_is_always_the_smallest_unfinished_offset(case: tuple[li
         assert position <= expected
         assert all(o >= position for o in unfinished)
         assert partition.in_flight == len(unfinished)
+
+
+@given(offsets_and_finishing_order(), st.data())
+def test_commit_position_never_passes_an_unfinished_offset_while_records_keep_arriving(
+    case: tuple[list[int], list[int]], data: st.DataObject
+) -> None:
+    offsets, _ = case
+    partition = PartitionOffsets()
+    next_index = 0
+    unfinished: list[int] = []
+
+    while next_index < len(offsets) or unfinished:
+        if next_index < len(offsets) and (not unfinished or data.draw(st.booleans())):
+            partition.started(offsets[next_index])
+            unfinished.append(offsets[next_index])
+            next_index += 1
+        else:
+            offset = unfinished.pop(data.draw(st.integers(min_value=0, max_value=len(unfinished) - 1)))
+            partition.finished(offset)
+        expected = min(unfinished) if unfinished else offsets[next_index - 1] + 1
+        assert partition.commit_position() == expected
+        assert partition.in_flight == len(unfinished)

@@ -231,12 +231,13 @@ class KafkaBroker:
         self.log_path = log_dir / "tansu.log"
         self._log_dir = log_dir
         self._proc: subprocess.Popen[bytes] | None = proc
+        self._stopped = False
         self._lock = threading.Lock()
         atexit.register(self.stop)
 
     @classmethod
     def start(cls, port: int | None = None, *, timeout: float = 10.0) -> KafkaBroker:
-        """Start a broker on port (a free one if None) and return once it accepts TCP connections."""
+        """Start a broker on port (a free one if None) and return once it listens there."""
         log_dir = Path(tempfile.mkdtemp(prefix="webhookd-tansu-"))
         log_path = log_dir / "tansu.log"
         tried: list[int] = []
@@ -263,24 +264,24 @@ class KafkaBroker:
     def restart(self, *, timeout: float = 10.0) -> None:
         """Stop the broker and start a new one on the same port; all topics and offsets are lost."""
         with self._lock:
-            if self._proc is None:
+            if self._stopped:
                 raise RuntimeError("broker was stopped; start a new one")
-            _terminate(self._proc, signal.SIGTERM, 5.0)
-            proc = _start_tansu(self.port, self.log_path, timeout)
-            if proc is None:
-                self._proc = None
-                raise RuntimeError(
-                    f"Tansu broker did not restart on {self.bootstrap}; its log ends with:\n" + _log_tail(self.log_path)
-                )
-            self._proc = proc
+            if self._proc is not None:
+                _terminate(self._proc, signal.SIGTERM, 5.0)
+            self._proc = _start_tansu(self.port, self.log_path, timeout)
+            if self._proc is None:
+                tail = _log_tail(self.log_path)
+                raise RuntimeError(f"Tansu broker did not restart on {self.bootstrap}; its log ends with:\n{tail}")
 
     def stop(self) -> None:
         """Stop the broker (SIGTERM, SIGKILL after 5 s) and delete its log; calling it again does nothing."""
         with self._lock:
-            if self._proc is None:
+            if self._stopped:
                 return
-            _terminate(self._proc, signal.SIGTERM, 5.0)
+            if self._proc is not None:
+                _terminate(self._proc, signal.SIGTERM, 5.0)
             self._proc = None
+            self._stopped = True
             shutil.rmtree(self._log_dir, ignore_errors=True)
             atexit.unregister(self.stop)
 
@@ -407,15 +408,9 @@ def _is_our_postmaster(proc: psutil.Process, data_dir: Path) -> bool:
 
 def _kill_leftover_postmasters(data_dir: Path) -> None:
     """Kill any postmaster still serving data_dir, such as one a crashed run or `pg_ctl` left behind."""
-    leftovers: dict[int, psutil.Process] = {}
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        pid = int((data_dir / "postmaster.pid").read_text().splitlines()[0])
-        with contextlib.suppress(psutil.Error):
-            leftovers[pid] = psutil.Process(pid)
-    # The pid file may be gone while its server runs on (the dir was wiped under it): look at every process.
-    for proc in psutil.process_iter():
-        leftovers.setdefault(proc.pid, proc)
-    victims = [p for p in leftovers.values() if _is_our_postmaster(p, data_dir)]
+    # Found by command line, not by postmaster.pid: that file may be gone (a dir wiped under a running server)
+    # or name a pid that has since gone to someone else.
+    victims = [p for p in psutil.process_iter() if _is_our_postmaster(p, data_dir)]
     for proc in victims:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGQUIT)  # immediate shutdown: its backends go with it
@@ -446,11 +441,6 @@ def _is_alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _socket_dir_for(data_dir: Path) -> Path | None:
-    """data_dir itself when its socket path fits in sun_path, else None (a short temp dir is needed)."""
-    return data_dir if len(os.fsencode(data_dir)) <= _MAX_SOCKET_DIR_BYTES else None
 
 
 class EmbeddedPostgres:
@@ -505,7 +495,8 @@ class EmbeddedPostgres:
             shutil.rmtree(data_dir)
         run_as = _system_user()
         data_dir.mkdir(mode=0o700, parents=True)
-        own_socket_dir = _socket_dir_for(data_dir) is None
+        # The socket lives in data_dir unless its path would not fit in sun_path.
+        own_socket_dir = len(os.fsencode(data_dir)) > _MAX_SOCKET_DIR_BYTES
         socket_dir = Path(tempfile.mkdtemp(prefix="webhookd-pg-")) if own_socket_dir else data_dir
         try:
             if run_as is not None:

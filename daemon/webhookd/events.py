@@ -5,6 +5,7 @@ A record is parsed exactly once, here; the body sent to receivers is built from 
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -58,7 +59,9 @@ def decode(
     try:
         doc = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        return BadEvent("invalid_json", f"not valid UTF-8 JSON: {exc}")
+        doc = _parse_leniently(value)
+        if doc is None:
+            return BadEvent("invalid_json", f"not valid UTF-8 JSON: {exc}")
     if not isinstance(doc, dict):
         return BadEvent("not_an_object", f"the value is a JSON {type(doc).__name__}, not an object")
     problem = _check_fields(doc)
@@ -69,13 +72,13 @@ def decode(
     if event_id is None:
         event_id = f"{topic}:{partition}:{offset}"
     timestamp = doc.get("timestamp")
-    if timestamp is None:
-        if timestamp_ms is None or timestamp_ms < 0:
-            return BadEvent("missing_field", "no `timestamp` field and the Kafka record carries no timestamp")
-        timestamp = js_iso_timestamp(timestamp_ms)
     try:
+        if timestamp is None:
+            if timestamp_ms is None or timestamp_ms < 0:
+                return BadEvent("missing_field", "no `timestamp` field and the Kafka record carries no timestamp")
+            timestamp = js_iso_timestamp(timestamp_ms)
         body = build_body(doc["event"], doc["data"], timestamp)
-    except (ValueError, TypeError) as exc:  # orjson refuses what it cannot write (e.g. nesting deeper than it allows)
+    except (ValueError, TypeError) as exc:  # a lone surrogate, or a Kafka timestamp outside JavaScript's Date range
         return BadEvent("unserializable", f"the event cannot be written as JSON: {exc}")
     return Event(
         id=event_id,
@@ -84,6 +87,19 @@ def decode(
         body=body,
         kafka_timestamp_ms=timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else None,
     )
+
+
+def _parse_leniently(value: bytes) -> Any:
+    """Parse valid JSON that orjson refuses: numbers beyond a double (JavaScript reads them as Infinity and
+    writes null) and lone surrogate escapes. None when it is not JSON at all."""
+
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(value.decode("utf-8"), parse_constant=refuse_constant)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _check_fields(doc: dict[str, Any]) -> BadEvent | None:

@@ -15,7 +15,9 @@ the values where orjson and ``JSON.stringify`` disagree:
   orjson.dumps does).
 
 Strings need no work: orjson escapes exactly the characters ``JSON.stringify`` escapes,
-with the same escape sequences, and both reject nothing else (the tests hold both to it).
+with the same escape sequences (the tests hold both to it for every code point).  The one
+exception, a lone surrogate, which JavaScript escapes and orjson refuses to encode, never
+comes out of ``orjson.loads``.
 """
 
 from __future__ import annotations
@@ -145,8 +147,9 @@ def _needs_rewrite(data: Any) -> bool:
 
 
 def _orjson_float_is_javascript(value: float) -> bool:
-    # Infinity and NaN fall through to False: orjson and JavaScript both write null, but
-    # routing them through the rewrite keeps that agreement out of orjson's hands.
+    # The upper bound, redundant for finite non-integral doubles, turns infinity away and
+    # NaN fails every comparison: both write null either way, but the rewrite then decides
+    # that instead of orjson.
     return not value.is_integer() and _MIN_PLAIN_FLOAT <= abs(value) < 2.0**53
 
 
@@ -199,12 +202,20 @@ def _javascript_compatible(data: Any) -> Any:
     while True:
         top = stack[-1]
         child = None
+        keys, values = top.keys, top.values
+        # Inlined rather than calling top.add: this loop sees every scalar of the record.
         for key, value in top.pending:
             kind = type(value)
             if kind is dict or kind is list:
                 child = _Container(value, key, top.depth + 1)
                 break
-            top.add(key, _javascript_scalar(value), value)
+            if kind is float or kind is int:
+                fixed = _javascript_scalar(value)
+                if fixed is not value:
+                    top.changed = True
+                    value = fixed
+            keys.append(key)
+            values.append(value)
         if child is not None:
             stack.append(child)
             continue
@@ -263,7 +274,11 @@ def _javascript_number(value: float) -> str:
 
 def _javascript_key_order(keys: list[str]) -> list[int] | None:
     """Return the positions of ``keys`` in JavaScript's enumeration order, or None if unchanged."""
-    indices = [(int(key), position) for position, key in enumerate(keys) if _is_array_index(key)]
+    indices = [
+        (int(key), position)
+        for position, key in enumerate(keys)
+        if key.isdecimal() and _is_array_index(key)  # isdecimal first: cheap, and rarely true
+    ]
     if not indices:
         return None
     indices.sort()

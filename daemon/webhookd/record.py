@@ -130,7 +130,7 @@ class Recorder:
             while len(batch) < _BATCH_LIMIT and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             await self._commit(batch)
-    
+
     async def _commit(self, batch: list[_Write]) -> None:
         by_sql: dict[str, list[tuple[Any, ...]]] = {}
         for write in batch:

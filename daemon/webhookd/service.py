@@ -237,6 +237,7 @@ class Service:
         if res is None:
             return
         s = self.settings
+        log.debug("shutdown_draining", pending=res.dispatcher.pending)
         drained = await res.dispatcher.drain(s.delivery.drain_timeout_seconds)
         if not drained:
             moved = await asyncio.shield(res.dispatcher.hand_off())
@@ -250,7 +251,9 @@ class Service:
         await asyncio.gather(*res.tasks.values(), return_exceptions=True)
         with contextlib.suppress(Exception):  # expired leases free these rows anyway
             await res.poller.release(await res.dispatcher.cancel_retries())
+        log.debug("shutdown_leaving_group")
         await res.consumer.stop()
+        log.debug("shutdown_closing")
         if res.web is not None:
             await res.web.cleanup()
         await close_session(res.session)

@@ -64,6 +64,8 @@ class SubscriptionIndex:
     def put(self, webhook: Webhook) -> None:
         self.remove(webhook.id)
         self._by_id[webhook.id] = webhook
+        if not webhook.operations:
+            return
         patterns = self._by_workspace.setdefault(webhook.workspace_id, {})
         for op in webhook.operations:
             patterns.setdefault(op, {})[webhook.id] = webhook
@@ -72,7 +74,9 @@ class SubscriptionIndex:
         old = self._by_id.pop(webhook_id, None)
         if old is None:
             return
-        patterns = self._by_workspace[old.workspace_id]
+        patterns = self._by_workspace.get(old.workspace_id)
+        if patterns is None:  # a webhook without operations never had an entry
+            return
         for op in old.operations:
             hooks = patterns.get(op)
             if hooks is not None:

@@ -1,0 +1,79 @@
+"""A receiver that never answers, behind a large backlog: the daemon keeps its memory bounded (it pauses fetching
+instead of reading ahead) and never has more requests in flight than `delivery.concurrency`."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+from aiohttp import web
+
+from tests.support import DaemonProcess, Receiver, add_webhook, config_for, event, new_workspace, produce, write_config
+
+BACKLOG = 50_000
+CONCURRENCY = 40
+
+
+async def never_answer(_request: web.Request, _body: bytes) -> web.StreamResponse:
+    await asyncio.sleep(3600)
+    return web.Response()
+
+
+async def test_a_backlog_behind_a_hung_receiver_keeps_memory_and_inflight_bounded(
+    kafka: str, dsn: str, topic: str, receiver: Receiver
+) -> None:
+    ws = new_workspace()
+    await add_webhook(dsn, ws, receiver.url("/hung"), ["*.*"])
+    receiver.behaviours["/hung"] = never_answer
+    padding = "x" * 400  # records of a realistic size, so that reading ahead would show in memory
+    await produce(kafka, topic, [event("person.updated", ws, {"note": padding, "n": i}) for i in range(BACKLOG)])
+    config = config_for(
+        kafka,
+        dsn,
+        topic,
+        delivery={
+            "concurrency": CONCURRENCY,
+            "per_host_concurrency": 1000,
+            "timeout_seconds": 1.5,
+            "retry_schedule": ["1h"],
+        },
+        logging={"level": "warning", "format": "json"},
+    )
+    metrics_url = f"http://{config['http']['listen']}/metrics"
+    samples: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="webhookd-backlog-") as tmp:
+        daemon = DaemonProcess(write_config(Path(tmp) / "c.yaml", config), {}, Path(tmp) / "daemon.log")
+        try:
+            daemon.start()
+            assert daemon.proc is not None
+            process = psutil.Process(daemon.proc.pid)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                samples.append(process.memory_info().rss / 2**20)
+                await asyncio.sleep(0.25)
+            async with aiohttp.ClientSession() as http:
+                metrics = await (await http.get(metrics_url)).text()
+            assert daemon.terminate() == 0
+        finally:
+            daemon.kill()
+    consumed = _metric(metrics, "webhookd_events_consumed_total")
+    print(
+        f"\nbacklog {BACKLOG}: consumed {consumed:.0f} in 20 s; RSS first {samples[4]:.1f} MiB, "
+        f"peak {max(samples):.1f} MiB, last {samples[-1]:.1f} MiB; receiver saw at most "
+        f"{receiver.max_open_requests} requests at once (concurrency {CONCURRENCY})"
+    )
+    assert receiver.max_open_requests <= CONCURRENCY
+    assert receiver.max_open_requests >= CONCURRENCY // 2, "the limit was never approached: the test proves nothing"
+    assert consumed < BACKLOG / 2, "the daemon read the backlog ahead instead of pausing"
+    # Bounded: the second half of the run, with the pipeline full, grows by no more than a few MiB.
+    half = len(samples) // 2
+    assert max(samples[half:]) - max(samples[:half]) < 15, samples
+    assert max(samples) < 250
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))

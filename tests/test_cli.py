@@ -1,0 +1,217 @@
+"""The command line as an operator meets it: `python -m webhookd` in a child process, its exit status and output.
+
+Every invocation is started at once by one module fixture, so that the interpreter start-ups overlap.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "webhookd.yaml"
+PASSWORD = "hunter2-Pa55"
+DSN = f"postgresql://webhookd:{PASSWORD}@db.internal:5432/twenty"
+
+GOOD = f"""\
+kafka:
+  bootstrap_servers: "kafka-0:9092,kafka-1:9092"
+  topics: ["crm.events", "crm.backfill"]
+postgres:
+  dsn: "{DSN}"
+delivery:
+  concurrency: 64
+  retry_schedule: ["5s", "250ms", "2m"]
+logging:
+  format: console
+"""
+
+
+@dataclass(frozen=True)
+class Invocation:
+    args: list[str]  # "{config}" stands for the path of the case's file
+    config: str | None = None  # the file's text; None writes no file
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int
+    stdout: str
+    stderr: str
+
+
+def check(config: str, *env: tuple[str, str]) -> Invocation:
+    return Invocation(["check-config", "--config", "{config}"], config, env)
+
+
+BROKEN = {
+    "unknown-key": (
+        check(GOOD.replace("  concurrency: 64\n", "  concurrency: 64\n  concurency: 5\n")),
+        ["delivery.concurency: unknown key", "'concurrency'"],
+    ),
+    "bad-type": (
+        check(GOOD.replace("concurrency: 64", "concurrency: lots")),
+        ["delivery.concurrency: must be an integer"],
+    ),
+    "bad-duration": (
+        check(GOOD.replace('"250ms"', '"5 minutes"')),
+        ["delivery.retry_schedule[1]: must be a duration"],
+    ),
+    "yaml-syntax": (check(GOOD.replace('"crm.backfill"]', '"crm.backfill"')), ["invalid YAML", ".yaml:"]),
+    "missing-dsn": (check(GOOD.replace(f'  dsn: "{DSN}"\n', "")), ["postgres.dsn: required"]),
+    "missing-file": (Invocation(["check-config", "--config", "{config}"]), ["cannot read"]),
+}
+# One file with a problem in every section: all of them are reported in a single run.
+MANY_PROBLEMS = (
+    GOOD.replace("postgresql://", "mysql://").replace("  concurrency: 64\n", "  concurrency: 0\n  nonsense: 1\n")
+    + "egress:\n  allow_private: maybe\negres:\n  allowed_cidrs: []\n"
+)
+MANY_PROBLEMS_REPORTED = [
+    "postgres.dsn: must be a postgresql:// URI",
+    "delivery.concurrency: must be an integer >= 1",
+    "delivery.nonsense: unknown key",
+    "egress.allow_private: must be true or false",
+    "egres: unknown section",
+    "delivery.timeout_seconds: must be a duration",
+    "WEBHOOKD_DELIVERY__TIMEOUT_SECONDS",
+]
+KEY_VALUE_DSN = f"host=db.internal dbname=twenty password={PASSWORD} user=webhookd"
+
+HELP = {
+    "top": ["--help"],
+    "run": ["run", "--help"],
+    "migrate": ["migrate", "--help"],
+    "check-config": ["check-config", "--help"],
+    "dev": ["dev", "--help"],
+}
+
+INVOCATIONS: dict[str, Invocation] = {
+    "good": check(GOOD),
+    "shipped-with-env-dsn": Invocation(
+        ["check-config", "--config", str(SHIPPED_CONFIG)], env=(("WEBHOOKD_POSTGRES__DSN", KEY_VALUE_DSN),)
+    ),
+    "many-problems": check(MANY_PROBLEMS, ("WEBHOOKD_DELIVERY__TIMEOUT_SECONDS", "soon")),
+    "no-command": Invocation([]),
+    "check-config-without-config": Invocation(["check-config"]),
+    **{f"broken:{name}": invocation for name, (invocation, _) in BROKEN.items()},
+    **{f"help:{name}": Invocation(args) for name, args in HELP.items()},
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    folder = tmp_path_factory.mktemp("cli")
+    base_env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WEBHOOKD_")}
+    running: dict[str, subprocess.Popen[str]] = {}
+    for number, (name, invocation) in enumerate(INVOCATIONS.items()):
+        path = folder / f"case{number}.yaml"
+        if invocation.config is not None:
+            path.write_text(invocation.config, encoding="utf-8")
+        args = [arg.replace("{config}", str(path)) for arg in invocation.args]
+        running[name] = subprocess.Popen(
+            [sys.executable, "-m", "webhookd", *args],
+            env={**base_env, **dict(invocation.env)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=folder,
+        )
+    results = {}
+    try:
+        for name, process in running.items():
+            stdout, stderr = process.communicate(timeout=60)
+            results[name] = Outcome(process.returncode, stdout, stderr)
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
+def test_check_config_accepts_a_good_file_and_prints_the_effective_configuration(
+    outcomes: dict[str, Outcome],
+) -> None:
+    good = outcomes["good"]
+
+    assert good.status == 0, good.stderr
+    printed = yaml.safe_load(good.stdout)
+    assert printed["kafka"]["bootstrap_servers"] == ["kafka-0:9092", "kafka-1:9092"]
+    assert printed["kafka"]["topics"] == ["crm.events", "crm.backfill"]
+    assert printed["delivery"]["concurrency"] == 64
+    assert printed["delivery"]["retry_schedule"] == [5.0, 0.25, 120.0]
+    assert printed["delivery"]["per_host_concurrency"] == 32  # a default fills what the file leaves out
+    assert printed["logging"]["format"] == "console"
+
+
+def test_check_config_shows_the_dsn_password_as_stars_and_never_the_password(outcomes: dict[str, Outcome]) -> None:
+    good = outcomes["good"]
+
+    assert yaml.safe_load(good.stdout)["postgres"]["dsn"] == "postgresql://webhookd:***@db.internal:5432/twenty"
+    assert PASSWORD not in good.stdout + good.stderr
+
+
+def test_the_shipped_config_checks_with_a_key_value_dsn_from_the_environment_and_hides_its_password(
+    outcomes: dict[str, Outcome],
+) -> None:
+    result = outcomes["shipped-with-env-dsn"]
+
+    assert result.status == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["postgres"]["dsn"] == "host=db.internal dbname=twenty password=*** user=webhookd"
+    assert printed["kafka"]["bootstrap_servers"] == ["kafka-0.kafka:9092", "kafka-1.kafka:9092", "kafka-2.kafka:9092"]
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_check_config_refuses_a_broken_file_with_status_2_naming_the_key(
+    outcomes: dict[str, Outcome], case: str
+) -> None:
+    result = outcomes[f"broken:{case}"]
+    _, expected = BROKEN[case]
+
+    assert result.status == 2
+    assert result.stdout == ""
+    for text in expected:
+        assert text in result.stderr
+    assert PASSWORD not in result.stderr
+
+
+def test_check_config_lists_every_problem_in_one_run_without_the_password(outcomes: dict[str, Outcome]) -> None:
+    result = outcomes["many-problems"]
+
+    assert result.status == 2
+    assert result.stdout == ""
+    for text in MANY_PROBLEMS_REPORTED:
+        assert text in result.stderr
+    assert PASSWORD not in result.stderr
+
+
+@pytest.mark.parametrize("command", sorted(HELP))
+def test_help_of_every_command_exits_0_and_shows_usage(outcomes: dict[str, Outcome], command: str) -> None:
+    result = outcomes[f"help:{command}"]
+
+    assert result.status == 0, result.stderr
+    assert result.stdout.startswith("usage: webhookd")
+
+
+def test_help_lists_every_command(outcomes: dict[str, Outcome]) -> None:
+    text = outcomes["help:top"].stdout
+
+    for command in ("run", "migrate", "check-config", "dev"):
+        assert command in text
+
+
+@pytest.mark.parametrize("case", ["no-command", "check-config-without-config"])
+def test_bad_usage_exits_2_with_a_usage_message(outcomes: dict[str, Outcome], case: str) -> None:
+    result = outcomes[case]
+
+    assert result.status == 2
+    assert "usage: webhookd" in result.stderr
+    assert result.stdout == ""
