@@ -1,0 +1,105 @@
+"""The commands that need services: `migrate` (idempotent, never touching Twenty's own table), `run` refusing an
+unmigrated database with a clear message, and `webhookd dev` showing verified deliveries end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import asyncpg
+import psutil
+
+from tests.support import config_for, fetch, write_config
+from webhookd.embedded import create_database
+
+
+async def _webhookd(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "webhookd",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_migrate_is_idempotent_and_leaves_an_existing_twenty_table_alone(postgres_admin: str, kafka: str) -> None:
+    dsn = await create_database(postgres_admin, f"m_{uuid.uuid4().hex[:10]}")
+    conn = await asyncpg.connect(dsn)
+    try:
+        # Twenty's table as Twenty made it, with a column of its own that migrate must keep.
+        await conn.execute(
+            'CREATE SCHEMA core; CREATE TABLE core.webhook (id uuid PRIMARY KEY, "workspaceId" uuid NOT NULL, '
+            "\"targetUrl\" text NOT NULL, operations text[] NOT NULL DEFAULT '{*.*}', description text, "
+            'secret text NOT NULL, "createdAt" timestamptz, "updatedAt" timestamptz, "deletedAt" timestamptz, '
+            "\"twentyOwn\" text DEFAULT 'kept')"
+        )
+    finally:
+        await conn.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_config(Path(tmp) / "c.yaml", config_for(kafka, dsn, "t"))
+        first = await _webhookd("migrate", "--config", str(config))
+        second = await _webhookd("migrate", "--config", str(config))
+    assert first[0] == 0, first[1]
+    assert "0001_state.sql" in first[1]
+    assert second == (0, second[1]) and "none needed" in second[1]
+    columns = await fetch(
+        dsn, "SELECT column_name FROM information_schema.columns WHERE table_schema='core' AND table_name='webhook'"
+    )
+    assert "twentyOwn" in {r["column_name"] for r in columns}
+    triggers = await fetch(dsn, "SELECT tgname FROM pg_trigger WHERE tgrelid = 'core.webhook'::regclass")
+    assert [r["tgname"] for r in triggers] == ["webhookd_subscription_change"]
+
+
+async def test_run_on_an_unmigrated_database_says_to_migrate_and_exits_1(postgres_admin: str, kafka: str) -> None:
+    dsn = await create_database(postgres_admin, f"u_{uuid.uuid4().hex[:10]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_config(Path(tmp) / "c.yaml", config_for(kafka, dsn, "t"))
+        status, out = await _webhookd("run", "--config", str(config), timeout=60)
+    assert status == 1
+    assert "webhookd migrate" in out
+
+
+async def test_run_with_a_bad_config_exits_2_naming_the_key() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        path.write_text("postgres:\n  dsn: postgresql://u:hunter2@db/x\ndelivery:\n  concurrency: lots\n")
+        status, out = await _webhookd("run", "--config", str(path))
+    assert status == 2
+    assert "delivery.concurrency" in out
+    assert "hunter2" not in out
+
+
+def _dev_services() -> set[int]:
+    """Brokers and Postgres servers of any `webhookd dev` run (its data lives in a webhookd-dev-* folder)."""
+    found = set()
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if proc.info["name"].startswith("tansu") or "webhookd-dev-" in cmdline:
+            found.add(proc.info["pid"])
+    return found
+
+
+async def test_dev_shows_verified_deliveries_and_leaves_no_process_behind() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    before = _dev_services()
+    status, out = await _webhookd("dev", "--config", str(repo / "config" / "dev.yaml"), "--events", "8", timeout=120)
+    assert status == 0, out[-3000:]
+    assert "signature verified" in out
+    assert "0 failed verification" in out
+    await asyncio.sleep(0.5)
+    assert _dev_services() <= before, "webhookd dev left a broker or Postgres running"
