@@ -56,7 +56,8 @@ async def test_migrate_is_idempotent_and_leaves_an_existing_twenty_table_alone(p
         second = await _webhookd("migrate", "--config", str(config))
     assert first[0] == 0, first[1]
     assert "0001_state.sql" in first[1]
-    assert second == (0, second[1]) and "none needed" in second[1]
+    assert second == (0, second[1])
+    assert "none needed" in second[1]
     columns = await fetch(
         dsn, "SELECT column_name FROM information_schema.columns WHERE table_schema='core' AND table_name='webhook'"
     )
@@ -94,10 +95,12 @@ def _dev_services() -> set[int]:
     return found
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 async def test_dev_shows_verified_deliveries_and_leaves_no_process_behind() -> None:
-    repo = Path(__file__).resolve().parent.parent
     before = _dev_services()
-    status, out = await _webhookd("dev", "--config", str(repo / "config" / "dev.yaml"), "--events", "8", timeout=120)
+    status, out = await _webhookd("dev", "--config", str(REPO / "config" / "dev.yaml"), "--events", "8", timeout=120)
     assert status == 0, out[-3000:]
     assert "signature verified" in out
     assert "0 failed verification" in out

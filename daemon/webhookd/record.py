@@ -130,6 +130,8 @@ class Recorder:
             while len(batch) < _BATCH_LIMIT and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             await self._commit(batch)
+            for _ in batch:
+                self._queue.task_done()
 
     async def _commit(self, batch: list[_Write]) -> None:
         by_sql: dict[str, list[tuple[Any, ...]]] = {}
