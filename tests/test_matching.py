@@ -189,6 +189,7 @@ def test_a_live_row_becomes_a_webhook() -> None:
         target_url="https://receiver.example/hook",
         operations=("person.created", "*.*"),
         secret="p\u00e4ss".encode(),
+        host_key="receiver.example:443",
     )
 
 
@@ -202,6 +203,7 @@ def test_a_plain_http_url_with_a_port_and_query_is_accepted() -> None:
 @pytest.mark.parametrize(
     "url",
     [
+        "http://receiver.example:99999/hook",
         "ftp://receiver.example/hook",
         "file:///etc/passwd",
         "mailto:ops@receiver.example",

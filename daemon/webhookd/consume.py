@@ -27,12 +27,15 @@ from webhookd.subscriptions import SubscriptionIndex
 
 log = structlog.get_logger("webhookd.consume")
 
+_COMMIT_TIMEOUT = 10.0
+
 
 @dataclass(frozen=True)
 class ConsumeSettings:
     """What the loop needs from the configuration."""
 
     max_pending: int  # unsettled first attempts before fetching pauses
+    max_tracked: int  # records between the commit point and the newest one read, across partitions
     max_poll_records: int
     max_event_bytes: int
     commit_interval: float
@@ -74,7 +77,7 @@ class Consumer:
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + self._settings.commit_interval
         while not stopping.is_set():
-            room = self._settings.max_pending - self._dispatcher.pending
+            room = self._room()
             self._set_paused(room <= 0)
             batch = await self._kafka.getmany(
                 timeout_ms=100 if self._paused else 200,
@@ -91,6 +94,16 @@ class Consumer:
                 await self.commit()
                 self._update_lag()
                 next_commit = loop.time() + self._settings.commit_interval
+
+    def _room(self) -> int:
+        """How many more records may be taken now.
+
+        Unsettled deliveries bound the work; bad events waiting for their write and the records tracked behind an
+        unfinished one bound the memory, should Postgres stall while records without subscribers keep flowing.
+        """
+        busy = self._dispatcher.pending + len(self._bad_writes)
+        tracked = sum(o.tracked for o in self._partitions.values())
+        return min(self._settings.max_pending - busy, self._settings.max_tracked - tracked)
 
     def _set_paused(self, paused: bool) -> None:
         if paused == self._paused:
@@ -167,13 +180,16 @@ class Consumer:
         if not positions:
             return
         try:
-            await self._kafka.commit(positions)
-        except (CommitFailedError, KafkaError) as exc:
+            # Bounded: aiokafka waits for a coordinator as long as the broker is away, and the loop must go on.
+            await asyncio.wait_for(self._kafka.commit(positions), _COMMIT_TIMEOUT)
+        except (CommitFailedError, KafkaError, TimeoutError) as exc:
             # The group moved on (a rebalance is under way); the next owner starts from the last good commit.
             log.warning("commit_failed", error=str(exc))
             return
         for tp, position in positions.items():
-            self._partitions[tp].committed = position
+            still_ours = self._partitions.get(tp)  # a rebalance may have taken the partition while we waited
+            if still_ours is not None:
+                still_ours.committed = position
 
     def _update_lag(self) -> None:
         for tp, offsets in self._partitions.items():

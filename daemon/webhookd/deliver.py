@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -90,12 +91,12 @@ class Sender:
         }
 
     async def attempt(self, delivery: Delivery) -> AttemptResult:
-        url = URL(delivery.webhook.target_url)
-        literal = literal_address(url.host or "")
-        if literal is not None and not self._policy.allows(literal):
-            return AttemptResult("blocked", error=f"{literal} is a forbidden destination")
         started = time.monotonic()
         try:
+            url = URL(delivery.webhook.target_url)
+            literal = literal_address(url.host or "")
+            if literal is not None and not self._policy.allows(literal):
+                return AttemptResult("blocked", error=f"{literal} is a forbidden destination")
             headers = self.headers(delivery, int(time.time() * 1000))
             async with self._session.post(
                 url, data=delivery.body, headers=headers, allow_redirects=False, timeout=self._timeout
@@ -137,7 +138,7 @@ class Sender:
         if not value:
             return None
         value = value.strip()
-        if value.isdigit():
+        if _DELTA_SECONDS.fullmatch(value):
             seconds = float(value)
         else:
             try:
@@ -148,13 +149,17 @@ class Sender:
         return max(0.0, min(seconds, self._max_retry_after))
 
 
+_DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
+
+
 def _connection_error(exc: BaseException, started: float) -> AttemptResult:
     message = str(exc) or type(exc).__name__
     return AttemptResult("connection_error", error=message[:300], duration=time.monotonic() - started)
 
 
 def _excerpt_text(excerpt: bytes, location: str | None) -> str | None:
-    text = excerpt[:300].decode("utf-8", "replace").strip()
+    # Receivers' bodies are arbitrary bytes; keep what a log line and a text column can carry.
+    text = "".join(c if c.isprintable() else "\ufffd" for c in excerpt[:300].decode("utf-8", "replace")).strip()
     if location:
         # Redirects are never followed; say where it pointed so an operator can fix the URL.
         text = f"redirect to {location[:200]}" + (f"; {text}" if text else "")

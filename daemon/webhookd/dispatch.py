@@ -13,13 +13,12 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import structlog
 
 from webhookd.deliver import AttemptResult, Delivery, Sender
 from webhookd.metrics import Metrics
-from webhookd.record import Recorder, after
+from webhookd.record import Recorder
 
 log = structlog.get_logger("webhookd.dispatch")
 
@@ -99,6 +98,10 @@ class Dispatcher:
     def retries_in_flight(self) -> int:
         return len(self._retries)
 
+    def retry_rows(self) -> list[int]:
+        """Rows of the retried deliveries under way, which a new claim must not take again."""
+        return [d.row_id for d in self._retries.values() if d.row_id is not None]
+
     def submit(self, deliveries: list[Delivery], on_done: Callable[[], None]) -> None:
         """Start the first attempt of each of a record's deliveries; `on_done` runs once all are settled."""
         job = RecordJob(len(deliveries), on_done)
@@ -128,7 +131,7 @@ class Dispatcher:
             self._on_fatal(exc)
 
     async def _send(self, delivery: Delivery) -> AttemptResult:
-        key = _host_key(delivery.webhook.target_url)
+        key = delivery.webhook.host_key
         slot = self._hosts.get(key)
         if slot is None:
             slot = self._hosts[key] = _HostSlot(self._per_host_limit)
@@ -146,7 +149,7 @@ class Dispatcher:
             if slot.users == 0:
                 del self._hosts[key]
         self._metrics.delivery_attempts.labels(result.result).inc()
-        if result.status is not None:
+        if result.result != "blocked":
             self._metrics.delivery_duration.observe(result.duration)
         return result
 
@@ -163,7 +166,7 @@ class Dispatcher:
         await self._recorder.schedule(
             delivery,
             status="pending" if delay is not None else "dead",
-            next_attempt_at=after(delay or 0.0),
+            retry_in=delay or 0.0,
             last_status=result.status,
             error=result.describe(),
         )
@@ -185,7 +188,7 @@ class Dispatcher:
             delivery.row_id,
             status=status,
             attempts=delivery.attempts,
-            next_attempt_at=after(delay or 0.0),
+            retry_in=delay or 0.0,
             last_status=result.status,
             error=None if result.ok else result.describe(),
         )
@@ -238,7 +241,7 @@ class Dispatcher:
             # Not counted as an attempt: the receiver may never have seen it, and it deserves its full schedule.
             delivery.attempts = 0
             await self._recorder.schedule(
-                delivery, status="pending", next_attempt_at=after(0.0), last_status=None, error="interrupted"
+                delivery, status="pending", retry_in=0.0, last_status=None, error="interrupted"
             )
             job.one_done()
 
@@ -252,8 +255,3 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*claimed, return_exceptions=True)
         return [d.row_id for d in claimed.values() if d.row_id is not None]
-
-
-def _host_key(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"

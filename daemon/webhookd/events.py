@@ -16,6 +16,11 @@ import orjson
 from webhookd.payload import build_body, js_iso_timestamp
 
 _EVENT_NAME = re.compile(r"[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
+_MAX_ID = 256
+# Printable ASCII; inner spaces are fine, but a header value loses leading and trailing ones on the way.
+_EVENT_ID = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+# Kafka allows any int64 timestamp; latency and the retry table need one a calendar can hold (up to year 9999).
+_LATEST_USABLE_MS = 253_402_300_799_999
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +90,9 @@ def decode(
         name=doc["event"],
         workspace_id=str(uuid.UUID(doc["workspaceId"])),
         body=body,
-        kafka_timestamp_ms=timestamp_ms if timestamp_ms is not None and timestamp_ms >= 0 else None,
+        kafka_timestamp_ms=timestamp_ms
+        if timestamp_ms is not None and 0 <= timestamp_ms <= _LATEST_USABLE_MS
+        else None,
     )
 
 
@@ -125,8 +132,13 @@ def _check_fields(doc: dict[str, Any]) -> BadEvent | None:
         value = doc.get(field)
         if value is not None and not isinstance(value, str):
             return _wrong_type(field, "a string", value)
-    if doc.get("id") == "":
-        return BadEvent("invalid_field", "`id` is empty")
+    event_id = doc.get("id")
+    if event_id is not None and (len(event_id) > _MAX_ID or not _EVENT_ID.fullmatch(event_id)):
+        # It travels in the X-Twenty-Webhook-Event-Id header, where only visible ASCII is safe everywhere.
+        return BadEvent(
+            "invalid_field",
+            f"`id` must be 1-{_MAX_ID} printable ASCII characters without a space at either end, got {event_id[:80]!r}",
+        )
     return None
 
 

@@ -38,6 +38,11 @@ class PartitionOffsets:
             self._done.add(offset)
 
     @property
+    def tracked(self) -> int:
+        """Offsets held between the commit point and the newest one read (finished or not)."""
+        return len(self._pending)
+
+    @property
     def in_flight(self) -> int:
         return len(self._pending) - len(self._done)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -21,6 +21,14 @@ from webhookd.deliver import Delivery
 
 log = structlog.get_logger("webhookd.record")
 
+# Errors that pass when Postgres comes back: connection loss, a restart (admin shutdown, "starting up"), timeouts.
+_TRANSIENT = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 _BATCH_LIMIT = 1000
 _RAW_LIMIT = 64 * 1024  # bytes of a bad record kept for inspection; the real size is stored beside it
 
@@ -28,15 +36,16 @@ _INSERT_DELIVERY = """
 INSERT INTO webhookd.deliveries
     (event_id, webhook_id, workspace_id, event_name, body, event_time, source,
      status, attempts, next_attempt_at, last_status, last_error)
-VALUES ($1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-ON CONFLICT (event_id, webhook_id) DO NOTHING
+VALUES ($1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10), $11, $12)
+ON CONFLICT (event_id, webhook_id, source) DO NOTHING
 """
 _UPDATE_DELIVERY = """
 UPDATE webhookd.deliveries
-SET status = $2, attempts = $3, next_attempt_at = $4, last_status = $5, last_error = $6,
-    locked_until = NULL, updated_at = now(),
+SET status = $2, attempts = $3, next_attempt_at = now() + make_interval(secs => $4), last_status = $5,
+    last_error = $6, locked_until = NULL, updated_at = now(),
     delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE delivered_at END
-WHERE id = $1
+-- A claim whose lease ran out may have been taken and settled by another replica; never undo its result.
+WHERE id = $1 AND status = 'pending'
 """
 _INSERT_BAD_EVENT = """
 INSERT INTO webhookd.bad_events (topic, "partition", "offset", reason, raw, raw_size)
@@ -76,7 +85,7 @@ class Recorder:
         return self._task
 
     async def schedule(
-        self, delivery: Delivery, *, status: str, next_attempt_at: datetime, last_status: int | None, error: str | None
+        self, delivery: Delivery, *, status: str, retry_in: float, last_status: int | None, error: str | None
     ) -> None:
         """Write a delivery that failed its first attempt (pending retry or dead) as its durable row."""
         event_time = (
@@ -95,27 +104,26 @@ class Recorder:
             delivery.source,
             status,
             delivery.attempts,
-            next_attempt_at,
+            retry_in,
             last_status,
-            error,
+            _clean(error),
         )
 
     async def update(
-        self,
-        row_id: int,
-        *,
-        status: str,
-        attempts: int,
-        next_attempt_at: datetime,
-        last_status: int | None,
-        error: str | None,
+        self, row_id: int, *, status: str, attempts: int, retry_in: float, last_status: int | None, error: str | None
     ) -> None:
         """Record the outcome of an attempt on a delivery that already has its durable row."""
-        await self._write(_UPDATE_DELIVERY, row_id, status, attempts, next_attempt_at, last_status, error)
+        await self._write(_UPDATE_DELIVERY, row_id, status, attempts, retry_in, last_status, _clean(error))
 
     async def bad_event(self, bad: BadRecord) -> None:
         await self._write(
-            _INSERT_BAD_EVENT, bad.topic, bad.partition, bad.offset, bad.reason, bad.raw[:_RAW_LIMIT], len(bad.raw)
+            _INSERT_BAD_EVENT,
+            bad.topic,
+            bad.partition,
+            bad.offset,
+            _clean(bad.reason),
+            bad.raw[:_RAW_LIMIT],
+            len(bad.raw),
         )
 
     async def _write(self, sql: str, *args: Any) -> None:
@@ -125,13 +133,26 @@ class Recorder:
         await asyncio.shield(done)
 
     async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < _BATCH_LIMIT and not self._queue.empty():
+        batch: list[_Write] = []
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                while len(batch) < _BATCH_LIMIT and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                await self._commit(batch)
+                for _ in batch:
+                    self._queue.task_done()
+                batch = []
+        except BaseException as exc:
+            # Whoever waits on a write must learn that it will never happen, rather than wait forever.
+            failure = exc if isinstance(exc, Exception) else RuntimeError("the recorder stopped")
+            while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._commit(batch)
-            for _ in batch:
-                self._queue.task_done()
+            for write in batch:
+                if not write.done.done():
+                    write.done.set_exception(failure)
+                    write.done.exception()  # marks it retrieved: the caller may be gone (cancelled) by now
+            raise
 
     async def _commit(self, batch: list[_Write]) -> None:
         by_sql: dict[str, list[tuple[Any, ...]]] = {}
@@ -144,7 +165,7 @@ class Recorder:
                     for sql, rows in by_sql.items():
                         await conn.executemany(sql, rows)
                 break
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except _TRANSIENT as exc:
                 log.warning("record_write_retrying", error=str(exc), writes=len(batch), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -162,5 +183,6 @@ class Recorder:
                 await self._task
 
 
-def after(seconds: float) -> datetime:
-    return datetime.now(UTC) + timedelta(seconds=seconds)
+def _clean(text: str | None) -> str | None:
+    # Postgres text cannot hold NUL, and receivers' error bodies are arbitrary bytes.
+    return text.replace("\x00", "\ufffd") if text is not None else None

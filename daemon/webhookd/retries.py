@@ -15,7 +15,7 @@ import structlog
 from webhookd.deliver import Delivery
 from webhookd.dispatch import Dispatcher
 from webhookd.metrics import Metrics
-from webhookd.record import Recorder, after
+from webhookd.record import Recorder
 from webhookd.subscriptions import SubscriptionIndex
 
 log = structlog.get_logger("webhookd.retries")
@@ -26,6 +26,7 @@ SET locked_until = now() + make_interval(secs => $2), updated_at = now()
 WHERE d.id IN (
     SELECT id FROM webhookd.deliveries
     WHERE status = 'pending' AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
+      AND NOT (id = ANY($3::bigint[]))  -- our own claims still under way, whose lease may have run out
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -84,7 +85,7 @@ class RetryPoller:
                 await asyncio.sleep(self._settings.poll_interval)
 
     async def claim(self, limit: int) -> int:
-        rows = await self._pool.fetch(_CLAIM, limit, self._settings.lease_seconds)
+        rows = await self._pool.fetch(_CLAIM, limit, self._settings.lease_seconds, self._dispatcher.retry_rows())
         for row in rows:
             webhook = self._index.get(row["webhook_id"])
             if webhook is None or webhook.workspace_id != row["workspace_id"]:
@@ -101,7 +102,7 @@ class RetryPoller:
                     row["id"],
                     status="dead",
                     attempts=row["attempts"],
-                    next_attempt_at=after(0.0),
+                    retry_in=0.0,
                     last_status=None,
                     error="webhook no longer exists",
                 )

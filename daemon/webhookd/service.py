@@ -35,6 +35,11 @@ log = structlog.get_logger("webhookd.service")
 
 # Liveness fails only if the consume loop has not polled for this long: far beyond any healthy pause.
 _STALL_SECONDS = 60.0
+# Records read past an unfinished one; a few bytes each, so this caps memory, not throughput.
+_MAX_TRACKED_RECORDS = 100_000
+# Bounds on the shutdown steps that wait for Postgres or Kafka, which may be the very thing that is down.
+_HANDOFF_SECONDS = 10.0
+_FINAL_COMMIT_SECONDS = 10.0
 
 
 class StartupError(Exception):
@@ -111,7 +116,7 @@ class Service:
             raise StartupError("the webhookd schema is missing: run `webhookd migrate --config FILE` first")
         self._res = await self._build(pool)
         res = self._res
-        res.recorder.start()
+        res.tasks["recorder"] = res.recorder.start()
         res.tasks["subscriptions"] = asyncio.create_task(res.store.run(), name="subscriptions")
         await self._wait_or_fail(res.store.loaded.wait(), res.tasks["subscriptions"], "loading subscriptions")
         try:
@@ -174,6 +179,8 @@ class Service:
             enable_auto_commit=False,
             auto_offset_reset=s.kafka.auto_offset_reset,
             session_timeout_ms=s.kafka.session_timeout_ms,
+            # A revocation waits up to the drain timeout for deliveries; the group must wait at least as long.
+            rebalance_timeout_ms=int((s.delivery.drain_timeout_seconds + 10) * 1000),
             heartbeat_interval_ms=max(s.kafka.session_timeout_ms // 3, 100),
             max_poll_records=s.kafka.max_poll_records,
         )
@@ -186,6 +193,7 @@ class Service:
             self.metrics,
             ConsumeSettings(
                 max_pending=s.delivery.effective_max_pending_deliveries,
+                max_tracked=_MAX_TRACKED_RECORDS,
                 max_poll_records=s.kafka.max_poll_records,
                 max_event_bytes=s.delivery.max_event_bytes,
                 commit_interval=s.kafka.commit_interval_ms / 1000,
@@ -238,21 +246,31 @@ class Service:
             return
         s = self.settings
         log.debug("shutdown_draining", pending=res.dispatcher.pending)
-        drained = await res.dispatcher.drain(s.delivery.drain_timeout_seconds)
-        if not drained:
-            moved = await asyncio.shield(res.dispatcher.hand_off())
-            log.info("handed_off_to_retry", deliveries=moved)
-        await res.consumer.wait_bad_writes()
+        if not await res.dispatcher.drain(s.delivery.drain_timeout_seconds):
+            try:
+                moved = await asyncio.wait_for(asyncio.shield(res.dispatcher.hand_off()), _HANDOFF_SECONDS)
+                log.info("handed_off_to_retry", deliveries=moved)
+            except Exception as exc:
+                # Postgres is away (or the recorder died): those offsets stay uncommitted and are read again later.
+                log.warning("hand_off_incomplete", error=str(exc) or type(exc).__name__)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(res.consumer.wait_bad_writes(), _HANDOFF_SECONDS)
+        # Retries stop before the recorder so that their last outcomes are written, and their claims released.
+        poller = res.tasks.pop("retries", None)
+        if poller is not None:
+            poller.cancel()
+        claimed = await res.dispatcher.cancel_retries()
+        with contextlib.suppress(Exception):  # expired leases free these rows anyway
+            await asyncio.wait_for(res.poller.release(claimed), 5)
         await res.recorder.close(timeout=5)
         with contextlib.suppress(Exception):  # a broker that is down cannot take the commit; replay covers it
-            await res.consumer.commit()
+            await asyncio.wait_for(res.consumer.commit(), _FINAL_COMMIT_SECONDS)
         for task in res.tasks.values():
             task.cancel()
-        await asyncio.gather(*res.tasks.values(), return_exceptions=True)
-        with contextlib.suppress(Exception):  # expired leases free these rows anyway
-            await res.poller.release(await res.dispatcher.cancel_retries())
+        await asyncio.gather(*res.tasks.values(), *([poller] if poller else []), return_exceptions=True)
         log.debug("shutdown_leaving_group")
-        await res.consumer.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(res.consumer.stop(), _FINAL_COMMIT_SECONDS)
         log.debug("shutdown_closing")
         if res.web is not None:
             await res.web.cleanup()
@@ -282,7 +300,8 @@ class Service:
         if res is None or not res.consumer.consuming or self.stopping.is_set():
             return False
         try:
-            await res.pool.fetchval("SELECT 1", timeout=2)
+            async with asyncio.timeout(2):  # covers waiting for a pool connection, not only the query
+                await res.pool.fetchval("SELECT 1")
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
             return False
         return True

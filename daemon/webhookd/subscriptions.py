@@ -35,6 +35,7 @@ class Webhook:
     target_url: str
     operations: tuple[str, ...]
     secret: bytes = field(repr=False)
+    host_key: str = ""  # host:port, the unit of per-host concurrency
 
 
 class SubscriptionIndex:
@@ -96,13 +97,20 @@ class SubscriptionIndex:
 def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
     """A row as a Webhook, or None (with a warning naming the row) when it can never be delivered to."""
     url: str = row["targetUrl"]
+    host_key = ""
     try:
         parts = urlsplit(url)
-        valid_url = parts.scheme in ("http", "https") and bool(parts.hostname)
+        if parts.scheme in ("http", "https") and parts.hostname:
+            # .port raises for a port out of range: a row like that must be refused here, not crash a delivery.
+            host_key = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
     except ValueError:
-        valid_url = False
-    if not valid_url:
-        log.warning("webhook_skipped", webhook_id=row["id"], reason="targetUrl is not an http(s) URL with a host")
+        pass
+    if not host_key:
+        log.warning(
+            "webhook_skipped",
+            webhook_id=row["id"],
+            reason="targetUrl is not an http(s) URL with a host and a valid port",
+        )
         return None
     operations = tuple(op for op in (row["operations"] or ()) if _valid_operation(op))
     if len(operations) != len(row["operations"] or ()):
@@ -113,6 +121,7 @@ def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
         target_url=url,
         operations=operations,
         secret=row["secret"].encode(),
+        host_key=host_key,
     )
 
 

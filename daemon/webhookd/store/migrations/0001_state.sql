@@ -22,8 +22,9 @@ CREATE TABLE IF NOT EXISTS webhookd.deliveries (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     delivered_at     timestamptz,
-    -- A record consumed twice (after a crash) must not schedule its deliveries twice.
-    UNIQUE (event_id, webhook_id)
+    -- A record consumed twice (after a crash) must not schedule its deliveries twice; the source is part of the
+    -- key because default ids (topic:partition:offset) repeat when a topic is recreated.
+    UNIQUE (event_id, webhook_id, source)
 );
 
 CREATE INDEX IF NOT EXISTS deliveries_due
