@@ -9,6 +9,7 @@ durable retry path and an unexpected error in any of them reaches the service in
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -88,6 +89,8 @@ class Dispatcher:
         self._retries: dict[asyncio.Task[None], Delivery] = {}
         self._interrupted: list[tuple[Delivery, RecordJob]] = []
         self._on_fatal = on_fatal
+        # Checked once: a debug line per success is affordable only when someone asked for it.
+        self._log_successes = logging.getLogger("webhookd.dispatch").isEnabledFor(logging.DEBUG)
 
     @property
     def pending(self) -> int:
@@ -157,7 +160,7 @@ class Dispatcher:
         result = await self._send(delivery)
         delivery.attempts = 1
         if result.ok:
-            self._delivered(delivery)
+            self._delivered(delivery, result)
             return
         delay = self._policy.delay_after(delivery.attempts, result)
         self._log_failure(delivery, result, delay)
@@ -176,7 +179,7 @@ class Dispatcher:
         result = await self._send(delivery)
         delivery.attempts += 1
         if result.ok:
-            self._delivered(delivery)
+            self._delivered(delivery, result)
             status, delay = "delivered", None
         else:
             delay = self._policy.delay_after(delivery.attempts, result)
@@ -193,18 +196,21 @@ class Dispatcher:
             error=None if result.ok else result.describe(),
         )
 
-    def _delivered(self, delivery: Delivery) -> None:
+    def _delivered(self, delivery: Delivery, result: AttemptResult) -> None:
         self._metrics.deliveries.labels("delivered").inc()
         if delivery.kafka_timestamp_ms is not None:
             latency = time.time() - delivery.kafka_timestamp_ms / 1000
             self._metrics.event_delivery_latency.observe(max(latency, 0.0))
-        if delivery.attempts > 1:
-            log.info(
-                "delivered_after_retry",
+        if self._log_successes or delivery.attempts > 1:
+            log.log(
+                logging.INFO if delivery.attempts > 1 else logging.DEBUG,
+                "delivered",
                 event_id=delivery.event_id,
                 webhook_id=delivery.webhook.id,
                 workspace_id=delivery.workspace_id,
                 attempt=delivery.attempts,
+                status=result.status,
+                duration=round(result.duration, 4),
             )
 
     def _log_failure(self, delivery: Delivery, result: AttemptResult, delay: float | None) -> None:

@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 ATTEMPT_RESULTS = ("2xx", "3xx", "4xx", "5xx", "timeout", "connection_error", "blocked")
 OUTCOMES = ("delivered", "dead_lettered")
 
-# Receivers answer in milliseconds to seconds; the top buckets reach the longest delivery timeout we expect.
-_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Receivers answer in milliseconds to seconds; buckets above the delivery timeout would always be empty.
+_DURATION_STEPS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # End-to-end latency includes retries, so it spans from milliseconds to the retry schedule's hours.
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 7200.0, 36000.0)
 
@@ -23,6 +23,7 @@ class Metrics:
     """The daemon's metrics, registered on their own registry so that several daemons can share a process."""
 
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+    timeout_seconds: float = 10.0  # the delivery timeout: the top of the attempt-duration buckets
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -39,7 +40,7 @@ class Metrics:
         self.delivery_duration = Histogram(
             "webhookd_delivery_duration_seconds",
             "Time of one HTTP attempt, from sending to the response headers.",
-            buckets=_DURATION_BUCKETS,
+            buckets=duration_buckets(self.timeout_seconds),
             registry=r,
         )
         self.event_delivery_latency = Histogram(
@@ -64,3 +65,8 @@ class Metrics:
             self.delivery_attempts.labels(result)
         for outcome in OUTCOMES:
             self.deliveries.labels(outcome)
+
+
+def duration_buckets(timeout: float) -> tuple[float, ...]:
+    """Bucket bounds for one attempt: the usual steps below the timeout, then the timeout itself."""
+    return (*(step for step in _DURATION_STEPS if step < timeout), timeout)

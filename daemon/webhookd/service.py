@@ -64,7 +64,7 @@ class Service:
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics if metrics is not None else Metrics(timeout_seconds=settings.delivery.timeout_seconds)
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
         self._fatal: BaseException | None = None
