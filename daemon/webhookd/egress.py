@@ -71,10 +71,19 @@ def _is_internal(address: IPAddress) -> bool:
 
 
 def literal_address(host: str) -> IPAddress | None:
-    """The address a URL host names literally, or None for a name (bracketed IPv6 as yarl gives it is handled)."""
+    """The address a URL host names literally, in any spelling a resolver would accept, or None for a name.
+
+    Besides the canonical forms this reads what `inet_aton` reads (2130706433, 0x7f.1, 0177.0.0.1, 127.1) and a
+    trailing dot, since the system resolver turns each of those into an address without any DNS lookup.
+    """
+    text = host.strip("[]").rstrip(".")
     try:
-        return ipaddress.ip_address(host.strip("[]"))
+        return ipaddress.ip_address(text)
     except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    except (OSError, ValueError):
         return None
 
 
