@@ -147,7 +147,7 @@ async def running(settings: Settings) -> AsyncIterator[Service]:
     task = asyncio.create_task(service.serve(install_signal_handlers=False))
     try:
         deadline = time.monotonic() + 30
-        while not (service._res is not None and service._res.consumer.consuming):
+        while not (service.started.is_set() and service._res is not None and service._res.consumer.consuming):
             # Readiness is what the test waits for; the service exposes it through the same state /readyz reads.
             if task.done():
                 raise AssertionError(f"the daemon stopped during startup with status {task.result()}")

