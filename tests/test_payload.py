@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webhookd.payload import build_body, js_iso_timestamp, sign
+from webhookd.payload import build_body, js_iso_timestamp
+from webhookd.signing import sign
 
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not on PATH; JavaScript is the reference here")

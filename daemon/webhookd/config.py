@@ -190,6 +190,7 @@ _Name = Annotated[str, BeforeValidator(_text)]
 _Flag = Annotated[bool, BeforeValidator(_boolean)]
 _RESETS = ("earliest", "latest")
 _LEVELS = ("debug", "info", "warning", "error")
+_SCHEMES = ("twenty", "standard-webhooks", "both")
 _Server = Annotated[str, BeforeValidator(_host_port(allow_port_zero=False))]
 _Topic = Annotated[str, BeforeValidator(_topic)]
 _Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_cidr)]
@@ -265,6 +266,10 @@ class DeliverySettings(_Section):
     response_body_limit_bytes: _Size = 4096
     retry_poll_interval_seconds: _Timeout = 1.0
     drain_timeout_seconds: _Delay = 20.0
+    signature_scheme: Annotated[Literal["twenty", "standard-webhooks", "both"], BeforeValidator(_choice(*_SCHEMES))] = (
+        "twenty"
+    )
+    secret_rotation_overlap_seconds: _Delay = 86400.0
 
     @property
     def effective_max_pending_deliveries(self) -> int:
@@ -277,6 +282,7 @@ class EgressSettings(_Section):
 
     allow_private: _Flag = False
     allowed_cidrs: tuple[_Network, ...] = ()
+    https_only: _Flag = False
 
 
 class HttpSettings(_Section):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from yarl import URL
 
 from webhookd import __version__
 from webhookd.egress import BlockedDestination, EgressPolicy, literal_address
-from webhookd.payload import sign
+from webhookd.signing import Signer
 from webhookd.subscriptions import Webhook
 
 
@@ -72,32 +71,36 @@ class Sender:
         timeout_seconds: float,
         body_limit: int,
         max_retry_after: float,
+        signer: Signer,
+        https_only: bool = False,
     ) -> None:
         self._session = session
+        self._signer = signer
+        self._https_only = https_only
         self._policy = policy
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._body_limit = body_limit
         self._max_retry_after = max_retry_after
         self._user_agent = f"webhookd/{__version__}"
 
-    def headers(self, delivery: Delivery, now_ms: int) -> dict[str, str]:
-        return {
-            "Content-Type": "application/json",
-            "User-Agent": self._user_agent,
-            "X-Twenty-Webhook-Timestamp": str(now_ms),
-            "X-Twenty-Webhook-Signature": sign(delivery.webhook.secret, now_ms, delivery.body),
-            "X-Twenty-Webhook-Nonce": os.urandom(16).hex(),
-            "X-Twenty-Webhook-Event-Id": delivery.event_id,
-        }
+    def headers(self, delivery: Delivery, now: float) -> dict[str, str]:
+        webhook = delivery.webhook
+        headers = {"Content-Type": "application/json", "User-Agent": self._user_agent}
+        headers.update(
+            self._signer.headers(delivery.event_id, delivery.body, webhook.secret, webhook.previous_secret_at(now), now)
+        )
+        return headers
 
     async def attempt(self, delivery: Delivery) -> AttemptResult:
         started = time.monotonic()
         try:
             url = URL(delivery.webhook.target_url)
+            if self._https_only and url.scheme != "https":
+                return AttemptResult("blocked", error="egress.https_only forbids plain http targets")
             literal = literal_address(url.host or "")
             if literal is not None and not self._policy.allows(literal):
                 return AttemptResult("blocked", error=f"{literal} is a forbidden destination")
-            headers = self.headers(delivery, int(time.time() * 1000))
+            headers = self.headers(delivery, time.time())
             async with self._session.post(
                 url, data=delivery.body, headers=headers, allow_redirects=False, timeout=self._timeout
             ) as response:

@@ -1,4 +1,4 @@
-"""The webhook request body and its signature, byte-compatible with JavaScript.
+"""The webhook request body, byte-compatible with JavaScript (its signatures are in `signing`).
 
 Receivers verify a delivery with Twenty's documented Node.js check, which signs
 ``JSON.stringify(JSON.parse(body))`` rather than the bytes it received.  A signature only
@@ -23,14 +23,12 @@ comes out of ``orjson.loads``.
 from __future__ import annotations
 
 import datetime
-import hashlib
-import hmac
 from collections.abc import Iterator
 from typing import Any, Final
 
 import orjson
 
-__all__ = ["build_body", "js_iso_timestamp", "sign"]
+__all__ = ["build_body", "js_iso_timestamp"]
 
 _MAX_SAFE_INTEGER: Final = 2**53 - 1
 _MAX_ARRAY_INDEX: Final = 2**32 - 2
@@ -67,14 +65,6 @@ def build_body(event: str, data: dict[str, Any], timestamp: str) -> bytes:
     if _needs_rewrite(data):
         data = _javascript_compatible(data)
     return orjson.dumps({"event": event, "data": data, "timestamp": timestamp})
-
-
-def sign(secret: bytes, timestamp_ms: int, body: bytes) -> str:
-    """Return the lowercase hex HMAC-SHA256 of ``b"<timestamp_ms>:" + body`` keyed by ``secret``."""
-    mac = hmac.new(secret, b"%d:" % timestamp_ms, hashlib.sha256)
-    # Feeding the body separately avoids copying a potentially large body just to prefix it.
-    mac.update(body)
-    return mac.hexdigest()
 
 
 _EPOCH: Final = datetime.date(1970, 1, 1)

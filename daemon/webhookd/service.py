@@ -28,6 +28,7 @@ from webhookd.egress import EgressPolicy, GuardedResolver
 from webhookd.metrics import Metrics
 from webhookd.record import Recorder
 from webhookd.retries import RetryPoller, RetrySettings
+from webhookd.signing import Signer
 from webhookd.subscriptions import SubscriptionStore
 from webhookd.web import Probes, build_app, start_server
 
@@ -153,6 +154,8 @@ class Service:
             timeout_seconds=s.delivery.timeout_seconds,
             body_limit=s.delivery.response_body_limit_bytes,
             max_retry_after=s.delivery.max_retry_after_seconds,
+            signer=Signer(s.delivery.signature_scheme),
+            https_only=s.egress.https_only,
         )
         recorder = Recorder(pool)
         store = SubscriptionStore(
@@ -160,6 +163,7 @@ class Service:
             pool,
             s.postgres.subscriptions_table_sql,
             s.postgres.subscriptions_refresh_seconds,
+            rotation_overlap=s.delivery.secret_rotation_overlap_seconds,
             on_count=self.metrics.subscriptions.set,
         )
         dispatcher = Dispatcher(

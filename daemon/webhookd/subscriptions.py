@@ -36,6 +36,13 @@ class Webhook:
     operations: tuple[str, ...]
     secret: bytes = field(repr=False)
     host_key: str = ""  # host:port, the unit of per-host concurrency
+    # The secret before the last rotation, valid until `previous_until` (epoch seconds) for receivers that have
+    # not switched yet.
+    previous_secret: bytes | None = field(default=None, repr=False)
+    previous_until: float = 0.0
+
+    def previous_secret_at(self, now: float) -> bytes | None:
+        return self.previous_secret if now < self.previous_until else None
 
 
 class SubscriptionIndex:
@@ -122,6 +129,8 @@ def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
         operations=operations,
         secret=row["secret"].encode(),
         host_key=host_key,
+        previous_secret=row["previous_secret"].encode() if row.get("previous_secret") is not None else None,
+        previous_until=row.get("previous_until") or 0.0,
     )
 
 
@@ -141,15 +150,21 @@ class SubscriptionStore:
         pool: asyncpg.Pool,
         table: str,
         refresh_seconds: float,
+        rotation_overlap: float = 0.0,
         on_count: Callable[[int], object] = lambda _: None,
     ) -> None:
         self.index = SubscriptionIndex()
         self._dsn = dsn
         self._pool = pool
         self._select = (
-            f'SELECT id::text AS id, "workspaceId"::text AS "workspaceId", "targetUrl", operations, secret '
-            f'FROM {table} WHERE "deletedAt" IS NULL'
+            'SELECT w.id::text AS id, w."workspaceId"::text AS "workspaceId", w."targetUrl", w.operations, '
+            "w.secret, p.secret AS previous_secret, "
+            "extract(epoch FROM p.replaced_at)::float8 + $1 AS previous_until "
+            f"FROM {table} w LEFT JOIN webhookd.previous_secrets p "
+            "ON p.webhook_id = w.id AND p.replaced_at > now() - make_interval(secs => $1) "
+            'WHERE w."deletedAt" IS NULL'
         )
+        self._overlap = rotation_overlap
         self._refresh_seconds = refresh_seconds
         self._on_count = on_count
         self._changed: set[str] = set()
@@ -158,14 +173,14 @@ class SubscriptionStore:
         self.listening = False
 
     async def reload(self) -> None:
-        rows = await self._pool.fetch(self._select)
+        rows = await self._pool.fetch(self._select, self._overlap)
         self.index.replace_all(w for w in map(webhook_from_row, rows) if w is not None)
         self.loaded.set()
         self._on_count(len(self.index))
         log.debug("subscriptions_reloaded", count=len(self.index))
 
     async def _apply_changes(self, ids: list[str]) -> None:
-        rows = await self._pool.fetch(self._select + " AND id = ANY($1::uuid[])", ids)
+        rows = await self._pool.fetch(self._select + " AND w.id = ANY($2::uuid[])", self._overlap, ids)
         live = {row["id"]: row for row in rows}
         for webhook_id in ids:
             row = live.get(webhook_id)

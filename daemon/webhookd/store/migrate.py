@@ -37,6 +37,12 @@ def _subscriptions_ddl(table: str) -> str:
     CREATE OR REPLACE FUNCTION webhookd.notify_subscription_change() RETURNS trigger
     LANGUAGE plpgsql AS $$
     BEGIN
+        IF TG_OP = 'UPDATE' AND NEW.secret IS DISTINCT FROM OLD.secret THEN
+            -- A rotation: the old secret stays valid for the configured overlap.
+            INSERT INTO webhookd.previous_secrets (webhook_id, secret, replaced_at)
+            VALUES (OLD.id, OLD.secret, now())
+            ON CONFLICT (webhook_id) DO UPDATE SET secret = EXCLUDED.secret, replaced_at = EXCLUDED.replaced_at;
+        END IF;
         -- The payload is only the row id: the listener reads the row itself, so the secret never travels here.
         PERFORM pg_notify('{NOTIFY_CHANNEL}', COALESCE(NEW.id, OLD.id)::text);
         RETURN NULL;
