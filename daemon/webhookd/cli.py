@@ -95,9 +95,15 @@ async def _migrate(settings: Settings) -> int:
     import asyncpg
 
     from webhookd.store.migrate import migrate
+    from webhookd.tls import TLSError, postgres_connect
 
     try:
-        conn = await asyncpg.connect(settings.postgres.dsn, timeout=10)
+        postgres = postgres_connect(settings.postgres)  # the daemon's own connect arguments, TLS included
+    except TLSError as exc:
+        print(f"webhookd: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        conn = await asyncpg.connect(postgres.dsn, ssl=postgres.ssl, timeout=10)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         print(f"webhookd: cannot connect to Postgres (postgres.dsn): {exc}", file=sys.stderr)
         return EXIT_FAILURE

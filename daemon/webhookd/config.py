@@ -15,10 +15,20 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_origin
+from typing import Annotated, Any, Literal, Self, TypeVar, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
     "ConfigError",
@@ -182,6 +192,80 @@ def _cidr(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(reason) from None
 
 
+def _upper_choice(*options: str) -> Callable[[object], str]:
+    def check(value: object) -> str:
+        if isinstance(value, str) and value.strip().upper() in options:
+            return value.strip().upper()
+        raise ValueError(f"must be one of {', '.join(options)}")
+
+    return check
+
+
+def _readable_file(value: object) -> str:
+    # Checked here so that check-config catches a wrong mount path before a start does; whether the content is a
+    # usable certificate or key is only known when it is loaded, at startup.
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a file path")
+    path = Path(value.strip())
+    if not path.exists():
+        raise ValueError("no such file")
+    if not path.is_file():
+        raise ValueError("not a regular file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror or exc}") from None
+    return str(path)
+
+
+def _secret(value: object) -> SecretStr | None:
+    # Kept verbatim, surrounding spaces included: a password is whatever the server holds, not a name to tidy.
+    if value is None or value == "":
+        return None
+    if isinstance(value, SecretStr):
+        return value
+    if isinstance(value, str):
+        return SecretStr(value)
+    raise ValueError("must be a string (quote it in YAML)")
+
+
+_COMBINATION = "combination"
+
+
+def _combination_error(title: str, problems: list[tuple[str, str]]) -> ValidationError:
+    # Raised from a model validator, a ValidationError's locations are kept below the section's, so each problem
+    # names its own key (kafka.sasl_username) instead of the whole section; its input is never shown.
+    return ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(type=PydanticCustomError(_COMBINATION, message), loc=(key,), input=None)
+            for key, message in problems
+        ],
+    )
+
+
+def _pair(model: BaseModel, section: str, first: str, second: str) -> list[tuple[str, str]]:
+    """A certificate needs its key and a key its certificate."""
+    has_first, has_second = getattr(model, first) is not None, getattr(model, second) is not None
+    if has_first and not has_second:
+        return [(second, f"required with {section}.{first}")]
+    if has_second and not has_first:
+        return [(first, f"required with {section}.{second}")]
+    return []
+
+
+def _unused(model: BaseModel, keys: Iterable[str], used_when: str, now: str) -> list[tuple[str, str]]:
+    """Keys given a value that the chosen mode would ignore: refused, so that a CA or password is never dropped.
+
+    Defaults pass, so that a dump of the effective configuration (`describe`) still loads.
+    """
+    fields = type(model).model_fields
+    return [
+        (key, f"only used when {used_when} (it is {now})") for key in keys if getattr(model, key) != fields[key].default
+    ]
+
+
 _Count = Annotated[int, BeforeValidator(_integer(1))]
 _Size = Annotated[int, BeforeValidator(_integer(0))]
 _Delay = Annotated[float, BeforeValidator(_duration(positive=False))]
@@ -194,6 +278,11 @@ _SCHEMES = ("twenty", "standard-webhooks", "both")
 _Server = Annotated[str, BeforeValidator(_host_port(allow_port_zero=False))]
 _Topic = Annotated[str, BeforeValidator(_topic)]
 _Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_cidr)]
+_File = Annotated[str | None, BeforeValidator(_optional(_readable_file))]
+_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_VERIFYING_SSL_MODES = ("require", "verify-ca", "verify-full")
 
 
 class _Section(BaseModel):
@@ -215,6 +304,41 @@ class KafkaSettings(_Section):
     session_timeout_ms: _Count = 10000
     commit_interval_ms: _Count = 500
     max_poll_records: _Count = 500
+    # Transport security of the connections to the brokers; webhookd.tls turns these into aiokafka's arguments.
+    security_protocol: Annotated[
+        Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], BeforeValidator(_upper_choice(*_PROTOCOLS))
+    ] = "PLAINTEXT"
+    sasl_mechanism: Annotated[
+        Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"], BeforeValidator(_upper_choice(*_MECHANISMS))
+    ] = "PLAIN"
+    sasl_username: Annotated[str | None, BeforeValidator(_optional(_text))] = None
+    sasl_password: Annotated[SecretStr | None, BeforeValidator(_secret)] = None
+    ssl_ca_file: _File = None
+    ssl_cert_file: _File = None
+    ssl_key_file: _File = None
+    ssl_check_hostname: _Flag = True
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Self:
+        protocol = self.security_protocol
+        problems: list[tuple[str, str]] = []
+        if protocol.startswith("SASL_"):
+            problems += [
+                (key, f"required when kafka.security_protocol is {protocol}")
+                for key in ("sasl_username", "sasl_password")
+                if getattr(self, key) is None
+            ]
+        else:
+            sasl_keys = ("sasl_mechanism", "sasl_username", "sasl_password")
+            problems += _unused(self, sasl_keys, "kafka.security_protocol is SASL_PLAINTEXT or SASL_SSL", protocol)
+        if protocol.endswith("SSL"):
+            problems += _pair(self, "kafka", "ssl_cert_file", "ssl_key_file")
+        else:
+            ssl_keys = ("ssl_ca_file", "ssl_cert_file", "ssl_key_file", "ssl_check_hostname")
+            problems += _unused(self, ssl_keys, "kafka.security_protocol is SSL or SASL_SSL", protocol)
+        if problems:
+            raise _combination_error(type(self).__name__, problems)
+        return self
 
 
 class PostgresSettings(_Section):
@@ -224,6 +348,29 @@ class PostgresSettings(_Section):
     subscriptions_table: str = "core.webhook"
     pool_size: _Count = 10
     subscriptions_refresh_seconds: _Timeout = 30.0
+    # Unset, the DSN's sslmode, sslrootcert, sslcert and sslkey apply as asyncpg reads them; set, these build the
+    # TLS settings of every connection instead (webhookd.tls).
+    ssl_mode: Annotated[
+        Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None,
+        BeforeValidator(_optional(_choice(*_SSL_MODES))),
+    ] = None
+    ssl_ca_file: _File = None
+    ssl_cert_file: _File = None
+    ssl_key_file: _File = None
+
+    @model_validator(mode="after")
+    def _check_ssl(self) -> Self:
+        problems = _pair(self, "postgres", "ssl_cert_file", "ssl_key_file")
+        if self.ssl_mode not in _VERIFYING_SSL_MODES:
+            problems += _unused(
+                self,
+                ("ssl_ca_file", "ssl_cert_file", "ssl_key_file"),
+                "postgres.ssl_mode is require, verify-ca or verify-full",
+                self.ssl_mode or "not set",
+            )
+        if problems:
+            raise _combination_error(type(self).__name__, problems)
+        return self
 
     @field_validator("dsn", mode="before")
     @classmethod
@@ -270,6 +417,8 @@ class DeliverySettings(_Section):
         "twenty"
     )
     secret_rotation_overlap_seconds: _Delay = 86400.0
+    # Receivers are always verified; this bundle is trusted in addition to the system's CAs (webhookd.tls).
+    ca_file: _File = None
 
     @property
     def effective_max_pending_deliveries(self) -> int:
@@ -320,6 +469,8 @@ class Settings(_Section):
         """The effective configuration as plain data, for printing: passwords are `***`."""
         data = self.model_dump(mode="json")
         data["postgres"]["dsn"] = redact(data["postgres"]["dsn"])
+        if self.kafka.sasl_password is not None:
+            data["kafka"]["sasl_password"] = "***"
         return data
 
 
@@ -428,7 +579,7 @@ def _apply_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> tuple[
 
 
 def _is_text(annotation: object) -> bool:
-    return annotation in (str, str | None) or get_origin(annotation) is Literal
+    return annotation in (str, str | None, SecretStr | None) or get_origin(annotation) is Literal
 
 
 def _suggest(word: str, known: Iterable[str]) -> str:
@@ -445,6 +596,9 @@ _MESSAGES = {
 }
 
 
+_SECRET_KEYS = {("kafka", "sasl_password")}  # their values never reach an error message
+
+
 def _problem(error: Mapping[str, Any], origin: _Origin) -> str:
     loc = error["loc"]
     path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
@@ -452,13 +606,15 @@ def _problem(error: Mapping[str, Any], origin: _Origin) -> str:
         known = _SECTIONS[loc[0]].model_fields if len(loc) == 2 and loc[0] in _SECTIONS else _SECTIONS
         what = "unknown section" if len(loc) == 1 else "unknown key"
         return f"{path}: {what}{_suggest(str(loc[-1]), known)}"
+    if error["type"] == _COMBINATION:
+        return f"{path}: {error['msg']}"
     if error["type"] == "value_error":
         message = str(error["ctx"]["error"])
     else:
         message = _MESSAGES.get(error["type"], error["msg"][:1].lower() + error["msg"][1:])
     if message == "required":
         return f"{path}: required"
-    shown = redact(repr(error["input"]))
+    shown = "***" if tuple(loc[:2]) in _SECRET_KEYS else redact(repr(error["input"]))
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     source = f" from {origin[loc[0], loc[1]]}" if tuple(loc[:2]) in origin else ""
     return f"{path}: {message} (got {shown}{source})"

@@ -30,6 +30,7 @@ from webhookd.record import Recorder
 from webhookd.retries import RetryPoller, RetrySettings
 from webhookd.signing import Signer
 from webhookd.subscriptions import SubscriptionStore
+from webhookd.tls import TLSError, Transport, transport
 from webhookd.web import Probes, build_app, start_server
 
 log = structlog.get_logger("webhookd.service")
@@ -108,14 +109,20 @@ class Service:
     async def startup(self) -> None:
         s = self.settings
         try:
-            pool = await asyncpg.create_pool(s.postgres.dsn, min_size=1, max_size=s.postgres.pool_size, timeout=10)
+            links = transport(s)
+        except TLSError as exc:
+            raise StartupError(str(exc)) from exc
+        try:
+            pool = await asyncpg.create_pool(
+                links.postgres.dsn, ssl=links.postgres.ssl, min_size=1, max_size=s.postgres.pool_size, timeout=10
+            )
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise StartupError(f"cannot connect to Postgres (postgres.dsn): {exc}") from exc
         assert pool is not None
         if not await pool.fetchval("SELECT to_regclass('webhookd.deliveries') IS NOT NULL"):
             await pool.close()
             raise StartupError("the webhookd schema is missing: run `webhookd migrate --config FILE` first")
-        self._res = await self._build(pool)
+        self._res = await self._build(pool, links)
         res = self._res
         res.tasks["recorder"] = res.recorder.start()
         res.tasks["subscriptions"] = asyncio.create_task(res.store.run(), name="subscriptions")
@@ -137,7 +144,7 @@ class Service:
             listen=s.http.listen,
         )
 
-    async def _build(self, pool: asyncpg.Pool) -> _Resources:
+    async def _build(self, pool: asyncpg.Pool, links: Transport) -> _Resources:
         s = self.settings
         policy = EgressPolicy(s.egress.allow_private, tuple(s.egress.allowed_cidrs))
         connector = aiohttp.TCPConnector(
@@ -146,6 +153,7 @@ class Service:
             resolver=GuardedResolver(policy),
             ttl_dns_cache=30,
             enable_cleanup_closed=True,
+            ssl=links.delivery,  # always verifying: system CAs plus delivery.ca_file
         )
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("Accept",))
         sender = Sender(
@@ -159,7 +167,7 @@ class Service:
         )
         recorder = Recorder(pool)
         store = SubscriptionStore(
-            s.postgres.dsn,
+            links.postgres,
             pool,
             s.postgres.subscriptions_table_sql,
             s.postgres.subscriptions_refresh_seconds,
@@ -187,6 +195,7 @@ class Service:
             rebalance_timeout_ms=int((s.delivery.drain_timeout_seconds + 10) * 1000),
             heartbeat_interval_ms=max(s.kafka.session_timeout_ms // 3, 100),
             max_poll_records=s.kafka.max_poll_records,
+            **links.kafka,
         )
         consumer = Consumer(
             kafka,

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import asyncpg
 import structlog
 
+from webhookd.tls import PostgresConnect
+
 NOTIFY_CHANNEL = "webhookd_subscriptions"
 # Past this many changed rows at once, one full reload is cheaper than reading them one by one.
 _BULK_CHANGE_THRESHOLD = 500
@@ -146,7 +148,7 @@ class SubscriptionStore:
 
     def __init__(
         self,
-        dsn: str,
+        postgres: PostgresConnect,
         pool: asyncpg.Pool,
         table: str,
         refresh_seconds: float,
@@ -154,7 +156,7 @@ class SubscriptionStore:
         on_count: Callable[[int], object] = lambda _: None,
     ) -> None:
         self.index = SubscriptionIndex()
-        self._dsn = dsn
+        self._postgres = postgres  # the pool's own connect arguments, TLS included
         self._pool = pool
         self._select = (
             'SELECT w.id::text AS id, w."workspaceId"::text AS "workspaceId", w."targetUrl", w.operations, '
@@ -201,7 +203,7 @@ class SubscriptionStore:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn)
+                conn = await asyncpg.connect(self._postgres.dsn, ssl=self._postgres.ssl)
                 await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
                 self.listening = True
                 await self.reload()
