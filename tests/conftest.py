@@ -9,12 +9,10 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from tests.support import Receiver
-from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic
-from webhookd.store.migrate import migrate
+from tests.support import Receiver, migrated_database
+from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_topic
 
 
 @pytest.fixture(scope="session")
@@ -47,13 +45,7 @@ def postgres_admin() -> Iterator[str]:
 @pytest.fixture
 async def dsn(postgres_admin: str) -> str:
     """A new, migrated database for one test."""
-    url = await create_database(postgres_admin, f"t_{uuid.uuid4().hex[:12]}")
-    conn = await asyncpg.connect(url)
-    try:
-        await migrate(conn, '"core"."webhook"')
-    finally:
-        await conn.close()
-    return url
+    return await migrated_database(postgres_admin)
 
 
 @pytest.fixture

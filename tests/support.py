@@ -21,11 +21,12 @@ import asyncpg
 import orjson
 import yaml
 from aiohttp import web
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from webhookd.config import Settings
-from webhookd.embedded import free_port
+from webhookd.embedded import create_database, free_port
 from webhookd.service import Service
+from webhookd.store.migrate import migrate
 
 Behaviour = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 
@@ -216,6 +217,29 @@ async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         return await conn.fetch(sql, *args)
     finally:
         await conn.close()
+
+
+async def committed_offset(kafka: str, group: str, tp: TopicPartition) -> int | None:
+    """The group's committed position of a partition, as the broker keeps it."""
+    # A consumer of the group that never subscribes only reads the group's commits; it does not join the group.
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        offset: int | None = await consumer.committed(tp)
+        return offset
+    finally:
+        await consumer.stop()
+
+
+async def migrated_database(admin_dsn: str) -> str:
+    """A new database on the server of `admin_dsn`, with webhookd's schema and Twenty's table; returns its DSN."""
+    dsn = await create_database(admin_dsn, f"t_{uuid.uuid4().hex[:12]}")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn, '"core"."webhook"')
+    finally:
+        await conn.close()
+    return dsn
 
 
 def new_workspace() -> str:

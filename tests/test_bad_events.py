@@ -9,9 +9,9 @@ import re
 import uuid
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
-from tests.support import Receiver, add_webhook, fetch, new_workspace, produce, running, settings_for
+from tests.support import Receiver, add_webhook, committed_offset, fetch, new_workspace, produce, running, settings_for
 
 MAX_EVENT_BYTES = 2048
 
@@ -63,17 +63,6 @@ def bad_records(ws: str) -> list[tuple[str, bytes, str]]:
         ("one byte too large", sized(ws, "bad-big-1", MAX_EVENT_BYTES + 1), r"large|bytes|max_event_bytes"),
         ("far too large", sized(ws, "bad-big-2", 200_000), r"large|bytes|max_event_bytes"),
     ]
-
-
-async def committed_offset(kafka: str, group: str, tp: TopicPartition) -> int | None:
-    # A consumer of the group that never subscribes only reads the group's commits; it does not join the group.
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        offset: int | None = await consumer.committed(tp)
-        return offset
-    finally:
-        await consumer.stop()
 
 
 async def test_bad_records_are_kept_never_delivered_and_never_stop_their_partition(

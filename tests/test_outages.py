@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import uuid
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
-from tests.support import Receiver, add_webhook, event, fetch, new_workspace, produce, running, settings_for
-from webhookd.embedded import EmbeddedPostgres, create_database
-from webhookd.store.migrate import migrate
+from tests.support import (
+    Receiver,
+    add_webhook,
+    committed_offset,
+    event,
+    fetch,
+    migrated_database,
+    new_workspace,
+    produce,
+    running,
+    settings_for,
+)
+from webhookd.embedded import EmbeddedPostgres
 
 EVENTS = 20
 
@@ -36,12 +44,7 @@ async def test_a_postgres_restart_mid_stream_loses_no_failed_delivery(
     with tempfile.TemporaryDirectory(prefix="webhookd-outage-") as tmp:
         server = await asyncio.to_thread(EmbeddedPostgres.start, Path(tmp) / "data")
         try:
-            dsn = await create_database(server.dsn, f"o_{uuid.uuid4().hex[:10]}")
-            conn = await asyncpg.connect(dsn)
-            try:
-                await migrate(conn, '"core"."webhook"')
-            finally:
-                await conn.close()
+            dsn = await migrated_database(server.dsn)
             ws = new_workspace()
             await add_webhook(dsn, ws, receiver.url("/ok"), ["*.*"])
             await add_webhook(dsn, ws, receiver.url("/broken"), ["*.*"])
@@ -63,7 +66,7 @@ async def test_a_postgres_restart_mid_stream_loses_no_failed_delivery(
                         break
                     await asyncio.sleep(0.1)
                 assert await _readyz(readyz) == 200
-            committed = await _committed(kafka, f"g-{topic}", TopicPartition(topic, 0))
+            committed = await committed_offset(kafka, f"g-{topic}", TopicPartition(topic, 0))
         finally:
             await asyncio.to_thread(server.stop)
     assert len(rows) == EVENTS
@@ -71,13 +74,3 @@ async def test_a_postgres_restart_mid_stream_loses_no_failed_delivery(
     assert all(r["last_error"].startswith("HTTP 502: bad") for r in rows)
     assert committed == EVENTS
     assert len(receiver.at("/broken")) == EVENTS, "a failure was retried although its retry is an hour away"
-
-
-async def _committed(kafka: str, group: str, tp: TopicPartition) -> int | None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=kafka, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        result: int | None = await consumer.committed(tp)
-        return result
-    finally:
-        await consumer.stop()
