@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webhookd.payload import build_body, js_iso_timestamp
+from webhookd.payload import MAX_DEPTH, TooDeep, build_body, js_iso_timestamp
 from webhookd.signing import sign
 
 NODE = shutil.which("node")
@@ -165,7 +165,7 @@ def test_records_as_orjson_loads_them_from_raw_events_reserialize_identically() 
         b'{"data":{"a":1.0,"b":-0.0,"c":1E300,"d":12345678901234567890,"e":-9223372036854775809}}',
         b'{"data":{"b":1,"2":2,"a":3,"1":4,"b":5,"01":6,"4294967295":7,"4294967294":8}}',
         b'{"data":{"s":"\\u0000\\u001f\\u007f\\u2028\\ud83d\\ude00\\/","n":[1e-7,1e-6,1e21,1e20]}}',
-        b'{"data":{"deep":' + b"[" * 1020 + b'{"1":0.5,"0":1e2}' + b"]" * 1020 + b"}}",
+        b'{"data":{"deep":' + b"[" * 120 + b'{"1":0.5,"0":1e2}' + b"]" * 120 + b"}}",
     ]
     bodies = [build_body("person.updated", orjson.loads(raw)["data"], "t") for raw in raw_records]
     assert_javascript_reserializes_identically(bodies)
@@ -251,20 +251,20 @@ def test_lone_surrogates_are_rejected_rather_than_sent() -> None:
         build_body("e", {"s": "\ud800"}, "t")
 
 
-def test_nesting_orjson_loads_accepts_is_serialized_despite_orjson_dumps_depth_limit() -> None:
-    raw = b'{"data":{"a":' + b"[" * 1022 + b"1.0" + b"]" * 1022 + b"}}"
-    data = orjson.loads(raw)["data"]
-    assert build_body("e", data, "t") == envelope(b'{"a":' + b"[" * 1022 + b"1" + b"]" * 1022 + b"}")
+def test_nesting_up_to_the_limit_is_serialized_and_deeper_is_refused() -> None:
+    deepest = b'{"a":' + b"[" * (MAX_DEPTH - 1) + b"1.0" + b"]" * (MAX_DEPTH - 1) + b"}"
+    assert build_body("e", orjson.loads(deepest), "t") == envelope(deepest.replace(b"1.0", b"1"))
+    too_deep = b'{"a":' + b"[" * MAX_DEPTH + b"1" + b"]" * MAX_DEPTH + b"}"
+    with pytest.raises(TooDeep):
+        build_body("e", orjson.loads(too_deep), "t")
 
 
-def test_nesting_beyond_pythons_recursion_limit_is_walked_without_recursion() -> None:
+def test_nesting_beyond_pythons_recursion_limit_is_refused_without_recursion() -> None:
     data: dict[str, Any] = {"1": 2.0, "0": "bottom"}
     for _ in range(5000):
         data = {"z": data, "3": 1}
-    expected = b'{"0":"bottom","1":2}'
-    for _ in range(5000):
-        expected = b'{"3":1,"z":' + expected + b"}"
-    assert build_body("e", data, "t") == envelope(expected)
+    with pytest.raises(TooDeep):
+        build_body("e", data, "t")
 
 
 def test_input_data_is_left_untouched_when_rewritten() -> None:

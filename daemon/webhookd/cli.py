@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help="base configuration (default: the packaged dev configuration)",
+        help="base configuration (default: the settings of config/dev.yaml, built in)",
     )
     dev.add_argument(
         "--events", type=int, default=0, metavar="N", help="stop after N events (default: run until Ctrl-C)"

@@ -55,11 +55,13 @@ _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _KEY_VALUE = r"\w+\s*=\s*(?:'(?:[^'\\]|\\.)*'|[^\s']+)"
 # Pairs need whitespace between them so that the pattern cannot backtrack exponentially on a long bad value.
 _KEY_VALUE_DSN = re.compile(rf"\s*{_KEY_VALUE}(?:\s+{_KEY_VALUE})*\s*")
-# "user:password@", with or without a scheme before it; the password runs to the last "@" of its token
-# because users paste passwords with an unencoded "@" in them.
-_USERINFO_PASSWORD = re.compile(r"((?:^|[\s'\"]|://)[^\s:/@'\"]*:)(?!//)\S*(@)")
+# "user:password@", with or without a scheme before it; the password runs to the last "@" of its line because
+# users paste passwords with an unencoded "@" or a space in them: hiding too much beats showing a password.
+_USERINFO_PASSWORD = re.compile(r"((?:^|[\s'\"]|://)[^\s:/@'\"]*:)(?!//)[^\n]*(@)")
 # An unterminated quote hides the rest of the text: better too much hidden than a password shown.
-_PARAM_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|[^\s&'\"\\])+)", re.IGNORECASE)
+_PARAM_PASSWORD = re.compile(
+    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|(?:\\.|[^\s&'\"\\])+)", re.IGNORECASE
+)
 
 
 class ConfigError(Exception):

@@ -155,8 +155,12 @@ class Sender:
 _DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
 
 
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
 def _connection_error(exc: BaseException, started: float) -> AttemptResult:
-    message = str(exc) or type(exc).__name__
+    # aiohttp's messages may quote the URL, whose query string can carry a receiver's token.
+    message = _QUERY.sub("?…", str(exc)) or type(exc).__name__
     return AttemptResult("connection_error", error=message[:300], duration=time.monotonic() - started)
 
 

@@ -59,6 +59,16 @@ SAMPLES = (
     SampleWebhook("flaky-deals", WORKSPACE_A, ("opportunity.updated", "company.created")),
     SampleWebhook("other-tenant", WORKSPACE_B, ("*.*",)),
 )
+_DEV_DEFAULTS = {
+    "WEBHOOKD_KAFKA__GROUP_ID": "webhookd-dev",
+    "WEBHOOKD_KAFKA__SESSION_TIMEOUT_MS": "6000",
+    "WEBHOOKD_DELIVERY__CONCURRENCY": "32",
+    "WEBHOOKD_DELIVERY__TIMEOUT_SECONDS": "5",
+    "WEBHOOKD_DELIVERY__RETRY_SCHEDULE": '["1s", "5s", "30s"]',
+    "WEBHOOKD_DELIVERY__DRAIN_TIMEOUT_SECONDS": "5",
+    "WEBHOOKD_EGRESS__ALLOW_PRIVATE": "true",
+    "WEBHOOKD_LOGGING__FORMAT": "console",
+}
 EVENTS = ("person.created", "person.updated", "company.created", "opportunity.updated", "note.deleted")
 
 
@@ -116,6 +126,10 @@ async def _dev(config: Path | None, events: int) -> int:
             "WEBHOOKD_POSTGRES__DSN": postgres.dsn,
             "WEBHOOKD_HTTP__LISTEN": f"127.0.0.1:{metrics_port}",
         }
+        if config is None:
+            # Without a file, the same settings as config/dev.yaml: the demo receiver is on loopback, and retries
+            # must show within a minute.
+            overrides = {**_DEV_DEFAULTS, **overrides}
         try:
             settings = load_settings(config, {**os.environ, **overrides})
         except ConfigError as exc:

@@ -76,7 +76,9 @@ def literal_address(host: str) -> IPAddress | None:
     Besides the canonical forms this reads what `inet_aton` reads (2130706433, 0x7f.1, 0177.0.0.1, 127.1) and a
     trailing dot, since the system resolver turns each of those into an address without any DNS lookup.
     """
-    text = host.strip("[]").rstrip(".")
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" not in text and text.endswith("."):  # an IPv6 zone id may end in a dot; only names take a root dot
+        text = text[:-1]
     try:
         return ipaddress.ip_address(text)
     except ValueError:

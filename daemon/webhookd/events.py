@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from webhookd.payload import build_body, js_iso_timestamp
+from webhookd.payload import TooDeep, build_body, js_iso_timestamp
 
 _EVENT_NAME = re.compile(r"[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
 _MAX_ID = 256
@@ -83,6 +83,8 @@ def decode(
                 return BadEvent("missing_field", "no `timestamp` field and the Kafka record carries no timestamp")
             timestamp = js_iso_timestamp(timestamp_ms)
         body = build_body(doc["event"], doc["data"], timestamp)
+    except TooDeep as exc:
+        return BadEvent("too_deep", str(exc))
     except (ValueError, TypeError) as exc:  # a lone surrogate, or a Kafka timestamp outside JavaScript's Date range
         return BadEvent("unserializable", f"the event cannot be written as JSON: {exc}")
     return Event(
@@ -103,8 +105,12 @@ def _parse_leniently(value: bytes) -> Any:
     def refuse_constant(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
+    def javascript_int(text: str) -> int | float:
+        # Python refuses to read integers of more than 4300 digits; JavaScript reads them as Infinity (null).
+        return int(text) if len(text) <= 4300 else float(text)
+
     try:
-        return json.loads(value.decode("utf-8"), parse_constant=refuse_constant)
+        return json.loads(value.decode("utf-8"), parse_constant=refuse_constant, parse_int=javascript_int)
     except (ValueError, RecursionError):
         return None
 

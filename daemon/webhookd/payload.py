@@ -28,15 +28,16 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["build_body", "js_iso_timestamp"]
+__all__ = ["MAX_DEPTH", "TooDeep", "build_body", "js_iso_timestamp"]
 
 _MAX_SAFE_INTEGER: Final = 2**53 - 1
 _MAX_ARRAY_INDEX: Final = 2**32 - 2
 
 # orjson.dumps refuses more than 254 nested containers, while orjson.loads accepts 1024.
-# Every container at a data depth that is a multiple of this is serialized on its own and
-# embedded as a Fragment, which restarts orjson's count; 128 leaves room for the envelope.
-_FRAGMENT_DEPTH: Final = 128
+# Deeper data is refused outright: embedding pre-serialized subtrees as orjson Fragments
+# would lift the limit, but orjson 3.13 writes past its buffer for large fragments.  No
+# CRM record nests anywhere near this deep.
+MAX_DEPTH: Final = 128
 
 # orjson writes a non-integral double of at least this magnitude in plain decimal
 # notation with its shortest round-trip digits, exactly as JavaScript does; below it
@@ -60,7 +61,8 @@ def build_body(event: str, data: dict[str, Any], timestamp: str) -> bytes:
     value JavaScript would have given them, not the digits of the original record.
 
     Strings containing lone surrogates cannot be encoded as UTF-8 and raise
-    ``orjson.JSONEncodeError``; ``orjson.loads`` never produces them.
+    ``orjson.JSONEncodeError``; ``orjson.loads`` never produces them.  Data nested deeper
+    than ``MAX_DEPTH`` raises ``TooDeep``.
     """
     if _needs_rewrite(data):
         data = _javascript_compatible(data)
@@ -96,6 +98,10 @@ def js_iso_timestamp(epoch_ms: int) -> str:
     return f"{year_text}-{date.month:02d}-{date.day:02d}T{hour:02d}:{minute:02d}:{second:02d}.{millis:03d}Z"
 
 
+class TooDeep(ValueError):
+    """The data nests deeper than a body can be written."""
+
+
 def _needs_rewrite(data: Any) -> bool:
     """Tell whether orjson's serialization of ``data`` could differ from JavaScript's.
 
@@ -108,8 +114,8 @@ def _needs_rewrite(data: Any) -> bool:
     depth = 0
     while level:
         depth += 1
-        if depth >= _FRAGMENT_DEPTH:
-            return True
+        if depth > MAX_DEPTH:
+            raise TooDeep(f"`data` nests deeper than {MAX_DEPTH} levels")
         below: list[Any] = []
         for node in level:
             if type(node) is dict:
@@ -174,8 +180,6 @@ class _Container:
                 result = dict(zip(self.keys, self.values, strict=True))
         elif self.changed:
             result = self.values
-        if self.depth % _FRAGMENT_DEPTH == 0:
-            result = orjson.Fragment(orjson.dumps(result))
         return result
 
 
@@ -197,6 +201,8 @@ def _javascript_compatible(data: Any) -> Any:
         for key, value in top.pending:
             kind = type(value)
             if kind is dict or kind is list:
+                if top.depth >= MAX_DEPTH:
+                    raise TooDeep(f"`data` nests deeper than {MAX_DEPTH} levels")
                 child = _Container(value, key, top.depth + 1)
                 break
             if kind is float or kind is int:
