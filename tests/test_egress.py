@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from aiohttp import web
 
 from tests.support import Receiver, add_webhook, event, fetch, new_workspace, produce, running, settings_for
 from webhookd.egress import EgressPolicy, literal_address
@@ -19,6 +20,8 @@ SPELLINGS = (
     "127.0.0.1.",  # trailing dot
     "localhost",  # a name that resolves to loopback
     "[::ffff:127.0.0.1]",  # IPv4-mapped IPv6
+    "[::ffff:127.0.0.1%25]",  # an empty zone id, which getaddrinfo reads and ipaddress does not
+    "[::ffff:7f00:1%25eth0]",  # a zone id on a mapped address
 )
 
 
@@ -73,6 +76,8 @@ async def test_allowed_cidrs_open_exactly_their_range(kafka: str, dsn: str, topi
         ("0.0.0.0", False),
         ("224.0.0.1", False),  # multicast
         ("192.0.2.1", False),  # documentation
+        ("192.0.0.192", False),  # IETF protocol assignments, global in older 3.11 releases' tables
+        ("fec0::1", False),  # site-local, which ipaddress calls global
         ("fc00::1", False),  # ULA
         ("fe80::1", False),  # link-local
         ("::ffff:10.0.0.1", False),  # IPv4-mapped
@@ -86,3 +91,27 @@ def test_internal_ranges_are_blocked_and_public_ones_allowed(host: str, allowed:
     address = literal_address(host)
     assert address is not None
     assert EgressPolicy().allows(address) is allowed
+
+
+async def test_a_redirect_with_an_undecodable_location_is_a_recorded_failure(
+    kafka: str, dsn: str, topic: str, receiver: Receiver
+) -> None:
+    ws = new_workspace()
+    await add_webhook(dsn, ws, receiver.url("/moved"), ["*.*"])
+
+    async def moved(_request: web.Request, _body: bytes) -> web.StreamResponse:
+        # Latin-1 0xff on the wire: aiohttp's client decodes it to a lone surrogate, which Postgres text refuses.
+        return web.Response(status=302, headers={"Location": "http://169.254.169.254/\xff?token=t0ps3cret"})
+
+    receiver.behaviours["/moved"] = moved
+    async with running(settings_for(kafka, dsn, topic, delivery={"retry_schedule": []})):
+        await produce(kafka, topic, [event("person.created", ws, id="redirected")])
+        for _ in range(100):
+            rows = await fetch(dsn, "SELECT status, last_status, last_error FROM webhookd.deliveries")
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+    assert [(r["status"], r["last_status"]) for r in rows] == [("dead", 302)]
+    assert rows[0]["last_error"].startswith("HTTP 302: redirect to http://169.254.169.254/")
+    assert "t0ps3cret" not in rows[0]["last_error"]
+    assert [r.path for r in receiver.requests] == ["/moved"], "the redirect must not be followed"

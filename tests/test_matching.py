@@ -300,3 +300,16 @@ def test_match_equals_the_contract_rule_after_replace_all(
 
     for workspace, obj, action in events:
         assert ids(index.match(workspace, obj, action)) == reference_match(live, workspace, obj, action)
+
+
+@pytest.mark.parametrize("secret", ["", "whsec_", None])
+def test_a_row_whose_secret_gives_an_empty_key_is_skipped(secret: str | None) -> None:
+    assert from_row(row(secret=secret)) is None
+
+
+def test_a_webhook_repr_shows_neither_its_secret_nor_its_url() -> None:
+    webhook = from_row(row(targetUrl="https://user:pw@receiver.example/services/T0K3N", secret="s3cret"))
+
+    assert webhook is not None
+    assert "s3cret" not in repr(webhook)
+    assert "T0K3N" not in repr(webhook)

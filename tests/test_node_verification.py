@@ -155,7 +155,7 @@ def hostile_records(workspace: str, count: int) -> tuple[list[dict[str, Any] | b
     add("n-ints", {f"k{i}": v for i, v in enumerate(BIG_INTS)})
     add("n-strings", {s or "empty": s for s in STRINGS})
     nested: Any = {"leaf": [1.0, {}, []]}
-    for level in range(300):  # deeper than orjson writes in one go
+    for level in range(120):  # deep, within payload.MAX_DEPTH (deeper data is a bad event)
         nested = {str(level % 3): nested} if level % 2 else [nested]
     add("n-deep", {"nested": nested})
 

@@ -97,9 +97,9 @@ class Sender:
             url = URL(delivery.webhook.target_url)
             if self._https_only and url.scheme != "https":
                 return AttemptResult("blocked", error="egress.https_only forbids plain http targets")
-            literal = literal_address(url.host or "")
-            if literal is not None and not self._policy.allows(literal):
-                return AttemptResult("blocked", error=f"{literal} is a forbidden destination")
+            refusal = self._refusal(url)
+            if refusal is not None:
+                return AttemptResult("blocked", error=refusal)
             headers = self.headers(delivery, time.time())
             async with self._session.post(
                 url, data=delivery.body, headers=headers, allow_redirects=False, timeout=self._timeout
@@ -124,6 +124,20 @@ class Sender:
             return _connection_error(exc, started)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return _connection_error(exc, started)
+
+    def _refusal(self, url: URL) -> str | None:
+        """Why the policy forbids this URL's literal address, or None (names are checked when resolved)."""
+        # aiohttp connects to raw_host and skips the resolver for anything IPv6-like, so that is what is checked.
+        host = url.raw_host or ""
+        if "%" in host:
+            # A zone id only makes sense for link-local addresses, and getaddrinfo reads forms ipaddress does not.
+            return "an address with a zone id is a forbidden destination"
+        literal = literal_address(host)
+        if literal is None and ":" in host:
+            return "an IPv6 address that cannot be read is a forbidden destination"
+        if literal is not None and not self._policy.allows(literal):
+            return f"{literal} is a forbidden destination"
+        return None
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
         # Read small bodies whole so the connection can be reused; past the cap, stop and let aiohttp close it.
@@ -155,12 +169,12 @@ class Sender:
 _DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
 
 
-_QUERY = re.compile(r"\?[^\s'\"]*")
+# A URL quoted in an error message: keep its scheme and host, drop credentials, path and query (tokens live there).
+_URL_IN_TEXT = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^@/\s'\"]*@)?([^/?#\s'\"]*)[^\s'\"]*")
 
 
 def _connection_error(exc: BaseException, started: float) -> AttemptResult:
-    # aiohttp's messages may quote the URL, whose query string can carry a receiver's token.
-    message = _QUERY.sub("?…", str(exc)) or type(exc).__name__
+    message = _URL_IN_TEXT.sub(r"\1\2/…", str(exc)) or type(exc).__name__
     return AttemptResult("connection_error", error=message[:300], duration=time.monotonic() - started)
 
 
@@ -168,8 +182,9 @@ def _excerpt_text(excerpt: bytes, location: str | None) -> str | None:
     # Receivers' bodies are arbitrary bytes; keep what a log line and a text column can carry.
     text = "".join(c if c.isprintable() else "\ufffd" for c in excerpt[:300].decode("utf-8", "replace")).strip()
     if location:
-        # Redirects are never followed; say where it pointed so an operator can fix the URL.
-        text = f"redirect to {location[:200]}" + (f"; {text}" if text else "")
+        # Redirects are never followed; say where it pointed (host only) so an operator can fix the URL.
+        where = "".join(c if c.isprintable() else "\ufffd" for c in _URL_IN_TEXT.sub(r"\1\2/…", location[:200]))
+        text = f"redirect to {where}" + (f"; {text}" if text else "")
     return text or None
 
 

@@ -21,7 +21,15 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Prefixes that embed an IPv4 address in an IPv6 one; the embedded address is what the packet finally reaches.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
-_SHARED_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+_DENIED: tuple[IPNetwork, ...] = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+        "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+        "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+        "::/128", "::1/128", "100::/64", "2001:db8::/32", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+    )
+)  # fmt: skip
 
 
 class BlockedDestination(OSError):
@@ -61,11 +69,11 @@ def _addresses_behind(address: IPAddress) -> Iterable[IPAddress]:
 
 
 def _is_internal(address: IPAddress) -> bool:
-    # is_global is False for loopback, RFC 1918, link-local (metadata), ULA, documentation, reserved, 0.0.0.0/8
-    # and CGNAT; multicast is "global" for some ranges, so it is named on its own.
-    if address.is_multicast or address.is_unspecified or address.is_reserved:
+    # The explicit list comes first: ipaddress's own tables differ between Python releases (192.0.0.0/24 became
+    # non-global only in later 3.11 patch releases), and they call site-local fec0::/10 global.
+    if any(address in net for net in _DENIED if net.version == address.version):
         return True
-    if isinstance(address, ipaddress.IPv4Address) and address in _SHARED_CGNAT:
+    if address.is_multicast or address.is_unspecified or address.is_reserved or address.is_link_local:
         return True
     return not address.is_global
 

@@ -185,4 +185,7 @@ class Recorder:
 
 def _clean(text: str | None) -> str | None:
     # Postgres text cannot hold NUL, and receivers' error bodies are arbitrary bytes.
-    return text.replace("\x00", "\ufffd") if text is not None else None
+    # Nor lone surrogates, which aiohttp leaves in headers it decodes with surrogateescape.
+    if text is None:
+        return None
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")

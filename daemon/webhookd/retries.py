@@ -16,7 +16,7 @@ from webhookd.deliver import Delivery
 from webhookd.dispatch import Dispatcher
 from webhookd.metrics import Metrics
 from webhookd.record import Recorder
-from webhookd.subscriptions import SubscriptionIndex
+from webhookd.subscriptions import SubscriptionIndex, Webhook
 
 log = structlog.get_logger("webhookd.retries")
 
@@ -88,15 +88,16 @@ class RetryPoller:
         rows = await self._pool.fetch(_CLAIM, limit, self._settings.lease_seconds, self._dispatcher.retry_rows())
         for row in rows:
             webhook = self._index.get(row["webhook_id"])
-            if webhook is None or webhook.workspace_id != row["workspace_id"]:
-                # The subscription was deleted (or moved to another workspace, which must never see this event).
+            if webhook is None or not self._still_subscribed(webhook, row["workspace_id"], row["event_name"]):
+                # The subscription was deleted, moved to another workspace (which must never see this event), or no
+                # longer asks for this kind of event.
                 self._metrics.deliveries.labels("dead_lettered").inc()
                 log.info(
                     "delivery_dead_lettered",
                     event_id=row["event_id"],
                     webhook_id=row["webhook_id"],
                     workspace_id=row["workspace_id"],
-                    reason="webhook deleted",
+                    reason="webhook deleted, moved or unsubscribed",
                 )
                 await self._recorder.update(
                     row["id"],
@@ -104,7 +105,7 @@ class RetryPoller:
                     attempts=row["attempts"],
                     retry_in=0.0,
                     last_status=None,
-                    error="webhook no longer exists",
+                    error="the webhook no longer exists or no longer subscribes to this event",
                 )
                 continue
             self._dispatcher.submit_retry(
@@ -121,6 +122,12 @@ class RetryPoller:
                 )
             )
         return len(rows)
+
+    def _still_subscribed(self, webhook: Webhook, workspace_id: str, event_name: str) -> bool:
+        obj, _, action = event_name.partition(".")
+        return webhook.workspace_id == workspace_id and any(
+            w.id == webhook.id for w in self._index.match(workspace_id, obj, action)
+        )
 
     async def release(self, row_ids: list[int]) -> None:
         """Give claims back at shutdown so another replica need not wait for the lease to expire."""

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import structlog
 
+from webhookd.signing import standard_key
 from webhookd.tls import PostgresConnect
 
 NOTIFY_CHANNEL = "webhookd_subscriptions"
@@ -27,6 +28,8 @@ _DEBOUNCE_SECONDS = 0.05
 
 log = structlog.get_logger("webhookd.subscriptions")
 
+_PRUNE_PREVIOUS_SECRETS = "DELETE FROM webhookd.previous_secrets WHERE replaced_at < now() - make_interval(secs => $1)"
+
 
 @dataclass(frozen=True, slots=True)
 class Webhook:
@@ -34,7 +37,7 @@ class Webhook:
 
     id: str
     workspace_id: str
-    target_url: str
+    target_url: str = field(repr=False)  # may carry credentials or a token in its path
     operations: tuple[str, ...]
     secret: bytes = field(repr=False)
     host_key: str = ""  # host:port, the unit of per-host concurrency
@@ -105,35 +108,42 @@ class SubscriptionIndex:
 
 def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
     """A row as a Webhook, or None (with a warning naming the row) when it can never be delivered to."""
-    url: str = row["targetUrl"]
-    host_key = ""
-    try:
-        parts = urlsplit(url)
-        if parts.scheme in ("http", "https") and parts.hostname:
-            # .port raises for a port out of range: a row like that must be refused here, not crash a delivery.
-            host_key = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-    except ValueError:
-        pass
+    url, secret = row["targetUrl"], row["secret"]
+    host_key = _host_key(url)
     if not host_key:
-        log.warning(
-            "webhook_skipped",
-            webhook_id=row["id"],
-            reason="targetUrl is not an http(s) URL with a host and a valid port",
-        )
+        log.warning("webhook_skipped", webhook_id=row["id"], reason="targetUrl is not an http(s) URL with a host")
+        return None
+    if not isinstance(secret, str) or not standard_key(secret.encode()):
+        # An empty key makes every signature forgeable; refusing the webhook is the only safe answer.
+        log.warning("webhook_skipped", webhook_id=row["id"], reason="the secret is empty")
         return None
     operations = tuple(op for op in (row["operations"] or ()) if _valid_operation(op))
     if len(operations) != len(row["operations"] or ()):
         log.warning("webhook_operations_ignored", webhook_id=row["id"], reason="not of the form object.action")
+    previous = row.get("previous_secret")
     return Webhook(
         id=row["id"],
         workspace_id=row["workspaceId"],
         target_url=url,
         operations=operations,
-        secret=row["secret"].encode(),
+        secret=secret.encode(),
         host_key=host_key,
-        previous_secret=row["previous_secret"].encode() if row.get("previous_secret") is not None else None,
+        previous_secret=previous.encode() if isinstance(previous, str) and previous else None,
         previous_until=row.get("previous_until") or 0.0,
     )
+
+
+def _host_key(url: object) -> str:
+    if not isinstance(url, str):
+        return ""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme in ("http", "https") and parts.hostname:
+            # .port raises for a port out of range: a row like that must be refused here, not crash a delivery.
+            return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    except ValueError:
+        pass
+    return ""
 
 
 def _valid_operation(op: object) -> bool:
@@ -175,6 +185,8 @@ class SubscriptionStore:
         self.listening = False
 
     async def reload(self) -> None:
+        # Old secrets are kept only as long as they may still sign; past that they are just a liability.
+        await self._pool.execute(_PRUNE_PREVIOUS_SECRETS, self._overlap)
         rows = await self._pool.fetch(self._select, self._overlap)
         self.index.replace_all(w for w in map(webhook_from_row, rows) if w is not None)
         self.loaded.set()

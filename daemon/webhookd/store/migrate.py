@@ -34,10 +34,13 @@ def _subscriptions_ddl(table: str) -> str:
         "updatedAt"   timestamptz NOT NULL DEFAULT now(),
         "deletedAt"   timestamptz
     );
+    -- SECURITY DEFINER: in a Twenty database, Twenty's own role changes the rows and has no rights on our schema.
     CREATE OR REPLACE FUNCTION webhookd.notify_subscription_change() RETURNS trigger
-    LANGUAGE plpgsql AS $$
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     BEGIN
-        IF TG_OP = 'UPDATE' AND NEW.secret IS DISTINCT FROM OLD.secret THEN
+        IF TG_OP = 'DELETE' THEN
+            DELETE FROM webhookd.previous_secrets WHERE webhook_id = OLD.id;
+        ELSIF TG_OP = 'UPDATE' AND NEW.secret IS DISTINCT FROM OLD.secret THEN
             -- A rotation: the old secret stays valid for the configured overlap.
             INSERT INTO webhookd.previous_secrets (webhook_id, secret, replaced_at)
             VALUES (OLD.id, OLD.secret, now())
