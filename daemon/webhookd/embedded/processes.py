@@ -1,0 +1,158 @@
+"""Child processes that must never outlive us: spawning, termination, log tails, and `free_port`.
+
+Every server is a child process of ours and must never outlive us: a `kill -9` of `webhookd dev` or of
+pytest runs no `finally` and no `atexit`, and a broker or postmaster left behind would hold its port, its socket
+and its memory until someone finds it by hand. So each child gets PR_SET_PDEATHSIG=SIGKILL on Linux (the kernel
+kills it when we die, however we die) and its own process group (a Ctrl-C in the terminal reaches only us, so we
+decide the order of shutdown). Graceful stops still happen through `stop()`, context managers and `atexit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+_LOG_TAIL_BYTES = 4000
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """Return a loopback TCP port that was free a moment ago; another process may still take it first."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _load_prctl() -> Callable[[int, int], int] | None:
+    if sys.platform != "linux":
+        return None
+    prctl: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
+
+
+# Resolved once in the parent: the forked child should do as little as possible before exec.
+_prctl = _load_prctl()
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    def preexec() -> None:
+        if _prctl is None:
+            return
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        # The parent may have died between fork and prctl; then no signal will ever come.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+@dataclass(frozen=True)
+class _RunAs:
+    uid: int
+    gid: int
+
+
+class _SpawnJob:
+    def __init__(self, spawn: Callable[[], subprocess.Popen[bytes]]) -> None:
+        self.spawn = spawn
+        self.done = threading.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.proc = self.spawn()
+        except BaseException as exc:  # handed to the waiting caller, who re-raises it
+            self.error = exc
+        finally:
+            self.done.set()
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process. Callers reach us from
+# asyncio.to_thread workers, which end when their loop closes; a child forked there would be killed while we
+# still need it. So every child is forked by this one daemon thread, which lives as long as the process.
+_spawn_queue: queue.SimpleQueue[_SpawnJob] = queue.SimpleQueue()
+_spawner_lock = threading.Lock()
+_spawner: threading.Thread | None = None
+
+
+def _spawner_loop() -> None:
+    while True:
+        _spawn_queue.get().run()
+
+
+def _spawn(
+    argv: list[str],
+    *,
+    log_path: Path,
+    cwd: Path,
+    run_as: _RunAs | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start argv in its own process group, writing stdout and stderr to log_path, killed when we die."""
+    global _spawner
+    parent_pid = os.getpid()
+
+    def spawn() -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                env=env,
+                process_group=0,
+                preexec_fn=_die_with_parent(parent_pid),
+                user=run_as.uid if run_as else None,
+                group=run_as.gid if run_as else None,
+                extra_groups=[] if run_as else None,
+            )
+
+    with _spawner_lock:
+        if _spawner is None or not _spawner.is_alive():
+            _spawner = threading.Thread(target=_spawner_loop, name="webhookd-embedded-spawner", daemon=True)
+            _spawner.start()
+    job = _SpawnJob(spawn)
+    _spawn_queue.put(job)
+    job.done.wait()
+    if job.error is not None:
+        raise job.error
+    assert job.proc is not None
+    return job.proc
+
+
+def _terminate(proc: subprocess.Popen[bytes], sig: signal.Signals, grace: float) -> None:
+    """Send sig, then SIGKILL the whole process group if the child has not exited within grace seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        # The group id is the child's pid (process_group=0), not reusable while the child is still unreaped.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+            return f.read().decode("utf-8", "replace")
+    except OSError as exc:
+        return f"(log {path} unreadable: {exc})"
