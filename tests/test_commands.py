@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import tempfile
 import uuid
@@ -85,24 +86,23 @@ async def test_run_with_a_bad_config_exits_2_naming_the_key() -> None:
     assert "hunter2" not in out
 
 
-def _dev_services() -> set[int]:
-    """Brokers and Postgres servers of any `webhookd dev` run (its data lives in a webhookd-dev-* folder)."""
-    found = set()
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or ())
-        if proc.info["name"].startswith("tansu") or "webhookd-dev-" in cmdline:
-            found.add(proc.info["pid"])
-    return found
-
-
 REPO = Path(__file__).resolve().parent.parent
 
 
 async def test_dev_shows_verified_deliveries_and_leaves_no_process_behind() -> None:
-    before = _dev_services()
     status, out = await _webhookd("dev", "--config", str(REPO / "config" / "dev.yaml"), "--events", "8", timeout=120)
     assert status == 0, out[-3000:]
     assert "signature verified" in out
     assert "0 failed verification" in out
+    started = re.search(r"broker pid (\d+) .* Postgres pid (\d+)", out)
+    assert started is not None, out[:2000]
     await asyncio.sleep(0.5)
-    assert _dev_services() <= before, "webhookd dev left a broker or Postgres running"
+    for pid in map(int, started.groups()):
+        assert not _running(pid), f"webhookd dev left process {pid} running"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

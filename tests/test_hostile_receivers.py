@@ -437,11 +437,13 @@ def test_a_slow_drip_ends_as_a_timeout_within_the_delivery_timeout(outcome: Outc
 
 def test_a_redirect_is_a_3xx_failure_and_its_location_is_never_requested(outcome: Outcome) -> None:
     assert outcome.trap.opened == [], "the daemon followed a redirect to loopback"
-    for kind, target in (("redirect-metadata", METADATA), ("redirect-loopback", f":{outcome.trap_port}/stolen")):
+    for kind, target in (("redirect-metadata", "http://169.254.169.254/"), ("redirect-loopback", None)):
         error = outcome.rows[kind]["last_error"]
-        # The operator is told where it pointed, so the URL can be fixed; the daemon never went there.
+        # The operator is told where it pointed (scheme and host; a path may hold a token), and the daemon never
+        # went there.
         assert "redirect to" in error, error
-        assert target in error, error
+        if target is not None:
+            assert target in error, error
         assert len(outcome.exchanges[kind].opened) == 1, "one attempt, one connection"
 
 

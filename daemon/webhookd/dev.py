@@ -119,6 +119,7 @@ async def _dev(config: Path | None, events: int) -> int:
     try:
         broker = await asyncio.to_thread(KafkaBroker.start)
         postgres = await asyncio.to_thread(EmbeddedPostgres.start, workdir / "pgdata")
+        print(f"webhookd dev: broker pid {broker.pid} on {broker.bootstrap}, Postgres pid {postgres.pid}")
         receiver_port, metrics_port = free_port(), free_port()
         overrides = {
             "WEBHOOKD_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
