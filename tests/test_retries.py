@@ -68,7 +68,7 @@ async def test_retry_after_delays_the_next_attempt(kafka: str, dsn: str, topic: 
         await receiver.wait_for(lambda: len(receiver.requests) == 2, 20, "the retry")
     gap = receiver.requests[1].at - receiver.requests[0].at
     assert gap >= 2.0, f"the retry came {gap:.2f}s after a Retry-After of 2s"
-    assert gap < 4.0
+    assert gap < 8.0  # loose: the point is the lower bound; a loaded machine may poll late
 
 
 async def test_after_the_last_attempt_the_delivery_is_dead_and_the_partition_moves_on(

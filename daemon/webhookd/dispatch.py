@@ -23,6 +23,8 @@ from webhookd.record import Recorder
 
 log = structlog.get_logger("webhookd.dispatch")
 
+_BUSY = "deferred: the receiving host is at its concurrency limit"
+
 
 class RecordJob:
     """The deliveries of one record; calls `on_done` once the last of them is settled."""
@@ -58,11 +60,21 @@ class RetryPolicy:
 
 
 class _HostSlot:
-    __slots__ = ("semaphore", "users")
+    __slots__ = ("semaphore", "users", "waiting")
 
     def __init__(self, limit: int) -> None:
         self.semaphore = asyncio.Semaphore(limit)
-        self.users = 0
+        self.users = 0  # deliveries holding or waiting for the host's budget; the slot is dropped at zero
+        self.waiting = 0
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """How much of the budget one receiving host may hold, and what happens to deliveries it cannot take now."""
+
+    concurrency: int  # requests in flight to one host
+    wait_seconds: float  # how long a delivery may wait for the host's budget before it is deferred
+    busy_retry_seconds: float  # when a deferred delivery is tried again
 
 
 class Dispatcher:
@@ -75,7 +87,7 @@ class Dispatcher:
         metrics: Metrics,
         policy: RetryPolicy,
         concurrency: int,
-        per_host_concurrency: int,
+        hosts: HostLimits,
         on_fatal: Callable[[BaseException], None],
     ) -> None:
         self._sender = sender
@@ -83,7 +95,7 @@ class Dispatcher:
         self._metrics = metrics
         self._policy = policy
         self._global = asyncio.Semaphore(concurrency)
-        self._per_host_limit = per_host_concurrency
+        self._host_limits = hosts
         self._hosts: dict[str, _HostSlot] = {}
         self._first: dict[asyncio.Task[None], tuple[Delivery, RecordJob]] = {}
         self._retries: dict[asyncio.Task[None], Delivery] = {}
@@ -133,20 +145,26 @@ class Dispatcher:
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._on_fatal(exc)
 
-    async def _send(self, delivery: Delivery) -> AttemptResult:
+    async def _send(self, delivery: Delivery) -> AttemptResult | None:
+        """One attempt within the limits, or None when the host is saturated and the delivery must wait elsewhere."""
         key = delivery.webhook.host_key
         slot = self._hosts.get(key)
         if slot is None:
-            slot = self._hosts[key] = _HostSlot(self._per_host_limit)
+            slot = self._hosts[key] = _HostSlot(self._host_limits.concurrency)
         slot.users += 1
         try:
             # The host's own budget is taken first, so deliveries queued for one slow host never hold global slots.
-            async with slot.semaphore, self._global:
-                self._metrics.inflight.inc()
-                try:
-                    result = await self._sender.attempt(delivery)
-                finally:
-                    self._metrics.inflight.dec()
+            if not await self._take_host(slot):
+                return None
+            try:
+                async with self._global:
+                    self._metrics.inflight.inc()
+                    try:
+                        result = await self._sender.attempt(delivery)
+                    finally:
+                        self._metrics.inflight.dec()
+            finally:
+                slot.semaphore.release()
         finally:
             slot.users -= 1
             if slot.users == 0:
@@ -156,8 +174,38 @@ class Dispatcher:
             self._metrics.delivery_duration.observe(result.duration)
         return result
 
+    async def _take_host(self, slot: _HostSlot) -> bool:
+        """Wait briefly for a slot at the host; False when it is saturated.
+
+        A receiver that hangs holds its whole host budget until the timeout. Deliveries queued behind it would hold
+        their records' offsets (and, through backpressure, every other receiver's events) for as long; a short
+        wait, then the durable retry path, lets the partition move on while that host gets only what it can take.
+        """
+        if slot.semaphore.locked() and slot.waiting >= self._host_limits.concurrency:
+            return False
+        slot.waiting += 1
+        try:
+            async with asyncio.timeout(self._host_limits.wait_seconds):
+                await slot.semaphore.acquire()
+        except TimeoutError:
+            return False
+        finally:
+            slot.waiting -= 1
+        return True
+
     async def _first_attempt(self, delivery: Delivery) -> None:
         result = await self._send(delivery)
+        if result is None:
+            self._metrics.deliveries_deferred.labels("endpoint_busy").inc()
+            # Not an attempt: the receiver never saw it, so it keeps its whole retry schedule.
+            await self._recorder.schedule(
+                delivery,
+                status="pending",
+                retry_in=self._host_limits.busy_retry_seconds,
+                last_status=None,
+                error=_BUSY,
+            )
+            return
         delivery.attempts = 1
         if result.ok:
             self._delivered(delivery, result)
@@ -177,6 +225,10 @@ class Dispatcher:
     async def _retry(self, delivery: Delivery) -> None:
         assert delivery.row_id is not None, "a retried delivery always has its durable row"
         result = await self._send(delivery)
+        if result is None:
+            self._metrics.deliveries_deferred.labels("endpoint_busy").inc()
+            await self._recorder.defer(delivery.row_id, retry_in=self._host_limits.busy_retry_seconds)
+            return
         delivery.attempts += 1
         if result.ok:
             self._delivered(delivery, result)

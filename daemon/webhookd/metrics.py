@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ATTEMPT_RESULTS = ("2xx", "3xx", "4xx", "5xx", "timeout", "connection_error", "blocked")
 OUTCOMES = ("delivered", "dead_lettered")
+DEFERRALS = ("circuit_open", "rate_limited", "endpoint_busy")
 
 # Receivers answer in milliseconds to seconds; buckets above the delivery timeout would always be empty.
 _DURATION_STEPS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -60,11 +61,19 @@ class Metrics:
             registry=r,
         )
         self.subscriptions = Gauge("webhookd_subscriptions", "Live webhooks in the in-memory index.", registry=r)
+        self.deliveries_deferred = Counter(
+            "webhookd_deliveries_deferred",
+            "Deliveries put back for later without an attempt, by reason.",
+            ["reason"],
+            registry=r,
+        )
         # Pre-create the bounded label values so that dashboards see zeros, not missing series.
         for result in ATTEMPT_RESULTS:
             self.delivery_attempts.labels(result)
         for outcome in OUTCOMES:
             self.deliveries.labels(outcome)
+        for reason in DEFERRALS:
+            self.deliveries_deferred.labels(reason)
 
 
 def duration_buckets(timeout: float) -> tuple[float, ...]:

@@ -47,6 +47,11 @@ SET status = $2, attempts = $3, next_attempt_at = now() + make_interval(secs => 
 -- A claim whose lease ran out may have been taken and settled by another replica; never undo its result.
 WHERE id = $1 AND status = 'pending'
 """
+_DEFER_DELIVERY = """
+UPDATE webhookd.deliveries
+SET next_attempt_at = now() + make_interval(secs => $2), locked_until = NULL, updated_at = now()
+WHERE id = $1 AND status = 'pending'
+"""
 _INSERT_BAD_EVENT = """
 INSERT INTO webhookd.bad_events (topic, "partition", "offset", reason, raw, raw_size)
 VALUES ($1, $2, $3, $4, $5, $6)
@@ -114,6 +119,10 @@ class Recorder:
     ) -> None:
         """Record the outcome of an attempt on a delivery that already has its durable row."""
         await self._write(_UPDATE_DELIVERY, row_id, status, attempts, retry_in, last_status, _clean(error))
+
+    async def defer(self, row_id: int, *, retry_in: float) -> None:
+        """Put a claimed delivery back for later without an attempt, keeping its last status and error."""
+        await self._write(_DEFER_DELIVERY, row_id, retry_in)
 
     async def bad_event(self, bad: BadRecord) -> None:
         await self._write(

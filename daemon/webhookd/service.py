@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer
 from webhookd.config import Settings
 from webhookd.consume import Consumer, ConsumeSettings
 from webhookd.deliver import Sender, close_session
-from webhookd.dispatch import Dispatcher, RetryPolicy
+from webhookd.dispatch import Dispatcher, HostLimits, RetryPolicy
 from webhookd.egress import EgressPolicy, GuardedResolver
 from webhookd.metrics import Metrics
 from webhookd.record import Recorder
@@ -180,7 +180,11 @@ class Service:
             self.metrics,
             RetryPolicy(tuple(s.delivery.retry_schedule), s.delivery.retry_jitter),
             s.delivery.concurrency,
-            s.delivery.per_host_concurrency,
+            HostLimits(
+                concurrency=s.delivery.per_host_concurrency,
+                wait_seconds=s.delivery.host_wait_seconds,
+                busy_retry_seconds=s.delivery.host_busy_retry_seconds,
+            ),
             on_fatal=self._on_fatal,
         )
         kafka = AIOKafkaConsumer(
