@@ -248,9 +248,11 @@ class Service:
         try:
             done, _ = await asyncio.wait({*watched, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             for task in done & watched:
-                # Every watched task runs until shutdown: ending early, with or without an error, is a failure.
+                # Every watched task runs until shutdown: an error, or ending before a stop was asked for, is a
+                # failure. The consume loop ends by itself once stopping is set, possibly in the same wake-up.
                 exc = None if task.cancelled() else task.exception()
-                self._on_fatal(exc or RuntimeError(f"{task.get_name()} stopped unexpectedly"))
+                if exc is not None or not self.stopping.is_set():
+                    self._on_fatal(exc or RuntimeError(f"{task.get_name()} stopped unexpectedly"))
             self.stopping.set()
             await asyncio.wait({consume}, timeout=5)
         finally:
