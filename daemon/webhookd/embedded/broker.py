@@ -17,14 +17,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import psutil
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 
-from webhookd.embedded.processes import _log_tail, _spawn, _terminate, free_port
+from webhookd.embedded.processes import _ChildServer, _log_tail, _spawn, _terminate, free_port
 
 # Variables Tansu reads that would change what our broker does if a developer's shell happens to set them.
 _TANSU_ENV_TO_DROP = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -39,7 +37,7 @@ def _tansu_binary() -> str:
     return path
 
 
-class KafkaBroker:
+class KafkaBroker(_ChildServer):
     """One Tansu broker with in-memory storage on 127.0.0.1; create it with `KafkaBroker.start()`.
 
     Memory storage means a stopped or restarted broker has lost every topic, record and committed offset.
@@ -77,12 +75,6 @@ class KafkaBroker:
             shutil.rmtree(log_dir, ignore_errors=True)
             raise
 
-    @property
-    def pid(self) -> int | None:
-        """The broker's pid while it runs."""
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
-
     def restart(self, *, timeout: float = 10.0) -> None:
         """Stop the broker and start a new one on the same port; all topics and offsets are lost."""
         with self._lock:
@@ -106,14 +98,6 @@ class KafkaBroker:
             self._stopped = True
             shutil.rmtree(self._log_dir, ignore_errors=True)
             atexit.unregister(self.stop)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"KafkaBroker(bootstrap={self.bootstrap!r}, pid={self.pid})"

@@ -26,14 +26,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import ClassVar, Self
+from typing import ClassVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import psutil
 
-from webhookd.embedded.processes import _LOG_TAIL_BYTES, _log_tail, _RunAs, _spawn, _terminate
+from webhookd.embedded.processes import _LOG_TAIL_BYTES, _ChildServer, _log_tail, _RunAs, _spawn, _terminate
 
 # sun_path holds 108 bytes with the terminating NUL, and Postgres appends "/.s.PGSQL.5432" to the directory.
 _MAX_SOCKET_DIR_BYTES = 107 - len("/.s.PGSQL.5432")
@@ -132,7 +131,7 @@ def _is_alive(proc: psutil.Process) -> bool:
         return False
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(_ChildServer):
     """A PostgreSQL 18 server on a fresh cluster in data_dir; create it with `EmbeddedPostgres.start()`.
 
     It listens on a Unix socket only, accepts user `postgres` without a password, and keeps its log in
@@ -204,12 +203,6 @@ class EmbeddedPostgres:
                 shutil.rmtree(socket_dir, ignore_errors=True)
             raise
 
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's pid while it runs."""
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
-
     def start_server(self, *, timeout: float = 30.0) -> None:
         """Start the server again after `stop_server()`, on the same data and DSN; a no-op while it runs."""
         with self._lock:
@@ -273,14 +266,6 @@ class EmbeddedPostgres:
             with self._active_lock:
                 self._active.discard(self.data_dir)
             atexit.unregister(self.stop)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"EmbeddedPostgres(data_dir={str(self.data_dir)!r}, dsn={self.dsn!r}, pid={self.pid})"

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 _LOG_TAIL_BYTES = 4000
 _PR_SET_PDEATHSIG = 1
@@ -156,3 +158,26 @@ def _log_tail(path: Path) -> str:
             return f.read().decode("utf-8", "replace")
     except OSError as exc:
         return f"(log {path} unreadable: {exc})"
+
+
+class _ChildServer:
+    """What the broker and Postgres share: one child process, its pid while it runs, and `with` stopping it."""
+
+    _proc: subprocess.Popen[bytes] | None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's pid while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
