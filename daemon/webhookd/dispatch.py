@@ -60,12 +60,11 @@ class RetryPolicy:
 
 
 class _HostSlot:
-    __slots__ = ("semaphore", "users", "waiting")
+    __slots__ = ("semaphore", "users")
 
     def __init__(self, limit: int) -> None:
         self.semaphore = asyncio.Semaphore(limit)
         self.users = 0  # deliveries holding or waiting for the host's budget; the slot is dropped at zero
-        self.waiting = 0
 
 
 @dataclass(frozen=True)
@@ -180,17 +179,13 @@ class Dispatcher:
         A receiver that hangs holds its whole host budget until the timeout. Deliveries queued behind it would hold
         their records' offsets (and, through backpressure, every other receiver's events) for as long; a short
         wait, then the durable retry path, lets the partition move on while that host gets only what it can take.
+        A deep queue alone is no reason to defer: a fast host drains it well within the wait.
         """
-        if slot.semaphore.locked() and slot.waiting >= self._host_limits.concurrency:
-            return False
-        slot.waiting += 1
         try:
             async with asyncio.timeout(self._host_limits.wait_seconds):
                 await slot.semaphore.acquire()
         except TimeoutError:
             return False
-        finally:
-            slot.waiting -= 1
         return True
 
     async def _first_attempt(self, delivery: Delivery) -> None:
