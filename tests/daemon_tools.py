@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import DaemonProcess, migrated_database
+from tests.support import DaemonProcess, get_text, metric, migrated_database
 from webhookd.embedded import create_topic
+
+__all__ = ["RssSampler", "fresh_database", "fresh_topic", "get_text", "metric", "wait_ready"]
 
 fresh_database = migrated_database  # module-scoped scenarios cannot use the per-test `dsn` fixture
 
@@ -40,21 +41,6 @@ async def wait_ready(daemon: DaemonProcess, listen: str, timeout: float = 40) ->
             if time.monotonic() > deadline:
                 raise AssertionError(f"the daemon was not ready within {timeout} s")
             await asyncio.sleep(0.1)
-
-
-async def get_text(url: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as http, http.get(url) as response:
-        return response.status, await response.text()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels` (0 when there is none)."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 @dataclass

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import yaml
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from webhookd.config import Settings
 from webhookd.embedded import create_database, free_port
@@ -240,6 +242,22 @@ async def migrated_database(admin_dsn: str) -> str:
     finally:
         await conn.close()
     return dsn
+
+
+async def get_text(url: str) -> tuple[int, str]:
+    """Status and body of a GET, e.g. of the daemon's /metrics, /healthz or /readyz."""
+    async with aiohttp.ClientSession() as http, http.get(url) as response:
+        return response.status, await response.text()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels` (0 when there is none)."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 def new_workspace() -> str:

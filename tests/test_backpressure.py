@@ -8,11 +8,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
 import psutil
 from aiohttp import web
 
-from tests.support import DaemonProcess, Receiver, add_webhook, config_for, event, new_workspace, produce, write_config
+from tests.support import (
+    DaemonProcess,
+    Receiver,
+    add_webhook,
+    config_for,
+    event,
+    get_text,
+    metric,
+    new_workspace,
+    produce,
+    write_config,
+)
 
 BACKLOG = 50_000
 CONCURRENCY = 40
@@ -55,12 +65,11 @@ async def test_a_backlog_behind_a_hung_receiver_keeps_memory_and_inflight_bounde
             while time.monotonic() < deadline:
                 samples.append(process.memory_info().rss / 2**20)
                 await asyncio.sleep(0.25)
-            async with aiohttp.ClientSession() as http:
-                metrics = await (await http.get(metrics_url)).text()
+            _, metrics = await get_text(metrics_url)
             assert daemon.terminate() == 0
         finally:
             daemon.kill()
-    consumed = _metric(metrics, "webhookd_events_consumed_total")
+    consumed = metric(metrics, "webhookd_events_consumed_total")
     print(
         f"\nbacklog {BACKLOG}: consumed {consumed:.0f} in 20 s; RSS first {samples[4]:.1f} MiB, "
         f"peak {max(samples):.1f} MiB, last {samples[-1]:.1f} MiB; receiver saw at most "
@@ -73,7 +82,3 @@ async def test_a_backlog_behind_a_hung_receiver_keeps_memory_and_inflight_bounde
     half = len(samples) // 2
     assert max(samples[half:]) - max(samples[:half]) < 15, samples
     assert max(samples) < 250
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))

@@ -10,7 +10,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +20,7 @@ from tests.support import (
     config_for,
     event,
     fetch,
+    get_text,
     new_workspace,
     produce,
     running,
@@ -30,11 +30,6 @@ from tests.support import (
 from tests.test_deploy import metric_names_in_deploy
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-")
-
-
-async def _get(url: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as http, http.get(url) as response:
-        return response.status, await response.text()
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -60,9 +55,9 @@ async def test_metrics_count_what_the_receivers_saw(kafka: str, dsn: str, topic:
         await produce(kafka, topic, [*(event("person.created", ws) for _ in range(10)), b"not json", b"{}"], 1)
         await receiver.wait_for(lambda: len(receiver.at("/fail")) == 20 and len(receiver.at("/ok")) == 10, 30, "all")
         await asyncio.sleep(1.0)  # the dead letters' writes and one commit interval
-        health, _ = await _get(base + "/healthz")
-        ready, _ = await _get(base + "/readyz")
-        status, text = await _get(base + "/metrics")
+        health, _ = await get_text(base + "/healthz")
+        ready, _ = await get_text(base + "/readyz")
+        status, text = await get_text(base + "/metrics")
     assert (health, ready, status) == (200, 200, 200)
     m = _samples(text)
     assert m[("webhookd_events_consumed_total", (("topic", topic),))] == 12

@@ -7,7 +7,6 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 from aiokafka import TopicPartition
 
@@ -17,6 +16,7 @@ from tests.support import (
     committed_offset,
     event,
     fetch,
+    get_text,
     migrated_database,
     new_workspace,
     produce,
@@ -33,11 +33,6 @@ async def broken_gateway(_request: web.Request, _body: bytes) -> web.StreamRespo
     return web.Response(status=502, body=b"bad\x00gateway")
 
 
-async def _readyz(url: str) -> int:
-    async with aiohttp.ClientSession() as http, http.get(url) as response:
-        return response.status
-
-
 async def test_a_postgres_restart_mid_stream_loses_no_failed_delivery(
     kafka: str, topic: str, receiver: Receiver
 ) -> None:
@@ -52,12 +47,12 @@ async def test_a_postgres_restart_mid_stream_loses_no_failed_delivery(
             settings = settings_for(kafka, dsn, topic, delivery={"retry_schedule": ["1h"]})
             readyz = f"http://{settings.http.listen}/readyz"
             async with running(settings):
-                assert await _readyz(readyz) == 200
+                assert (await get_text(readyz))[0] == 200
                 await asyncio.to_thread(server.stop_server)
                 await produce(kafka, topic, [event("person.created", ws, id=f"e{i}") for i in range(EVENTS)], 0)
                 await receiver.wait_for(lambda: len(receiver.at("/broken")) == EVENTS, 30, "the failing attempts")
                 assert len(receiver.at("/ok")) == EVENTS
-                assert await _readyz(readyz) == 503
+                assert (await get_text(readyz))[0] == 503
                 await asyncio.sleep(1.0)  # the failures wait for Postgres; their offsets must not be committed
                 await asyncio.to_thread(server.start_server)
                 for _ in range(100):
@@ -65,7 +60,7 @@ async def test_a_postgres_restart_mid_stream_loses_no_failed_delivery(
                     if len(rows) == EVENTS:
                         break
                     await asyncio.sleep(0.1)
-                assert await _readyz(readyz) == 200
+                assert (await get_text(readyz))[0] == 200
             committed = await committed_offset(kafka, f"g-{topic}", TopicPartition(topic, 0))
         finally:
             await asyncio.to_thread(server.stop)
