@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import structlog
 
+from webhookd.attempts import AttemptLog
 from webhookd.deliver import AttemptResult, Delivery, Sender
+from webhookd.health import EndpointHealth, Hold
 from webhookd.metrics import Metrics
 from webhookd.record import Recorder
 
@@ -87,9 +89,13 @@ class Dispatcher:
         policy: RetryPolicy,
         concurrency: int,
         hosts: HostLimits,
+        health: EndpointHealth,
+        attempts: AttemptLog,
         on_fatal: Callable[[BaseException], None],
     ) -> None:
         self._sender = sender
+        self._health = health
+        self._attempts = attempts
         self._recorder = recorder
         self._metrics = metrics
         self._policy = policy
@@ -144,8 +150,13 @@ class Dispatcher:
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._on_fatal(exc)
 
-    async def _send(self, delivery: Delivery) -> AttemptResult | None:
-        """One attempt within the limits, or None when the host is saturated and the delivery must wait elsewhere."""
+    async def _send(self, delivery: Delivery) -> AttemptResult | Hold:
+        """One attempt within the limits, or why it cannot be made now."""
+        verdict = self._health.admit(delivery)
+        if isinstance(verdict, Hold):
+            return verdict
+        if verdict.wait > 0:
+            await asyncio.sleep(verdict.wait)  # a slot reserved within the rate limit, a short way off
         key = delivery.webhook.host_key
         slot = self._hosts.get(key)
         if slot is None:
@@ -154,7 +165,8 @@ class Dispatcher:
         try:
             # The host's own budget is taken first, so deliveries queued for one slow host never hold global slots.
             if not await self._take_host(slot):
-                return None
+                self._health.abandon(delivery, verdict)
+                return Hold("endpoint_busy", self._host_limits.busy_retry_seconds, _BUSY)
             try:
                 async with self._global:
                     self._metrics.inflight.inc()
@@ -169,8 +181,10 @@ class Dispatcher:
             if slot.users == 0:
                 del self._hosts[key]
         self._metrics.delivery_attempts.labels(result.result).inc()
+        self._attempts.add(delivery, delivery.attempts + 1, result)
         if result.result != "blocked":
             self._metrics.delivery_duration.observe(result.duration)
+            self._health.observe(delivery, result)
         return result
 
     async def _take_host(self, slot: _HostSlot) -> bool:
@@ -188,24 +202,35 @@ class Dispatcher:
             return False
         return True
 
+    def _held(self, delivery: Delivery, hold: Hold) -> tuple[str, float]:
+        """The status and delay a held delivery is written with; a disabled endpoint's are dead letters."""
+        if hold.reason == "disabled":
+            self._metrics.deliveries.labels("dead_lettered").inc()
+            log.info(
+                "delivery_dead_lettered",
+                event_id=delivery.event_id,
+                webhook_id=delivery.webhook.id,
+                workspace_id=delivery.workspace_id,
+                reason=hold.error,
+            )
+            return "dead", 0.0
+        self._metrics.deliveries_deferred.labels(hold.reason).inc()
+        return "pending", hold.retry_in
+
     async def _first_attempt(self, delivery: Delivery) -> None:
         result = await self._send(delivery)
-        if result is None:
-            self._metrics.deliveries_deferred.labels("endpoint_busy").inc()
+        if isinstance(result, Hold):
+            held_status, held_delay = self._held(delivery, result)
             # Not an attempt: the receiver never saw it, so it keeps its whole retry schedule.
             await self._recorder.schedule(
-                delivery,
-                status="pending",
-                retry_in=self._host_limits.busy_retry_seconds,
-                last_status=None,
-                error=_BUSY,
+                delivery, status=held_status, retry_in=held_delay, last_status=None, error=result.error
             )
             return
         delivery.attempts = 1
         if result.ok:
             self._delivered(delivery, result)
             return
-        delay = self._policy.delay_after(delivery.attempts, result)
+        delay = self._next_try(delivery, result)
         self._log_failure(delivery, result, delay)
         if delay is None:
             self._metrics.deliveries.labels("dead_lettered").inc()
@@ -220,16 +245,26 @@ class Dispatcher:
     async def _retry(self, delivery: Delivery) -> None:
         assert delivery.row_id is not None, "a retried delivery always has its durable row"
         result = await self._send(delivery)
-        if result is None:
-            self._metrics.deliveries_deferred.labels("endpoint_busy").inc()
-            await self._recorder.defer(delivery.row_id, retry_in=self._host_limits.busy_retry_seconds)
+        if isinstance(result, Hold):
+            held_status, held_delay = self._held(delivery, result)
+            if held_status == "dead":
+                await self._recorder.update(
+                    delivery.row_id,
+                    status=held_status,
+                    attempts=delivery.attempts,
+                    retry_in=0.0,
+                    last_status=None,
+                    error=result.error,
+                )
+            else:
+                await self._recorder.defer(delivery.row_id, retry_in=held_delay)
             return
         delivery.attempts += 1
         if result.ok:
             self._delivered(delivery, result)
             status, delay = "delivered", None
         else:
-            delay = self._policy.delay_after(delivery.attempts, result)
+            delay = self._next_try(delivery, result)
             self._log_failure(delivery, result, delay)
             status = "pending" if delay is not None else "dead"
             if delay is None:
@@ -242,6 +277,12 @@ class Dispatcher:
             last_status=result.status,
             error=None if result.ok else result.describe(),
         )
+
+    def _next_try(self, delivery: Delivery, result: AttemptResult) -> float | None:
+        """Seconds until the next attempt, or None: dead (schedule used up, or the answer disabled the endpoint)."""
+        if self._health.disabled_reason(delivery.webhook.id) is not None:
+            return None
+        return self._policy.delay_after(delivery.attempts, result)
 
     def _delivered(self, delivery: Delivery, result: AttemptResult) -> None:
         self._metrics.deliveries.labels("delivered").inc()

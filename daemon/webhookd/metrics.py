@@ -67,6 +67,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.endpoint_circuit_open = Gauge(
+            "webhookd_endpoint_circuit_open", "Endpoints whose circuit breaker is open or probing.", registry=r
+        )
+        self.endpoints_disabled = Gauge(
+            "webhookd_endpoints_disabled", "Webhooks disabled, automatically or by an operator.", registry=r
+        )
         # Pre-create the bounded label values so that dashboards see zeros, not missing series.
         for result in ATTEMPT_RESULTS:
             self.delivery_attempts.labels(result)

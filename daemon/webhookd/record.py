@@ -22,7 +22,7 @@ from webhookd.deliver import Delivery
 log = structlog.get_logger("webhookd.record")
 
 # Errors that pass when Postgres comes back: connection loss, a restart (admin shutdown, "starting up"), timeouts.
-_TRANSIENT = (
+TRANSIENT = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
@@ -111,14 +111,14 @@ class Recorder:
             delivery.attempts,
             retry_in,
             last_status,
-            _clean(error),
+            clean_text(error),
         )
 
     async def update(
         self, row_id: int, *, status: str, attempts: int, retry_in: float, last_status: int | None, error: str | None
     ) -> None:
         """Record the outcome of an attempt on a delivery that already has its durable row."""
-        await self._write(_UPDATE_DELIVERY, row_id, status, attempts, retry_in, last_status, _clean(error))
+        await self._write(_UPDATE_DELIVERY, row_id, status, attempts, retry_in, last_status, clean_text(error))
 
     async def defer(self, row_id: int, *, retry_in: float) -> None:
         """Put a claimed delivery back for later without an attempt, keeping its last status and error."""
@@ -130,7 +130,7 @@ class Recorder:
             bad.topic,
             bad.partition,
             bad.offset,
-            _clean(bad.reason),
+            clean_text(bad.reason),
             bad.raw[:_RAW_LIMIT],
             len(bad.raw),
         )
@@ -174,7 +174,7 @@ class Recorder:
                     for sql, rows in by_sql.items():
                         await conn.executemany(sql, rows)
                 break
-            except _TRANSIENT as exc:
+            except TRANSIENT as exc:
                 log.warning("record_write_retrying", error=str(exc), writes=len(batch), retry_in=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -192,7 +192,7 @@ class Recorder:
                 await self._task
 
 
-def _clean(text: str | None) -> str | None:
+def clean_text(text: str | None) -> str | None:
     # Postgres text cannot hold NUL, and receivers' error bodies are arbitrary bytes.
     # Nor lone surrogates, which aiohttp leaves in headers it decodes with surrogateescape.
     if text is None:

@@ -14,6 +14,7 @@ import structlog
 
 from webhookd.deliver import Delivery
 from webhookd.dispatch import Dispatcher
+from webhookd.health import EndpointHealth
 from webhookd.metrics import Metrics
 from webhookd.record import Recorder
 from webhookd.subscriptions import SubscriptionIndex, Webhook
@@ -27,6 +28,7 @@ WHERE d.id IN (
     SELECT id FROM webhookd.deliveries
     WHERE status = 'pending' AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
       AND NOT (id = ANY($3::bigint[]))  -- our own claims still under way, whose lease may have run out
+      AND NOT (webhook_id = ANY($4::uuid[]))  -- endpoints that take nothing now (circuit open, paused)
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -55,11 +57,13 @@ class RetryPoller:
         pool: asyncpg.Pool,
         dispatcher: Dispatcher,
         index: SubscriptionIndex,
+        health: EndpointHealth,
         recorder: Recorder,
         metrics: Metrics,
         settings: RetrySettings,
     ) -> None:
         self._pool = pool
+        self._health = health
         self._dispatcher = dispatcher
         self._index = index
         self._recorder = recorder
@@ -85,7 +89,9 @@ class RetryPoller:
                 await asyncio.sleep(self._settings.poll_interval)
 
     async def claim(self, limit: int) -> int:
-        rows = await self._pool.fetch(_CLAIM, limit, self._settings.lease_seconds, self._dispatcher.retry_rows())
+        rows = await self._pool.fetch(
+            _CLAIM, limit, self._settings.lease_seconds, self._dispatcher.retry_rows(), self._health.held_webhooks()
+        )
         for row in rows:
             webhook = self._index.get(row["webhook_id"])
             if webhook is None or not self._still_subscribed(webhook, row["workspace_id"], row["event_name"]):

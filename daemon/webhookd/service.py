@@ -20,11 +20,15 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaConsumer
 
+from webhookd.attempts import AttemptLog
+from webhookd.circuit import BreakerSettings
 from webhookd.config import Settings
 from webhookd.consume import Consumer, ConsumeSettings
 from webhookd.deliver import Sender, close_session
 from webhookd.dispatch import Dispatcher, HostLimits, RetryPolicy
 from webhookd.egress import EgressPolicy, GuardedResolver
+from webhookd.endpoints import EndpointBook
+from webhookd.health import EndpointHealth
 from webhookd.metrics import Metrics
 from webhookd.record import Recorder
 from webhookd.retries import RetryPoller, RetrySettings
@@ -42,6 +46,11 @@ _MAX_TRACKED_RECORDS = 100_000
 # Bounds on the shutdown steps that wait for Postgres or Kafka, which may be the very thing that is down.
 _HANDOFF_SECONDS = 10.0
 _FINAL_COMMIT_SECONDS = 10.0
+# The newest migration's tables: present, the schema is current.
+_SCHEMA_CURRENT = (
+    "SELECT to_regclass('webhookd.deliveries') IS NOT NULL AND to_regclass('webhookd.endpoints') IS NOT NULL "
+    "AND to_regclass('webhookd.attempts') IS NOT NULL"
+)
 
 
 class StartupError(Exception):
@@ -57,6 +66,9 @@ class _Resources:
     dispatcher: Dispatcher
     consumer: Consumer
     poller: RetryPoller
+    health: EndpointHealth
+    book: EndpointBook
+    attempts: AttemptLog
     web: Any  # aiohttp.web.AppRunner
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -119,12 +131,18 @@ class Service:
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise StartupError(f"cannot connect to Postgres (postgres.dsn): {exc}") from exc
         assert pool is not None
-        if not await pool.fetchval("SELECT to_regclass('webhookd.deliveries') IS NOT NULL"):
+        if not await pool.fetchval(_SCHEMA_CURRENT):
             await pool.close()
-            raise StartupError("the webhookd schema is missing: run `webhookd migrate --config FILE` first")
+            raise StartupError("the webhookd schema is missing or out of date: run `webhookd migrate --config FILE`")
         self._res = await self._build(pool, links)
         res = self._res
         res.tasks["recorder"] = res.recorder.start()
+        try:
+            await res.book.load()
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise StartupError(f"cannot read endpoint health (webhookd.endpoints): {exc}") from exc
+        res.tasks["endpoints"] = asyncio.create_task(res.book.run(), name="endpoints")
+        res.tasks["attempts"] = asyncio.create_task(res.attempts.run(), name="attempts")
         res.tasks["subscriptions"] = asyncio.create_task(res.store.run(), name="subscriptions")
         await self._wait_or_fail(res.store.loaded.wait(), res.tasks["subscriptions"], "loading subscriptions")
         try:
@@ -166,6 +184,22 @@ class Service:
             https_only=s.egress.https_only,
         )
         recorder = Recorder(pool)
+        e = s.endpoints
+        health = EndpointHealth(
+            BreakerSettings(
+                failure_ratio=e.circuit_failure_ratio,
+                min_requests=e.circuit_min_requests,
+                window_seconds=e.circuit_window_seconds,
+                cooldown_seconds=e.circuit_cooldown_seconds,
+                max_cooldown_seconds=e.circuit_max_cooldown_seconds,
+                probe_seconds=s.delivery.timeout_seconds + 1,
+            ),
+            default_rate=e.rate_limit_per_second,
+            max_wait=s.delivery.host_wait_seconds,
+            metrics=self.metrics,
+        )
+        book = EndpointBook(pool, health, e.sync_interval_seconds, e.disable_after_seconds)
+        attempts = AttemptLog(pool, e.attempt_log_retention_seconds)
         store = SubscriptionStore(
             links.postgres,
             pool,
@@ -185,6 +219,8 @@ class Service:
                 wait_seconds=s.delivery.host_wait_seconds,
                 busy_retry_seconds=s.delivery.host_busy_retry_seconds,
             ),
+            health=health,
+            attempts=attempts,
             on_fatal=self._on_fatal,
         )
         kafka = AIOKafkaConsumer(
@@ -221,6 +257,7 @@ class Service:
             pool,
             dispatcher,
             store.index,
+            health,
             recorder,
             self.metrics,
             RetrySettings(
@@ -230,7 +267,9 @@ class Service:
                 lease_seconds=max(60.0, 3 * s.delivery.timeout_seconds),
             ),
         )
-        return _Resources(pool, session, recorder, store, dispatcher, consumer, poller, web=None)
+        return _Resources(
+            pool, session, recorder, store, dispatcher, consumer, poller, health, book, attempts, web=None
+        )
 
     async def _wait_or_fail(self, aw: Any, task: asyncio.Task[None], what: str) -> None:
         waiter = asyncio.ensure_future(aw)
@@ -282,6 +321,10 @@ class Service:
         with contextlib.suppress(Exception):  # expired leases free these rows anyway
             await asyncio.wait_for(res.poller.release(claimed), 5)
         await res.recorder.close(timeout=5)
+        # What the last attempts showed is worth keeping, but never worth a stuck shutdown.
+        await res.attempts.close(timeout=5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(res.book.sync(), 5)
         with contextlib.suppress(Exception):  # a broker that is down cannot take the commit; replay covers it
             await asyncio.wait_for(res.consumer.commit(), _FINAL_COMMIT_SECONDS)
         for task in res.tasks.values():

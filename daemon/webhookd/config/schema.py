@@ -38,6 +38,7 @@ from webhookd.config.values import (
     _Name,
     _Network,
     _optional,
+    _rate,
     _secret,
     _Server,
     _Size,
@@ -237,6 +238,35 @@ class DeliverySettings(_Section):
         return self.max_pending_deliveries or 4 * self.concurrency
 
 
+class EndpointSettings(_Section):
+    """How sick receivers are treated: the circuit breaker, rate limits, auto-disable and the attempt log."""
+
+    # The breaker opens when, within the window, at least `circuit_min_requests` attempts were made and this
+    # fraction of them failed (timeout, connection error, 5xx, 429).
+    circuit_failure_ratio: Annotated[float, BeforeValidator(_fraction)] = 0.5
+    circuit_min_requests: _Count = 20
+    circuit_window_seconds: _Timeout = 60.0
+    # Open for this long, then one probe; each failed probe doubles it, up to the maximum.
+    circuit_cooldown_seconds: _Timeout = 30.0
+    circuit_max_cooldown_seconds: _Timeout = 600.0
+    # Deliveries a second to one endpoint; unset is unlimited. `webhookd endpoints limit` overrides it per webhook.
+    rate_limit_per_second: Annotated[float | None, BeforeValidator(_optional(_rate))] = None
+    # Disabled after failing this long without one success (410 Gone disables at once); 0 never disables.
+    disable_after_seconds: _Delay = 432000.0
+    attempt_log_retention_seconds: _Timeout = 1209600.0
+    # How often health is shared with Postgres (and so with replicas and `webhookd endpoints list`).
+    sync_interval_seconds: _Timeout = 2.0
+
+    @model_validator(mode="after")
+    def _check_cooldowns(self) -> Self:
+        if self.circuit_max_cooldown_seconds < self.circuit_cooldown_seconds:
+            raise _combination_error(
+                type(self).__name__,
+                [("circuit_max_cooldown_seconds", "must be at least endpoints.circuit_cooldown_seconds")],
+            )
+        return self
+
+
 class EgressSettings(_Section):
     """Which destination addresses deliveries may reach."""
 
@@ -272,6 +302,7 @@ class Settings(_Section):
     kafka: KafkaSettings = KafkaSettings()
     postgres: PostgresSettings
     delivery: DeliverySettings = DeliverySettings()
+    endpoints: EndpointSettings = EndpointSettings()
     egress: EgressSettings = EgressSettings()
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -294,6 +325,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "kafka": KafkaSettings,
     "postgres": PostgresSettings,
     "delivery": DeliverySettings,
+    "endpoints": EndpointSettings,
     "egress": EgressSettings,
     "http": HttpSettings,
     "logging": LoggingSettings,

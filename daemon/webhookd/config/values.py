@@ -84,6 +84,15 @@ def _fraction(value: object) -> float:
     raise ValueError("must be a number from 0 to 1")
 
 
+def _rate(value: object) -> float:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    raise ValueError("must be a number of deliveries per second > 0, such as 50 or 0.5")
+
+
 def _boolean(value: object) -> bool:
     if isinstance(value, bool):
         return value

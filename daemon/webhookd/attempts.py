@@ -1,0 +1,131 @@
+"""The attempt log: every HTTP attempt, kept in Postgres for operators, written with COPY in batches.
+
+Adding an attempt only appends a tuple to a list; a background task copies the list to `webhookd.attempts` every
+second, so the hot path never waits on Postgres. The log is for diagnosis, not for delivery: if Postgres stays
+away long enough for the buffer to fill, the oldest entries are let go, and a warning says how many. Old attempts
+are pruned after the retention period, in small batches so that no long lock or transaction builds up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import structlog
+
+from webhookd.deliver import AttemptResult, Delivery
+from webhookd.record import TRANSIENT, clean_text
+
+log = structlog.get_logger("webhookd.attempts")
+
+_COLUMNS = (
+    "event_id",
+    "webhook_id",
+    "workspace_id",
+    "event_name",
+    "attempt",
+    "at",
+    "duration_ms",
+    "result",
+    "status",
+    "error",
+)
+_EXCERPT = 300  # characters of an error or response body kept per attempt
+_PRUNE = """
+DELETE FROM webhookd.attempts WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM webhookd.attempts WHERE at < now() - make_interval(secs => $1) LIMIT 10000
+))
+"""
+
+
+class AttemptLog:
+    """Buffers attempts and copies them to Postgres; `run` is the writer, `close` flushes what is left."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        retention_seconds: float,
+        flush_interval: float = 1.0,
+        max_buffered: int = 200_000,
+        prune_interval: float = 600.0,
+    ) -> None:
+        self._pool = pool
+        self._retention = retention_seconds
+        self._flush_interval = flush_interval
+        self._max_buffered = max_buffered
+        self._prune_interval = prune_interval
+        self._rows: list[tuple[Any, ...]] = []
+        self._dropped = 0
+
+    def add(self, delivery: Delivery, attempt: int, result: AttemptResult) -> None:
+        error = result.describe() if not result.ok else None
+        self._rows.append(
+            (
+                delivery.event_id,
+                delivery.webhook.id,
+                delivery.workspace_id,
+                delivery.event_name,
+                attempt,
+                datetime.now(UTC),
+                result.duration * 1000,
+                result.result,
+                result.status,
+                clean_text(error[:_EXCERPT]) if error else None,
+            )
+        )
+        if len(self._rows) > self._max_buffered:
+            excess = len(self._rows) - self._max_buffered
+            del self._rows[:excess]
+            self._dropped += excess
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time() + 5.0
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            try:
+                await self.flush()
+                if loop.time() >= next_prune:
+                    await self.prune()
+                    next_prune = loop.time() + self._prune_interval
+            except TRANSIENT as exc:
+                log.warning(
+                    "attempt_log_write_retrying", error=str(exc) or type(exc).__name__, buffered=len(self._rows)
+                )
+
+    async def flush(self) -> int:
+        """Copy the buffered attempts to Postgres; returns how many. On failure they stay buffered."""
+        if self._dropped:
+            log.warning("attempt_log_overflow", dropped=self._dropped, kept=len(self._rows))
+            self._dropped = 0
+        rows, self._rows = self._rows, []
+        if not rows:
+            return 0
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.copy_records_to_table("attempts", schema_name="webhookd", columns=_COLUMNS, records=rows)
+        except BaseException:
+            self._rows[:0] = rows
+            raise
+        return len(rows)
+
+    async def prune(self) -> int:
+        """Delete attempts older than the retention period; returns how many went."""
+        removed = 0
+        while True:
+            status = await self._pool.execute(_PRUNE, self._retention)
+            count = int(status.rpartition(" ")[2])
+            removed += count
+            if count < 10000:
+                break
+        if removed:
+            log.info("attempt_log_pruned", removed=removed)
+        return removed
+
+    async def close(self, timeout: float) -> None:
+        """Write what is buffered, within `timeout`."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush(), timeout)

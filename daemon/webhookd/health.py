@@ -1,0 +1,291 @@
+"""Endpoint health in memory: whether a delivery may go now, and what each attempt teaches about its receiver.
+
+An endpoint is one target URL; the webhooks that share it share its circuit breaker and its pace, since they reach
+the same receiver. Disabling and rate-limit overrides are set per webhook (that is what operators name) and come
+from Postgres through `webhookd.endpoints`, which also receives what is learned here, in batches.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from webhookd.circuit import Breaker, BreakerSettings, State
+from webhookd.deliver import AttemptResult, Delivery
+from webhookd.metrics import Metrics
+from webhookd.throttle import Throttle
+
+log = structlog.get_logger("webhookd.health")
+
+# What says the receiver is sick rather than refusing this one request: these open the circuit.
+_SICK = frozenset({"timeout", "connection_error", "5xx"})
+_SLOW_DOWN = frozenset({429, 503})
+
+
+@dataclass(frozen=True, slots=True)
+class Go:
+    """Send, after `wait` seconds; `probe` when this attempt tests an open circuit."""
+
+    probe: bool = False
+    wait: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Do not send now: defer for `retry_in` seconds (reason is the deferral metric label) or, if disabled, dead."""
+
+    reason: str  # circuit_open, rate_limited or disabled
+    retry_in: float
+    error: str
+
+
+SEND_NOW = Go()
+
+
+@dataclass(slots=True)
+class Delta:
+    """What one webhook's attempts showed since the last sync, in wall-clock seconds."""
+
+    url: str
+    attempts: int = 0
+    failures: int = 0
+    consecutive: int = 0  # failures since the last success seen here
+    saw_success: bool = False
+    last_success: float | None = None
+    last_failure: float | None = None
+    failing_since: float | None = None  # the first failure after the last success seen here
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+@dataclass(slots=True)
+class Changes:
+    """What the next sync must write: attempt deltas, new disables, and endpoints whose published state moved."""
+
+    deltas: dict[str, Delta] = field(default_factory=dict)
+    disables: dict[str, str] = field(default_factory=dict)  # webhook id -> reason
+    # webhook id -> (circuit open until, rate limited until), wall-clock seconds or None
+    states: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+
+class _Endpoint:
+    __slots__ = ("breaker", "throttle", "webhooks")
+
+    def __init__(self, breaker: Breaker, throttle: Throttle) -> None:
+        self.breaker = breaker
+        self.throttle = throttle
+        self.webhooks: set[str] = set()
+
+
+class EndpointHealth:
+    """Admits deliveries past each endpoint's breaker, pace and disabled flag, and learns from each attempt."""
+
+    def __init__(
+        self,
+        breaker: BreakerSettings,
+        default_rate: float | None,
+        max_wait: float,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._breaker_settings = breaker
+        self._default_rate = default_rate
+        self._max_wait = max_wait
+        self._metrics = metrics
+        self._clock = clock
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._open: set[str] = set()  # urls whose circuit is not closed
+        self._disabled: dict[str, str] = {}  # webhook id -> reason
+        self._rates: dict[str, float] = {}  # webhook id -> its own limit
+        self._changes = Changes()
+
+    # --- the delivery path -------------------------------------------------------------------------------------
+
+    def admit(self, delivery: Delivery) -> Go | Hold:
+        webhook = delivery.webhook
+        reason = self._disabled.get(webhook.id)
+        if reason is not None:
+            return Hold("disabled", 0.0, f"endpoint disabled: {reason}")
+        endpoint = self._endpoint(webhook.id, webhook.target_url)
+        now = self._clock()
+        allowed, wait = endpoint.breaker.admit(now)
+        if not allowed:
+            # Spread what was held together, so that a reopening endpoint is not handed the whole backlog at once.
+            return Hold("circuit_open", wait * random.uniform(1.0, 1.5), "deferred: the endpoint's circuit is open")
+        probe = endpoint.breaker.probing
+        allowed, wait = endpoint.throttle.reserve(now, self._max_wait)
+        if not allowed:
+            if probe:
+                endpoint.breaker.abandon_probe(now)
+            if endpoint.throttle.paused_until > now:
+                return Hold("rate_limited", wait * random.uniform(1.0, 1.5), "deferred: the receiver asked to wait")
+            return Hold("rate_limited", wait, "deferred: over the endpoint's rate limit")
+        return Go(probe, wait) if probe or wait > 0 else SEND_NOW
+
+    def abandon(self, delivery: Delivery, go: Go) -> None:
+        """An admitted delivery was not sent (its host was busy)."""
+        if go.probe:
+            self._endpoint(delivery.webhook.id, delivery.webhook.target_url).breaker.abandon_probe(self._clock())
+
+    def observe(self, delivery: Delivery, result: AttemptResult) -> None:
+        """Learn from one attempt's outcome (never called for attempts the egress policy blocked)."""
+        webhook = delivery.webhook
+        endpoint = self._endpoint(webhook.id, webhook.target_url)
+        now, wall = self._clock(), time.time()
+        sick = result.result in _SICK or result.status == 429
+        if endpoint.breaker.record(now, sick) or (sick and endpoint.breaker.state is State.OPEN):
+            self._circuit_moved(webhook.target_url, endpoint, now, wall)
+        if result.status in _SLOW_DOWN and result.retry_after and endpoint.throttle.pause(now, result.retry_after):
+            log.info("endpoint_paused", webhook_id=webhook.id, status=result.status, seconds=result.retry_after)
+            self._publish(endpoint, now, wall)
+        self._learn(webhook.id, webhook.target_url, result, wall)
+        if result.status == 410:
+            self.disable(webhook.id, "the receiver answered 410 Gone")
+
+    def _learn(self, webhook_id: str, url: str, result: AttemptResult, wall: float) -> None:
+        delta = self._changes.deltas.get(webhook_id)
+        if delta is None:
+            delta = self._changes.deltas[webhook_id] = Delta(url)
+        delta.url = url
+        delta.attempts += 1
+        delta.last_status = result.status
+        if result.ok:
+            delta.saw_success = True
+            delta.last_success = wall
+            delta.consecutive = 0
+            delta.failing_since = None
+            delta.last_error = None
+        else:
+            delta.failures += 1
+            delta.consecutive += 1
+            delta.last_failure = wall
+            if delta.failing_since is None:
+                delta.failing_since = wall
+            delta.last_error = result.describe()
+
+    def _circuit_moved(self, url: str, endpoint: _Endpoint, now: float, wall: float) -> None:
+        opened = endpoint.breaker.state is not State.CLOSED
+        if opened and url not in self._open:
+            self._open.add(url)
+            log.warning(
+                "circuit_opened",
+                webhooks=sorted(endpoint.webhooks),
+                seconds=round(endpoint.breaker.open_until - now, 1),
+            )
+        elif not opened and url in self._open:
+            self._open.discard(url)
+            log.info("circuit_closed", webhooks=sorted(endpoint.webhooks))
+        self._metrics.endpoint_circuit_open.set(len(self._open))
+        self._publish(endpoint, now, wall)
+
+    def _publish(self, endpoint: _Endpoint, now: float, wall: float) -> None:
+        breaker, throttle = endpoint.breaker, endpoint.throttle
+        open_until = wall + max(breaker.open_until - now, 0.0) if breaker.state is not State.CLOSED else None
+        paused_until = wall + throttle.paused_until - now if throttle.paused_until > now else None
+        for webhook_id in endpoint.webhooks:
+            self._changes.states[webhook_id] = (open_until, paused_until)
+
+    def _endpoint(self, webhook_id: str, url: str) -> _Endpoint:
+        endpoint = self._endpoints.get(url)
+        if endpoint is None:
+            endpoint = self._endpoints[url] = _Endpoint(Breaker(self._breaker_settings), Throttle(self._default_rate))
+        if webhook_id not in endpoint.webhooks:
+            endpoint.webhooks.add(webhook_id)
+            endpoint.throttle.rate = self._rate_of(endpoint)
+        return endpoint
+
+    def _rate_of(self, endpoint: _Endpoint) -> float | None:
+        # Webhooks sharing a receiver share its pace: the strictest of their limits holds.
+        own = [self._rates[w] for w in endpoint.webhooks if w in self._rates]
+        return min(own) if own else self._default_rate
+
+    # --- what the endpoint book reads and sets -----------------------------------------------------------------
+
+    def disable(self, webhook_id: str, reason: str) -> None:
+        """Disable at once here; the book writes it to Postgres (and dead-letters what is pending) at its next sync."""
+        if webhook_id in self._disabled:
+            return
+        self._disabled[webhook_id] = reason
+        self._changes.disables[webhook_id] = reason
+        self._metrics.endpoints_disabled.set(len(self._disabled))
+        log.warning("endpoint_disabled", webhook_id=webhook_id, reason=reason)
+
+    def apply_disabled(self, webhook_id: str, reason: str | None) -> None:
+        """Take a webhook's disabled flag as Postgres holds it (an operator or another replica may have set it)."""
+        if reason is not None:
+            if webhook_id not in self._disabled:
+                self._disabled[webhook_id] = reason
+                log.warning("endpoint_disabled", webhook_id=webhook_id, reason=reason)
+        elif webhook_id in self._disabled and webhook_id not in self._changes.disables:
+            del self._disabled[webhook_id]
+            log.info("endpoint_enabled", webhook_id=webhook_id)
+            # Re-enabled means someone looked at the receiver: give it a clean start.
+            for url, endpoint in self._endpoints.items():
+                if webhook_id in endpoint.webhooks:
+                    endpoint.breaker.reset()
+                    self._open.discard(url)
+            self._metrics.endpoint_circuit_open.set(len(self._open))
+        self._metrics.endpoints_disabled.set(len(self._disabled))
+
+    def apply_rate(self, webhook_id: str, rate: float | None) -> None:
+        """Take a webhook's own rate limit (None: the configured default)."""
+        if self._rates.get(webhook_id) == rate:
+            return
+        if rate is None:
+            del self._rates[webhook_id]
+        else:
+            self._rates[webhook_id] = rate
+        for endpoint in self._endpoints.values():
+            if webhook_id in endpoint.webhooks:
+                endpoint.throttle.rate = self._rate_of(endpoint)
+
+    def disabled_reason(self, webhook_id: str) -> str | None:
+        return self._disabled.get(webhook_id)
+
+    def held_webhooks(self) -> list[str]:
+        """Webhooks whose endpoint takes nothing now (circuit open, probe out, paused): retry claims skip them."""
+        now = self._clock()
+        held: list[str] = []
+        for url in self._open:
+            endpoint = self._endpoints[url]
+            if endpoint.breaker.holds(now):
+                held.extend(endpoint.webhooks)
+        for endpoint in self._endpoints.values():
+            if endpoint.throttle.paused_until > now:
+                held.extend(endpoint.webhooks)
+        return held
+
+    def take_changes(self) -> Changes:
+        changes, self._changes = self._changes, Changes()
+        return changes
+
+    def restore(self, changes: Changes) -> None:
+        """Put back changes a sync could not write, under anything learned since."""
+        newer = self._changes
+        self._changes = changes
+        for webhook_id, delta in newer.deltas.items():
+            self._changes.deltas[webhook_id] = merge(changes.deltas.get(webhook_id), delta)
+        self._changes.disables.update(newer.disables)
+        self._changes.states.update(newer.states)
+
+
+def merge(old: Delta | None, new: Delta) -> Delta:
+    """One delta covering `old` then `new`."""
+    if old is None:
+        return new
+    return Delta(
+        url=new.url,
+        attempts=old.attempts + new.attempts,
+        failures=old.failures + new.failures,
+        consecutive=new.consecutive if new.saw_success else old.consecutive + new.consecutive,
+        saw_success=old.saw_success or new.saw_success,
+        last_success=new.last_success if new.last_success is not None else old.last_success,
+        last_failure=new.last_failure if new.last_failure is not None else old.last_failure,
+        failing_since=new.failing_since if new.saw_success else (old.failing_since or new.failing_since),
+        last_status=new.last_status,
+        last_error=new.last_error,
+    )
