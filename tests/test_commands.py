@@ -4,9 +4,7 @@ unmigrated database with a clear message, and `webhookd dev` showing verified de
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -14,28 +12,8 @@ from pathlib import Path
 import asyncpg
 import psutil
 
-from tests.support import config_for, fetch, write_config
+from tests.support import config_for, fetch, webhookd_cli, write_config
 from webhookd.embedded import create_database
-
-
-async def _webhookd(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "webhookd",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
 
 
 async def test_migrate_is_idempotent_and_leaves_an_existing_twenty_table_alone(postgres_admin: str, kafka: str) -> None:
@@ -53,8 +31,8 @@ async def test_migrate_is_idempotent_and_leaves_an_existing_twenty_table_alone(p
         await conn.close()
     with tempfile.TemporaryDirectory() as tmp:
         config = write_config(Path(tmp) / "c.yaml", config_for(kafka, dsn, "t"))
-        first = await _webhookd("migrate", "--config", str(config))
-        second = await _webhookd("migrate", "--config", str(config))
+        first = await webhookd_cli("migrate", "--config", str(config))
+        second = await webhookd_cli("migrate", "--config", str(config))
     assert first[0] == 0, first[1]
     assert "0001_state.sql" in first[1]
     assert second == (0, second[1])
@@ -71,7 +49,7 @@ async def test_run_on_an_unmigrated_database_says_to_migrate_and_exits_1(postgre
     dsn = await create_database(postgres_admin, f"u_{uuid.uuid4().hex[:10]}")
     with tempfile.TemporaryDirectory() as tmp:
         config = write_config(Path(tmp) / "c.yaml", config_for(kafka, dsn, "t"))
-        status, out = await _webhookd("run", "--config", str(config), timeout=60)
+        status, out = await webhookd_cli("run", "--config", str(config), timeout=60)
     assert status == 1
     assert "webhookd migrate" in out
 
@@ -80,7 +58,7 @@ async def test_run_with_a_bad_config_exits_2_naming_the_key() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.yaml"
         path.write_text("postgres:\n  dsn: postgresql://u:hunter2@db/x\ndelivery:\n  concurrency: lots\n")
-        status, out = await _webhookd("run", "--config", str(path))
+        status, out = await webhookd_cli("run", "--config", str(path))
     assert status == 2
     assert "delivery.concurrency" in out
     assert "hunter2" not in out
@@ -90,7 +68,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 async def test_dev_shows_verified_deliveries_and_leaves_no_process_behind() -> None:
-    status, out = await _webhookd("dev", "--config", str(REPO / "config" / "dev.yaml"), "--events", "8", timeout=120)
+    status, out = await webhookd_cli("dev", "--config", str(REPO / "config" / "dev.yaml"), "--events", "8", timeout=120)
     assert status == 0, out[-3000:]
     assert "signature verified" in out
     assert "0 failed verification" in out

@@ -16,7 +16,6 @@ import ipaddress
 import os
 import ssl
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.support import Receiver, add_webhook, config_for, event, fetch, new_workspace, produce, running, settings_for
+from tests.support import (
+    Receiver,
+    add_webhook,
+    config_for,
+    event,
+    fetch,
+    new_workspace,
+    produce,
+    running,
+    settings_for,
+    webhookd_cli,
+)
 from tests.support import write_config as write_yaml
 from webhookd.config import ConfigError, Settings, describe, load_settings
 from webhookd.embedded import free_port
@@ -190,21 +200,6 @@ async def tls_proxy(pki: Pki, upstream: Connect) -> AsyncIterator[TLSProxy]:
         await proxy.stop()
 
 
-async def run_webhookd(*args: str, timeout: float = 60) -> tuple[int, str]:
-    """`webhookd ARGS` as a process, without blocking the loop that serves the terminators; (status, output)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "webhookd", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    try:
-        output, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, output.decode(errors="replace")
-
-
 async def wait_for_rows(dsn: str, sql: str, timeout: float) -> list[asyncpg.Record]:
     deadline = asyncio.get_running_loop().time() + timeout
     while not (rows := await fetch(dsn, sql)):
@@ -351,7 +346,7 @@ async def test_without_the_brokers_ca_the_daemon_refuses_to_start_and_names_kafk
     # The system's CAs do not know the test CA, exactly as for a broker with a private CA and no ssl_ca_file.
     config = config_for(tls_kafka, dsn, "never-read", kafka={"security_protocol": "SSL"})
 
-    status, output = await run_webhookd("run", "--config", str(write_yaml(tmp_path / "webhookd.yaml", config)))
+    status, output = await webhookd_cli("run", "--config", str(write_yaml(tmp_path / "webhookd.yaml", config)))
 
     assert status == 1, output
     assert f"cannot reach Kafka at {tls_kafka}" in output
@@ -458,7 +453,7 @@ async def test_migrate_connects_over_tls_as_postgres_ssl_mode_says(
             postgres["ssl_ca_file"] = str(pki.ca)
         config = config_for("127.0.0.1:9", dsn, "unused", postgres=postgres)
 
-        result, output = await run_webhookd("migrate", "--config", str(write_yaml(tmp_path / "webhookd.yaml", config)))
+        result, output = await webhookd_cli("migrate", "--config", str(write_yaml(tmp_path / "webhookd.yaml", config)))
 
     assert result == status, output
     if status == 0:

@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+import asyncpg
 
 from webhookd import __version__
 from webhookd.config import ConfigError, Settings, describe, load_settings
+from webhookd.operate.endpoints import STATES
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -25,8 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"webhookd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    def with_config(
+        name: str, help_text: str, group: argparse._SubParsersAction[argparse.ArgumentParser] = commands
+    ) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text, description=help_text)
         sub.add_argument(
             "--config",
             "-c",
@@ -40,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config("run", "Run the daemon in the foreground; SIGTERM or SIGINT drains, commits and exits 0.")
     with_config("migrate", "Create or upgrade the database schema; safe to run any number of times.")
     with_config("check-config", "Validate the configuration: exit 0 and print it (secrets hidden), or list problems.")
+    _operator_commands(commands, with_config)
     dev = commands.add_parser(
         "dev",
         help="Run everything locally: broker, Postgres, a demo receiver, sample webhooks and events.",
@@ -60,6 +67,73 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_WithConfig = Callable[[str, str, "argparse._SubParsersAction[argparse.ArgumentParser]"], argparse.ArgumentParser]
+
+
+def _operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser], with_config: _WithConfig) -> None:
+    deliveries = commands.add_parser(
+        "deliveries",
+        help="List deliveries, show every attempt of one, replay dead letters.",
+        description="Deliveries that needed more than one attempt have an id; first-try successes are listed from the "
+        "attempt log without one.",
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = with_config("list", "List deliveries, newest first, as a table or --json.", deliveries)
+    listing.add_argument("--status", choices=("pending", "dead", "delivered"), help="only deliveries in this state")
+    _filter_options(listing, event=True)
+    listing.add_argument("--limit", type=int, default=50, metavar="N", help="at most N rows (default 50)")
+    _json_option(listing)
+    show = with_config("show", "Show a delivery and every attempt made for it.", deliveries)
+    target = show.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", nargs="?", type=int, metavar="ID", help="the delivery's id, from `deliveries list`")
+    target.add_argument("--event", metavar="EVENT_ID", help="instead of an id: every delivery of this event")
+    _json_option(show)
+    retry = with_config(
+        "retry",
+        "Replay deliveries now, with a fresh retry schedule and the same event id (receivers can deduplicate).",
+        deliveries,
+    )
+    retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="delivery ids to replay")
+    retry.add_argument("--dead", action="store_true", help="replay every dead letter that matches the filters")
+    _filter_options(retry, event=False, workspace=False)
+    _json_option(retry)
+
+    endpoints = commands.add_parser(
+        "endpoints",
+        help="See each webhook's endpoint health; enable, disable or rate-limit it.",
+        description="An endpoint is a webhook's receiver. Its state is healthy, failing, rate_limited, circuit_open or "
+        "disabled, as the running daemons last published it.",
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = with_config("list", "List every live webhook's endpoint and its state, as a table or --json.", endpoints)
+    listing.add_argument("--state", choices=STATES, help="only endpoints in this state")
+    listing.add_argument("--webhook", metavar="WEBHOOK_ID", help="only this webhook")
+    _json_option(listing)
+    enable = with_config("enable", "Enable endpoints again; their failure streak starts afresh.", endpoints)
+    enable.add_argument("ids", nargs="+", metavar="WEBHOOK_ID")
+    disable = with_config(
+        "disable", "Disable endpoints: nothing is sent; pending and new deliveries become dead letters.", endpoints
+    )
+    disable.add_argument("ids", nargs="+", metavar="WEBHOOK_ID")
+    disable.add_argument("--reason", default="disabled by an operator", help="kept with the endpoint and its letters")
+    limit = with_config("limit", "Set a webhook's own rate limit, in deliveries a second, or 'default'.", endpoints)
+    limit.add_argument("id", metavar="WEBHOOK_ID")
+    limit.add_argument("rate", metavar="RATE", help="deliveries a second (such as 20 or 0.5), or 'default'")
+
+
+def _filter_options(parser: argparse.ArgumentParser, event: bool, workspace: bool = True) -> None:
+    parser.add_argument("--webhook", metavar="WEBHOOK_ID", help="only this webhook's deliveries")
+    if workspace:
+        parser.add_argument("--workspace", metavar="WORKSPACE_ID", help="only this workspace's deliveries")
+    if event:
+        parser.add_argument("--event", metavar="EVENT_ID", help="only this event's deliveries")
+    parser.add_argument(
+        "--since", metavar="WHEN", help="only those changed since WHEN: an age such as 2h or 1d, or an ISO time"
+    )
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "dev":
@@ -76,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
+    if args.command in ("deliveries", "endpoints"):
+        return asyncio.run(_operate(settings, args))
     return _run(settings)
 
 
@@ -91,21 +167,66 @@ def _run(settings: Settings) -> int:
     return asyncio.run(serve())
 
 
-async def _migrate(settings: Settings) -> int:
-    import asyncpg
-
-    from webhookd.store.migrate import migrate
+async def _connect(settings: Settings) -> asyncpg.Connection[Any] | None:
+    """A connection made as the daemon makes its own (TLS included), or None after saying why not."""
     from webhookd.tls import TLSError, postgres_connect
 
     try:
-        postgres = postgres_connect(settings.postgres)  # the daemon's own connect arguments, TLS included
+        postgres = postgres_connect(settings.postgres)
     except TLSError as exc:
         print(f"webhookd: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return None
     try:
-        conn = await asyncpg.connect(postgres.dsn, ssl=postgres.ssl, timeout=10)
+        return await asyncpg.connect(postgres.dsn, ssl=postgres.ssl, timeout=10)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         print(f"webhookd: cannot connect to Postgres (postgres.dsn): {exc}", file=sys.stderr)
+        return None
+
+
+async def _operate(settings: Settings, args: argparse.Namespace) -> int:
+    from webhookd.operate import deliveries, endpoints
+    from webhookd.operate.output import UsageError
+
+    conn = await _connect(settings)
+    if conn is None:
+        return EXIT_FAILURE
+    table = settings.postgres.subscriptions_table_sql
+    try:
+        if args.command == "deliveries":
+            action = {
+                "list": deliveries.list_deliveries,
+                "show": deliveries.show_delivery,
+                "retry": deliveries.retry_deliveries,
+            }[args.action]
+            return await action(conn, args)
+        step = {
+            "list": endpoints.list_endpoints,
+            "enable": endpoints.enable_endpoints,
+            "disable": endpoints.disable_endpoints,
+            "limit": endpoints.limit_endpoint,
+        }[args.action]
+        return await step(conn, args, table)
+    except UsageError as exc:
+        print(f"webhookd {args.command} {args.action}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LookupError as exc:
+        print(f"webhookd {args.command} {args.action}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except asyncpg.UndefinedTableError as exc:
+        print(f"webhookd: {exc}: run `webhookd migrate --config FILE` first", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        print(f"webhookd {args.command} {args.action}: Postgres refused: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        await conn.close()
+
+
+async def _migrate(settings: Settings) -> int:
+    from webhookd.store.migrate import migrate
+
+    conn = await _connect(settings)
+    if conn is None:
         return EXIT_FAILURE
     try:
         applied = await migrate(conn, settings.postgres.subscriptions_table_sql)

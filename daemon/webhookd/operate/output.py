@@ -1,0 +1,75 @@
+"""How operator commands answer: aligned tables for people, JSON for scripts, and arguments checked up front."""
+
+from __future__ import annotations
+
+import re
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+import orjson
+
+from webhookd.config.values import parse_duration
+
+
+class UsageError(Exception):
+    """An argument the user can fix; the message names it."""
+
+
+def webhook_id(text: str, what: str = "WEBHOOK_ID") -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise UsageError(f"{what}: {text!r} is not a webhook id (a UUID)") from None
+
+
+def workspace_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise UsageError(f"--workspace: {text!r} is not a workspace id (a UUID)") from None
+
+
+def since(text: str) -> datetime:
+    """A moment given as an age ("2h", "30m", "1d") or an ISO 8601 time ("2026-11-28T10:00:00Z")."""
+    try:
+        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(f"--since: {text!r} is neither an age such as 2h or 1d nor an ISO time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def emit_json(data: object, out: TextIO = sys.stdout) -> None:
+    out.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+
+
+def emit_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], out: TextIO = sys.stdout) -> None:
+    """Rows as aligned columns; `columns` pairs each key with its heading."""
+    cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    headings = [heading for _, heading in columns]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headings)]
+    for line in [headings, *cells]:
+        out.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n")
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    text = _CONTROL.sub(" ", str(value))  # receivers' error text must not move the terminal's cursor
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def plain(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A database row as JSON-ready data: times in ISO 8601, UUIDs as text."""
+    return {k: str(v) if isinstance(v, uuid.UUID) else v for k, v in row.items()}
