@@ -131,6 +131,9 @@ def config_for(bootstrap: str, dsn: str, topic: str, /, **sections: dict[str, An
             "drain_timeout_seconds": 5,
         },
         "egress": {"allow_private": True},
+        # Many tests use receivers that fail on purpose and count their attempts; the circuit breaker would hold
+        # those back. The tests of endpoint health and isolation turn it on with the settings they prove.
+        "endpoints": {"circuit_min_requests": 1000, "circuit_consecutive_failures": 1000},
         "http": {"listen": f"127.0.0.1:{free_port()}"},
         "logging": {"level": "info", "format": "console"},
     }

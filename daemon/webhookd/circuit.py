@@ -1,9 +1,11 @@
 """The circuit breaker of one endpoint: stop sending to a receiver that mostly fails, probe it now and then.
 
-Closed, it counts outcomes in a sliding window of time buckets. When the window holds enough attempts and too many
-failed, it opens: nothing is sent for a cool-down. Then one probe goes out (half-open) while everything else still
-waits; a probe that succeeds closes the circuit, one that fails opens it again for twice as long, up to a maximum.
-Deliveries refused by an open circuit are deferred by the caller, never dropped.
+Closed, it counts outcomes in a sliding window of time buckets. It opens when the window holds enough attempts and
+too many failed, or when the last few attempts all failed (a receiver that hangs yields too few attempts to fill a
+window, since its share of the budget shrinks with every timeout). Open, nothing is sent for a cool-down; then one
+probe goes out (half-open) while everything else still waits. A probe that succeeds closes the circuit, one that
+fails opens it again for twice as long, up to a maximum. Deliveries refused by an open circuit are deferred by the
+caller, never dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class BreakerSettings:
 
     failure_ratio: float
     min_requests: int
+    consecutive_failures: int  # this many failures in a row open the circuit whatever the window holds
     window_seconds: float
     cooldown_seconds: float
     max_cooldown_seconds: float
@@ -38,7 +41,16 @@ class BreakerSettings:
 class Breaker:
     """One endpoint's circuit; every method takes the current (monotonic) time so tests can drive it."""
 
-    __slots__ = ("_cooldown", "_counts", "_epochs", "_probe_deadline", "_settings", "open_until", "state")
+    __slots__ = (
+        "_consecutive",
+        "_cooldown",
+        "_counts",
+        "_epochs",
+        "_probe_deadline",
+        "_settings",
+        "open_until",
+        "state",
+    )
 
     def __init__(self, settings: BreakerSettings) -> None:
         self._settings = settings
@@ -46,6 +58,7 @@ class Breaker:
         self.open_until = 0.0
         self._cooldown = settings.cooldown_seconds
         self._probe_deadline = 0.0
+        self._consecutive = 0
         # Bucket i counts the attempts of time slice `_epochs[i]`; a slice older than the window is stale.
         self._epochs = [_NEVER] * _BUCKETS
         self._counts = [[0, 0] for _ in range(_BUCKETS)]  # [attempts, failures]
@@ -81,23 +94,27 @@ class Breaker:
         if self.state is State.HALF_OPEN:
             self._probe_deadline = now
 
-    def record(self, now: float, failed: bool) -> bool:
-        """Count one outcome; True when it changed whether the circuit is open."""
+    def record(self, now: float, failed: bool, probe: bool = False) -> None:
+        """Count one outcome; `probe` when it is the outcome of the attempt `admit` let through as the probe."""
         if self.state is State.HALF_OPEN:
+            if not probe:
+                return  # an attempt that began before the circuit opened says nothing of the receiver now
             if failed:
                 self._cooldown = min(self._cooldown * 2, self._settings.max_cooldown_seconds)
                 self._open(now)
-                return False  # still not closed: no change seen from outside
-            self._close()
-            return True
+            else:
+                self._close()
+            return
         if self.state is State.OPEN:
-            return False  # an attempt that began before the circuit opened; the decision is made
+            return  # an attempt that began before the circuit opened; the decision is made
         attempts, failures = self._add(now, failed)
+        self._consecutive = self._consecutive + 1 if failed else 0
         s = self._settings
-        if attempts >= s.min_requests and failures >= s.failure_ratio * attempts and failed:
+        if failed and (
+            (attempts >= s.min_requests and failures >= s.failure_ratio * attempts)
+            or self._consecutive >= s.consecutive_failures
+        ):
             self._open(now)
-            return True
-        return False
 
     def reset(self) -> None:
         """Close at once (an operator re-enabled the endpoint)."""
@@ -109,6 +126,7 @@ class Breaker:
 
     def _close(self) -> None:
         self.state = State.CLOSED
+        self._consecutive = 0
         self._cooldown = self._settings.cooldown_seconds
         self._epochs = [_NEVER] * _BUCKETS
 

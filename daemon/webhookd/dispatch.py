@@ -20,6 +20,7 @@ import structlog
 from webhookd.attempts import AttemptLog
 from webhookd.deliver import AttemptResult, Delivery, Sender
 from webhookd.health import EndpointHealth, Hold
+from webhookd.hosts import HostBudgets, HostLimits
 from webhookd.metrics import Metrics
 from webhookd.record import Recorder
 
@@ -61,23 +62,6 @@ class RetryPolicy:
         return delay
 
 
-class _HostSlot:
-    __slots__ = ("semaphore", "users")
-
-    def __init__(self, limit: int) -> None:
-        self.semaphore = asyncio.Semaphore(limit)
-        self.users = 0  # deliveries holding or waiting for the host's budget; the slot is dropped at zero
-
-
-@dataclass(frozen=True)
-class HostLimits:
-    """How much of the budget one receiving host may hold, and what happens to deliveries it cannot take now."""
-
-    concurrency: int  # requests in flight to one host
-    wait_seconds: float  # how long a delivery may wait for the host's budget before it is deferred
-    busy_retry_seconds: float  # when a deferred delivery is tried again
-
-
 class Dispatcher:
     """Runs attempts within the concurrency limits and settles each one."""
 
@@ -101,7 +85,8 @@ class Dispatcher:
         self._policy = policy
         self._global = asyncio.Semaphore(concurrency)
         self._host_limits = hosts
-        self._hosts: dict[str, _HostSlot] = {}
+        self._hosts = HostBudgets(hosts)
+        self._busy_until: dict[str, float] = {}  # webhook id -> until when its host was found saturated
         self._first: dict[asyncio.Task[None], tuple[Delivery, RecordJob]] = {}
         self._retries: dict[asyncio.Task[None], Delivery] = {}
         self._interrupted: list[tuple[Delivery, RecordJob]] = []
@@ -117,6 +102,13 @@ class Dispatcher:
     @property
     def retries_in_flight(self) -> int:
         return len(self._retries)
+
+    def busy_webhooks(self) -> list[str]:
+        """Webhooks whose host was saturated a moment ago: claiming their retries now would only defer them again."""
+        now = time.monotonic()
+        for webhook_id in [w for w, until in self._busy_until.items() if until <= now]:
+            del self._busy_until[webhook_id]
+        return list(self._busy_until)
 
     def retry_rows(self) -> list[int]:
         """Rows of the retried deliveries under way, which a new claim must not take again."""
@@ -158,49 +150,31 @@ class Dispatcher:
         if verdict.wait > 0:
             await asyncio.sleep(verdict.wait)  # a slot reserved within the rate limit, a short way off
         key = delivery.webhook.host_key
-        slot = self._hosts.get(key)
-        if slot is None:
-            slot = self._hosts[key] = _HostSlot(self._host_limits.concurrency)
-        slot.users += 1
+        # The host's share is taken first, so deliveries queued for one slow host never hold global slots.
+        # A hung receiver would hold its share until the timeout, and deliveries queued behind it their records'
+        # offsets (and, through backpressure, every other receiver's events): a short wait, then the durable retry
+        # path, lets the partition move on while that host gets only what it can take.
+        if not await self._hosts.acquire(key):
+            self._health.abandon(delivery, verdict)
+            retry_in = self._host_limits.busy_retry_seconds
+            self._busy_until[delivery.webhook.id] = time.monotonic() + retry_in
+            return Hold("endpoint_busy", retry_in, _BUSY)
+        result: AttemptResult | None = None
         try:
-            # The host's own budget is taken first, so deliveries queued for one slow host never hold global slots.
-            if not await self._take_host(slot):
-                self._health.abandon(delivery, verdict)
-                return Hold("endpoint_busy", self._host_limits.busy_retry_seconds, _BUSY)
-            try:
-                async with self._global:
-                    self._metrics.inflight.inc()
-                    try:
-                        result = await self._sender.attempt(delivery)
-                    finally:
-                        self._metrics.inflight.dec()
-            finally:
-                slot.semaphore.release()
+            async with self._global:
+                self._metrics.inflight.inc()
+                try:
+                    result = await self._sender.attempt(delivery)
+                finally:
+                    self._metrics.inflight.dec()
         finally:
-            slot.users -= 1
-            if slot.users == 0:
-                del self._hosts[key]
+            self._hosts.release(key, result.result if result is not None else None)
         self._metrics.delivery_attempts.labels(result.result).inc()
         self._attempts.add(delivery, delivery.attempts + 1, result)
         if result.result != "blocked":
             self._metrics.delivery_duration.observe(result.duration)
-            self._health.observe(delivery, result)
+            self._health.observe(delivery, verdict, result)
         return result
-
-    async def _take_host(self, slot: _HostSlot) -> bool:
-        """Wait briefly for a slot at the host; False when it is saturated.
-
-        A receiver that hangs holds its whole host budget until the timeout. Deliveries queued behind it would hold
-        their records' offsets (and, through backpressure, every other receiver's events) for as long; a short
-        wait, then the durable retry path, lets the partition move on while that host gets only what it can take.
-        A deep queue alone is no reason to defer: a fast host drains it well within the wait.
-        """
-        try:
-            async with asyncio.timeout(self._host_limits.wait_seconds):
-                await slot.semaphore.acquire()
-        except TimeoutError:
-            return False
-        return True
 
     def _held(self, delivery: Delivery, hold: Hold) -> tuple[str, float]:
         """The status and delay a held delivery is written with; a disabled endpoint's are dead letters."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeAlias
@@ -57,11 +58,14 @@ ON CONFLICT (webhook_id) DO UPDATE SET
     circuit_open_until = EXCLUDED.circuit_open_until, rate_limited_until = EXCLUDED.rate_limited_until,
     updated_at = now()
 """
+# An operator's enable after the moment the disable was decided wins: a 410 seen before it must not undo it.
 _DISABLE = """
 INSERT INTO webhookd.endpoints AS e (webhook_id, disabled_at, disabled_reason)
 SELECT id, now(), $2 FROM unnest($1::uuid[]) AS ids (id)
 ON CONFLICT (webhook_id) DO UPDATE SET
     disabled_at = coalesce(e.disabled_at, now()), disabled_reason = coalesce(e.disabled_reason, $2), updated_at = now()
+WHERE e.enabled_at IS NULL OR e.enabled_at < to_timestamp($3)
+RETURNING webhook_id
 """
 # Claimed rows are left to their attempt, which finds the endpoint disabled and dead-letters them itself.
 _DEAD_LETTER_PENDING = """
@@ -80,13 +84,14 @@ _SET_RATE = """
 INSERT INTO webhookd.endpoints AS e (webhook_id, rate_limit_per_second) VALUES ($1::uuid, $2)
 ON CONFLICT (webhook_id) DO UPDATE SET rate_limit_per_second = EXCLUDED.rate_limit_per_second, updated_at = now()
 """
+# Failing for the whole period: a single failure followed by days without traffic is not enough.
 _FAILING_TOO_LONG = """
 SELECT webhook_id::text AS webhook_id, failing_since FROM webhookd.endpoints
-WHERE disabled_at IS NULL AND failing_since < now() - make_interval(secs => $1)
+WHERE disabled_at IS NULL AND last_failure_at - failing_since >= make_interval(secs => $1)
 """
 _ALL = """
 SELECT webhook_id::text AS webhook_id, disabled_reason, disabled_at IS NOT NULL AS disabled, rate_limit_per_second,
-       updated_at
+       extract(epoch FROM enabled_at)::float8 AS enabled_at, updated_at
 FROM webhookd.endpoints
 """
 # A transaction that began before the last read commits rows with an older updated_at: read a margin back. Reading
@@ -94,16 +99,23 @@ FROM webhookd.endpoints
 _CHANGED_SINCE = _ALL + "WHERE updated_at >= $1::timestamptz - interval '30 seconds'"
 
 
-async def disable(conn: Connection, webhook_ids: Sequence[str], reason: str) -> None:
-    """Disable webhooks and dead-letter their pending deliveries (already disabled ones keep their first reason)."""
+async def disable(conn: Connection, webhook_ids: Sequence[str], reason: str, decided_at: float | None = None) -> None:
+    """Disable webhooks and dead-letter their pending deliveries (already disabled ones keep their first reason).
+
+    `decided_at` (epoch seconds, default now) is when the disable was decided; a webhook enabled after it stays
+    enabled.
+    """
+    when = time.time() if decided_at is None else decided_at
     async with conn.transaction():
-        await conn.execute(_DISABLE, list(webhook_ids), clean_text(reason))
-        await conn.execute(_DEAD_LETTER_PENDING, list(webhook_ids), clean_text(f"endpoint disabled: {reason}"))
+        rows = await conn.fetch(_DISABLE, sorted(webhook_ids), clean_text(reason), when)
+        disabled = sorted(str(r["webhook_id"]) for r in rows)
+        if disabled:
+            await conn.execute(_DEAD_LETTER_PENDING, disabled, clean_text(f"endpoint disabled: {reason}"))
 
 
 async def enable(conn: Connection, webhook_ids: Sequence[str]) -> None:
     """Enable webhooks; their failing streak starts afresh. Dead letters stay dead until replayed."""
-    await conn.execute(_ENABLE, list(webhook_ids))
+    await conn.execute(_ENABLE, sorted(webhook_ids))
 
 
 async def set_rate_limit(conn: Connection, webhook_id: str, rate: float | None) -> None:
@@ -165,18 +177,16 @@ class EndpointBook:
                             clean_text(d.last_error),
                             d.saw_success,
                         )
-                        for webhook_id, d in changes.deltas.items()
+                        # In id order, as every replica does, so that two syncs never wait on each other's rows.
+                        for webhook_id, d in sorted(changes.deltas.items())
                     ],
                 )
             if changes.states:
                 await conn.executemany(
-                    _WRITE_STATE, [(webhook_id, *state) for webhook_id, state in changes.states.items()]
+                    _WRITE_STATE, [(webhook_id, *state) for webhook_id, state in sorted(changes.states.items())]
                 )
-            by_reason: dict[str, list[str]] = {}
-            for webhook_id, reason in changes.disables.items():
-                by_reason.setdefault(reason, []).append(webhook_id)
-            for reason, ids in by_reason.items():
-                await disable(conn, ids, reason)
+            for webhook_id, (reason, decided_at) in sorted(changes.disables.items()):
+                await disable(conn, [webhook_id], reason, decided_at)
 
     async def _disable_failing(self) -> None:
         async with self._pool.acquire() as conn:

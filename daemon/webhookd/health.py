@@ -67,18 +67,19 @@ class Changes:
     """What the next sync must write: attempt deltas, new disables, and endpoints whose published state moved."""
 
     deltas: dict[str, Delta] = field(default_factory=dict)
-    disables: dict[str, str] = field(default_factory=dict)  # webhook id -> reason
+    disables: dict[str, tuple[str, float]] = field(default_factory=dict)  # webhook id -> (reason, wall time)
     # webhook id -> (circuit open until, rate limited until), wall-clock seconds or None
     states: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
 
 
 class _Endpoint:
-    __slots__ = ("breaker", "throttle", "webhooks")
+    __slots__ = ("breaker", "last_used", "throttle", "webhooks")
 
     def __init__(self, breaker: Breaker, throttle: Throttle) -> None:
         self.breaker = breaker
         self.throttle = throttle
         self.webhooks: set[str] = set()
+        self.last_used = 0.0
 
 
 class EndpointHealth:
@@ -98,9 +99,13 @@ class EndpointHealth:
         self._metrics = metrics
         self._clock = clock
         self._endpoints: dict[str, _Endpoint] = {}
+        self._url_of: dict[str, str] = {}  # webhook id -> the endpoint it was last sent to
         self._open: set[str] = set()  # urls whose circuit is not closed
+        # An endpoint unused this long (and not paused) is forgotten: a breaker nobody consults holds nothing back.
+        self._idle_after = 2 * max(breaker.max_cooldown_seconds, breaker.window_seconds)
         self._disabled: dict[str, str] = {}  # webhook id -> reason
         self._rates: dict[str, float] = {}  # webhook id -> its own limit
+        self._enabled_at: dict[str, float] = {}  # webhook id -> when an operator last enabled it (epoch)
         self._changes = Changes()
 
     # --- the delivery path -------------------------------------------------------------------------------------
@@ -131,13 +136,15 @@ class EndpointHealth:
         if go.probe:
             self._endpoint(delivery.webhook.id, delivery.webhook.target_url).breaker.abandon_probe(self._clock())
 
-    def observe(self, delivery: Delivery, result: AttemptResult) -> None:
+    def observe(self, delivery: Delivery, go: Go, result: AttemptResult) -> None:
         """Learn from one attempt's outcome (never called for attempts the egress policy blocked)."""
         webhook = delivery.webhook
         endpoint = self._endpoint(webhook.id, webhook.target_url)
         now, wall = self._clock(), time.time()
         sick = result.result in _SICK or result.status == 429
-        if endpoint.breaker.record(now, sick) or (sick and endpoint.breaker.state is State.OPEN):
+        was_open = endpoint.breaker.state is not State.CLOSED
+        endpoint.breaker.record(now, sick, probe=go.probe)
+        if was_open or endpoint.breaker.state is not State.CLOSED:
             self._circuit_moved(webhook.target_url, endpoint, now, wall)
         if result.status in _SLOW_DOWN and result.retry_after and endpoint.throttle.pause(now, result.retry_after):
             log.info("endpoint_paused", webhook_id=webhook.id, status=result.status, seconds=result.retry_after)
@@ -194,8 +201,16 @@ class EndpointHealth:
         if endpoint is None:
             endpoint = self._endpoints[url] = _Endpoint(Breaker(self._breaker_settings), Throttle(self._default_rate))
         if webhook_id not in endpoint.webhooks:
+            previous = self._url_of.get(webhook_id)
+            if previous is not None and previous in self._endpoints:
+                # The webhook's URL changed: it leaves the old receiver's circuit and pace.
+                old = self._endpoints[previous]
+                old.webhooks.discard(webhook_id)
+                old.throttle.rate = self._rate_of(old)
+            self._url_of[webhook_id] = url
             endpoint.webhooks.add(webhook_id)
             endpoint.throttle.rate = self._rate_of(endpoint)
+        endpoint.last_used = self._clock()
         return endpoint
 
     def _rate_of(self, endpoint: _Endpoint) -> float | None:
@@ -210,26 +225,35 @@ class EndpointHealth:
         if webhook_id in self._disabled:
             return
         self._disabled[webhook_id] = reason
-        self._changes.disables[webhook_id] = reason
+        self._changes.disables[webhook_id] = (reason, time.time())
         self._metrics.endpoints_disabled.set(len(self._disabled))
+        self._release_circuits(webhook_id)
         log.warning("endpoint_disabled", webhook_id=webhook_id, reason=reason)
 
-    def apply_disabled(self, webhook_id: str, reason: str | None) -> None:
-        """Take a webhook's disabled flag as Postgres holds it (an operator or another replica may have set it)."""
+    def apply_disabled(self, webhook_id: str, reason: str | None, enabled_at: float | None = None) -> None:
+        """Take a webhook's state as Postgres holds it: disabled (with its reason) or not, and when it was last
+        enabled by an operator (an operator or another replica may have changed either)."""
         if reason is not None:
             if webhook_id not in self._disabled:
                 self._disabled[webhook_id] = reason
+                self._release_circuits(webhook_id)
                 log.warning("endpoint_disabled", webhook_id=webhook_id, reason=reason)
-        elif webhook_id in self._disabled and webhook_id not in self._changes.disables:
-            del self._disabled[webhook_id]
-            log.info("endpoint_enabled", webhook_id=webhook_id)
-            # Re-enabled means someone looked at the receiver: give it a clean start.
-            for url, endpoint in self._endpoints.items():
-                if webhook_id in endpoint.webhooks:
-                    endpoint.breaker.reset()
-                    self._open.discard(url)
-            self._metrics.endpoint_circuit_open.set(len(self._open))
+        elif webhook_id not in self._changes.disables:
+            if self._disabled.pop(webhook_id, None) is not None:
+                log.info("endpoint_enabled", webhook_id=webhook_id)
+            if enabled_at is not None and enabled_at != self._enabled_at.get(webhook_id):
+                # Enabled by an operator, who looked at the receiver: give it a clean start.
+                self._enabled_at[webhook_id] = enabled_at
+                self._release_circuits(webhook_id, always=True)
         self._metrics.endpoints_disabled.set(len(self._disabled))
+
+    def _release_circuits(self, webhook_id: str, always: bool = False) -> None:
+        """Close the circuits this webhook's receiver has, if it is re-enabled or none of its webhooks may send."""
+        for url, endpoint in self._endpoints.items():
+            if webhook_id in endpoint.webhooks and (always or endpoint.webhooks <= self._disabled.keys()):
+                endpoint.breaker.reset()
+                self._open.discard(url)
+        self._metrics.endpoint_circuit_open.set(len(self._open))
 
     def apply_rate(self, webhook_id: str, rate: float | None) -> None:
         """Take a webhook's own rate limit (None: the configured default)."""
@@ -260,8 +284,25 @@ class EndpointHealth:
         return held
 
     def take_changes(self) -> Changes:
+        """What the next sync must write; also the moment to forget endpoints nobody has used for a while."""
+        self._forget_idle()
         changes, self._changes = self._changes, Changes()
         return changes
+
+    def _forget_idle(self) -> None:
+        now = self._clock()
+        idle = [
+            url
+            for url, e in self._endpoints.items()
+            if now - e.last_used > self._idle_after and e.throttle.paused_until <= now
+        ]
+        for url in idle:
+            for webhook_id in self._endpoints.pop(url).webhooks:
+                if self._url_of.get(webhook_id) == url:
+                    del self._url_of[webhook_id]
+            self._open.discard(url)
+        if idle:
+            self._metrics.endpoint_circuit_open.set(len(self._open))
 
     def restore(self, changes: Changes) -> None:
         """Put back changes a sync could not write, under anything learned since."""

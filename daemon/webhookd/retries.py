@@ -28,7 +28,7 @@ WHERE d.id IN (
     SELECT id FROM webhookd.deliveries
     WHERE status = 'pending' AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
       AND NOT (id = ANY($3::bigint[]))  -- our own claims still under way, whose lease may have run out
-      AND NOT (webhook_id = ANY($4::uuid[]))  -- endpoints that take nothing now (circuit open, paused)
+      AND NOT (webhook_id = ANY($4::uuid[]))  -- endpoints that take nothing now (circuit open, paused, host busy)
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -90,7 +90,11 @@ class RetryPoller:
 
     async def claim(self, limit: int) -> int:
         rows = await self._pool.fetch(
-            _CLAIM, limit, self._settings.lease_seconds, self._dispatcher.retry_rows(), self._health.held_webhooks()
+            _CLAIM,
+            limit,
+            self._settings.lease_seconds,
+            self._dispatcher.retry_rows(),
+            self._health.held_webhooks() + self._dispatcher.busy_webhooks(),
         )
         for row in rows:
             webhook = self._index.get(row["webhook_id"])

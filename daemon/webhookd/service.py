@@ -25,10 +25,11 @@ from webhookd.circuit import BreakerSettings
 from webhookd.config import Settings
 from webhookd.consume import Consumer, ConsumeSettings
 from webhookd.deliver import Sender, close_session
-from webhookd.dispatch import Dispatcher, HostLimits, RetryPolicy
+from webhookd.dispatch import Dispatcher, RetryPolicy
 from webhookd.egress import EgressPolicy, GuardedResolver
 from webhookd.endpoints import EndpointBook
 from webhookd.health import EndpointHealth
+from webhookd.hosts import HostLimits
 from webhookd.metrics import Metrics
 from webhookd.record import Recorder
 from webhookd.retries import RetryPoller, RetrySettings
@@ -189,10 +190,12 @@ class Service:
             BreakerSettings(
                 failure_ratio=e.circuit_failure_ratio,
                 min_requests=e.circuit_min_requests,
+                consecutive_failures=e.circuit_consecutive_failures,
                 window_seconds=e.circuit_window_seconds,
                 cooldown_seconds=e.circuit_cooldown_seconds,
                 max_cooldown_seconds=e.circuit_max_cooldown_seconds,
-                probe_seconds=s.delivery.timeout_seconds + 1,
+                # The probe may wait for its host and the global budget before its request even starts.
+                probe_seconds=s.delivery.timeout_seconds + s.delivery.host_wait_seconds + 5,
             ),
             default_rate=e.rate_limit_per_second,
             max_wait=s.delivery.host_wait_seconds,

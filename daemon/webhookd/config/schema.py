@@ -246,6 +246,8 @@ class EndpointSettings(_Section):
     circuit_failure_ratio: Annotated[float, BeforeValidator(_fraction)] = 0.5
     circuit_min_requests: _Count = 20
     circuit_window_seconds: _Timeout = 60.0
+    # This many failures in a row open it too: a hanging receiver answers too rarely to fill a window.
+    circuit_consecutive_failures: _Count = 5
     # Open for this long, then one probe; each failed probe doubles it, up to the maximum.
     circuit_cooldown_seconds: _Timeout = 30.0
     circuit_max_cooldown_seconds: _Timeout = 600.0

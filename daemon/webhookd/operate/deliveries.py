@@ -40,25 +40,35 @@ SELECT id, status, attempts, event_id, event_name, webhook_id::text AS webhook_i
        CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at
 FROM webhookd.deliveries
 """
-# First-attempt successes, which only the attempt log knows.
+# First-attempt successes, which only the attempt log knows: those with no row (a delivery deferred before its
+# first attempt has one, and is listed from it).
 _FIRST_TRY = """
 SELECT NULL::bigint AS id, 'delivered' AS status, 1 AS attempts, event_id, event_name,
        webhook_id::text AS webhook_id, workspace_id::text AS workspace_id, NULL AS source, status AS last_status,
        NULL AS last_error, at AS created_at, at AS updated_at, at AS delivered_at, NULL::timestamptz AS next_attempt_at
-FROM webhookd.attempts
+FROM webhookd.attempts a
+WHERE NOT EXISTS (
+    SELECT 1 FROM webhookd.deliveries d WHERE d.event_id = a.event_id AND d.webhook_id = a.webhook_id
+)
 """
 _ATTEMPTS = """
 SELECT attempt, at, round(duration_ms::numeric, 1)::float8 AS duration_ms, result, status, error
 FROM webhookd.attempts WHERE event_id = $1 AND webhook_id = $2::uuid ORDER BY at
 """
+# A pending row under a live claim is being attempted right now: its attempt settles it, and freeing its claim
+# would let another replica send it at the same time; it is left alone and reported.
 _REPLAY = """
 UPDATE webhookd.deliveries d
 SET status = 'pending', attempts = 0, next_attempt_at = now(), locked_until = NULL, updated_at = now()
-WHERE d.id = ANY($1::bigint[]) AND NOT EXISTS (
+WHERE d.id = ANY($1::bigint[])
+  AND NOT (d.status = 'pending' AND d.locked_until > now())
+  AND NOT EXISTS (
     SELECT 1 FROM webhookd.endpoints e WHERE e.webhook_id = d.webhook_id AND e.disabled_at IS NOT NULL
-)
--- A pending row may be claimed right now; its attempt settles it, so only due-ness is changed for those.
+  )
 RETURNING d.id
+"""
+_IN_FLIGHT = """
+SELECT id FROM webhookd.deliveries WHERE id = ANY($1::bigint[]) AND status = 'pending' AND locked_until > now()
 """
 _DISABLED_OF = """
 SELECT d.id, d.webhook_id::text AS webhook_id FROM webhookd.deliveries d
@@ -92,7 +102,7 @@ async def list_deliveries(conn: Connection, args: argparse.Namespace) -> int:
     parts = [_ROWS + (" WHERE " + " AND ".join(rows_where) if rows_where else "")]
     if args.status in (None, "delivered"):
         first_where = [w.replace("updated_at", "at") for w in where] + ["attempt = 1", "result = '2xx'"]
-        parts.append(_FIRST_TRY + " WHERE " + " AND ".join(first_where))
+        parts.append(_FIRST_TRY + " AND " + " AND ".join(f"a.{w}" for w in first_where))
     values.append(args.limit)
     sql = " UNION ALL ".join(f"({p})" for p in parts) + f" ORDER BY updated_at DESC LIMIT ${len(values)}"
     rows = [plain(r) for r in await conn.fetch(sql, *values)]
@@ -109,12 +119,8 @@ async def show_delivery(conn: Connection, args: argparse.Namespace) -> int:
     if args.event is not None:
         rows = await conn.fetch(_ROWS + " WHERE event_id = $1 ORDER BY webhook_id", args.event)
         found = [plain(r) for r in rows]
-        seen = {r["webhook_id"] for r in found}
-        for extra in await conn.fetch(
-            _FIRST_TRY + " WHERE event_id = $1 AND attempt = 1 AND result = '2xx'", args.event
-        ):
-            if extra["webhook_id"] not in seen:
-                found.append(plain(extra))
+        first_try = _FIRST_TRY + " AND a.event_id = $1 AND a.attempt = 1 AND a.result = '2xx'"
+        found += [plain(r) for r in await conn.fetch(first_try, args.event)]
     else:
         found = [plain(r) for r in await conn.fetch(_ROWS + " WHERE id = $1", args.id)]
     if not found:
@@ -187,8 +193,9 @@ async def retry_deliveries(conn: Connection, args: argparse.Namespace) -> int:
         missing = []
     async with conn.transaction():
         skipped = [plain(r) for r in await conn.fetch(_DISABLED_OF, ids)]
+        in_flight = sorted(r["id"] for r in await conn.fetch(_IN_FLIGHT, ids))
         replayed = sorted(r["id"] for r in await conn.fetch(_REPLAY, ids))
-    result = {"replayed": replayed, "skipped_disabled": skipped, "not_found": missing}
+    result = {"replayed": replayed, "skipped_disabled": skipped, "in_flight": in_flight, "not_found": missing}
     if args.json:
         emit_json(result)
     else:
@@ -199,6 +206,8 @@ async def retry_deliveries(conn: Connection, args: argparse.Namespace) -> int:
                 f"skipped {count} of webhook {webhook}: its endpoint is disabled; "
                 f"run `webhookd endpoints enable {webhook}` first"
             )
+        if in_flight:
+            print(f"being attempted right now, left alone: {', '.join(map(str, in_flight))}")
         if missing:
             print(f"no such delivery: {', '.join(map(str, missing))}")
     return 1 if missing else 0

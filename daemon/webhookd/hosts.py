@@ -1,0 +1,120 @@
+"""Each receiving host's share of the in-flight budget, cut when the host stops answering.
+
+A host may have up to `delivery.per_host_concurrency` requests in flight. Every timeout or connection error halves
+its share and every answer gives one slot back: a receiver that hangs holds its full share only until its first
+requests time out, then a slot or two (while its circuit breaker, in `health`, decides whether to stop sending at
+all), and a receiver that recovers regains its share within a few round trips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from dataclasses import dataclass
+
+# Outcomes that say the host cannot take what it was given: its share shrinks.
+_OVERLOADED = frozenset({"timeout", "connection_error"})
+# Idle hosts are forgotten, but one whose share was cut is remembered (so that it does not get its full share back
+# the moment its last request times out), up to this many of them.
+_REMEMBERED = 10_000
+
+
+@dataclass(frozen=True)
+class HostLimits:
+    """How much of the budget one receiving host may hold, and what happens to deliveries it cannot take now."""
+
+    concurrency: int  # the most requests in flight to one host
+    wait_seconds: float  # how long a delivery may wait for the host's share before it is deferred
+    busy_retry_seconds: float  # when a deferred delivery is tried again
+
+
+class _Host:
+    __slots__ = ("in_flight", "limit", "users", "waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self.users = 0  # deliveries holding or waiting for a slot
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+
+class HostBudgets:
+    """Slots per host key (host:port); `acquire` then `release` with the attempt's outcome."""
+
+    def __init__(self, limits: HostLimits) -> None:
+        self._limits = limits
+        self._hosts: dict[str, _Host] = {}
+
+    @property
+    def tracked(self) -> int:
+        """Hosts in use or remembered for a cut share."""
+        return len(self._hosts)
+
+    def waiting(self, key: str) -> int:
+        """Deliveries waiting for a slot at the host."""
+        host = self._hosts.get(key)
+        return len(host.waiters) if host is not None else 0
+
+    def share(self, key: str) -> int:
+        """The host's current share (the full one for a host not in use)."""
+        host = self._hosts.get(key)
+        return host.limit if host is not None else self._limits.concurrency
+
+    async def acquire(self, key: str) -> bool:
+        """Take a slot at the host, waiting up to `wait_seconds`; False when none came free in time."""
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = _Host(self._limits.concurrency)
+        host.users += 1
+        if host.in_flight < host.limit and not host.waiters:
+            host.in_flight += 1
+            return True
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        host.waiters.append(granted)
+        try:
+            async with asyncio.timeout(self._limits.wait_seconds):
+                await granted
+        except BaseException as exc:
+            if granted.done() and not granted.cancelled():
+                # The slot was handed over just as the wait ended: pass it on.
+                host.in_flight -= 1
+                self._wake(host)
+            else:
+                # Taken out now: a host that frees no slot for long would otherwise pile up dead waiters. (A
+                # release may have dropped it already, on its way past.)
+                with contextlib.suppress(ValueError):
+                    host.waiters.remove(granted)
+            self._leave(key, host)
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        return True
+
+    def release(self, key: str, result: str | None) -> None:
+        """Give the slot back; `result` (the attempt's result label, None if nothing was sent) adapts the share."""
+        host = self._hosts[key]
+        host.in_flight -= 1
+        if result in _OVERLOADED:
+            host.limit = max(1, host.limit // 2)
+        elif result is not None and host.limit < self._limits.concurrency:
+            host.limit += 1
+        self._wake(host)
+        self._leave(key, host)
+
+    def _wake(self, host: _Host) -> None:
+        while host.waiters and host.in_flight < host.limit:
+            waiter = host.waiters.popleft()
+            if not waiter.done():
+                host.in_flight += 1
+                waiter.set_result(None)
+
+    def _leave(self, key: str, host: _Host) -> None:
+        host.users -= 1
+        if host.users > 0:
+            return
+        if host.limit >= self._limits.concurrency:
+            del self._hosts[key]
+        elif len(self._hosts) > _REMEMBERED:
+            for idle in [k for k, h in self._hosts.items() if h.users == 0]:
+                del self._hosts[idle]
