@@ -17,7 +17,8 @@ import asyncpg
 import structlog
 
 from webhookd.deliver import AttemptResult, Delivery
-from webhookd.record import TRANSIENT, clean_text
+from webhookd.pgerrors import TRANSIENT
+from webhookd.record import clean_text
 
 log = structlog.get_logger("webhookd.attempts")
 

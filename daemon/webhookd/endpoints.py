@@ -22,7 +22,8 @@ from asyncpg.pool import PoolConnectionProxy
 from yarl import URL
 
 from webhookd.health import Changes, EndpointHealth
-from webhookd.record import TRANSIENT, clean_text
+from webhookd.pgerrors import TRANSIENT
+from webhookd.record import clean_text
 
 log = structlog.get_logger("webhookd.endpoints")
 

@@ -18,20 +18,10 @@ import asyncpg
 import structlog
 
 from webhookd.deliver import Delivery
+from webhookd.pgerrors import TRANSIENT
 
 log = structlog.get_logger("webhookd.record")
 
-# Errors that pass when tried again: connection loss, a restart (admin shutdown, "starting up"), timeouts, a
-# deadlock or serialization failure between replicas, too many connections.
-TRANSIENT = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.TransactionRollbackError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
 _BATCH_LIMIT = 1000
 _RAW_LIMIT = 64 * 1024  # bytes of a bad record kept for inspection; the real size is stored beside it
 

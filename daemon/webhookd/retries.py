@@ -16,6 +16,7 @@ from webhookd.deliver import Delivery
 from webhookd.dispatch import Dispatcher
 from webhookd.health import EndpointHealth
 from webhookd.metrics import Metrics
+from webhookd.pgerrors import TRANSIENT
 from webhookd.record import Recorder
 from webhookd.subscriptions import SubscriptionIndex, Webhook
 
@@ -82,7 +83,7 @@ class RetryPoller:
                 if loop.time() >= next_depth:
                     self._metrics.retry_queue_depth.set(await self._pool.fetchval(_DEPTH))
                     next_depth = loop.time() + 5.0
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except (*TRANSIENT, asyncpg.PostgresError) as exc:
                 log.warning("retry_poll_failed", error=str(exc))
             # A full claim suggests more are due: look again at once rather than after the interval.
             if claimed < room or room <= 0:

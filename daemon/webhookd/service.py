@@ -31,6 +31,7 @@ from webhookd.endpoints import EndpointBook
 from webhookd.health import EndpointHealth
 from webhookd.hosts import HostLimits
 from webhookd.metrics import Metrics
+from webhookd.pgerrors import TRANSIENT
 from webhookd.record import Recorder
 from webhookd.retries import RetryPoller, RetrySettings
 from webhookd.signing import Signer
@@ -266,8 +267,9 @@ class Service:
             RetrySettings(
                 poll_interval=s.delivery.retry_poll_interval_seconds,
                 max_in_flight=s.delivery.concurrency,
-                # Long enough to cover waiting for a slot plus the attempt itself; expiry only risks a duplicate.
-                lease_seconds=max(60.0, 3 * s.delivery.timeout_seconds),
+                # Long enough to cover waiting for a slot, the attempt and writing its outcome; expiry only risks a
+                # duplicate, while a killed replica's claims wait this long before another replica takes them.
+                lease_seconds=3 * s.delivery.timeout_seconds + s.delivery.host_wait_seconds + 5,
             ),
         )
         return _Resources(
@@ -367,6 +369,6 @@ class Service:
         try:
             async with asyncio.timeout(2):  # covers waiting for a pool connection, not only the query
                 await res.pool.fetchval("SELECT 1")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except (*TRANSIENT, asyncpg.PostgresError):
             return False
         return True

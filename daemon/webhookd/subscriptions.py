@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import structlog
 
+from webhookd.pgerrors import TRANSIENT
 from webhookd.signing import standard_key
 from webhookd.tls import PostgresConnect
 
@@ -221,7 +222,7 @@ class SubscriptionStore:
                 await self.reload()
                 backoff = 0.5
                 await self._follow(conn)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except (*TRANSIENT, asyncpg.PostgresError) as exc:
                 log.warning("subscriptions_listener_lost", error=str(exc), retry_in=backoff)
             finally:
                 self.listening = False
