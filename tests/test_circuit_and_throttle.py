@@ -39,14 +39,14 @@ def test_the_circuit_opens_when_the_failure_ratio_is_reached_over_the_window() -
     assert wait == pytest.approx(30 - 6)
 
 
-def test_failures_in_a_row_open_the_circuit_before_the_window_is_full() -> None:
+def test_unanswered_attempts_in_a_row_open_the_circuit_before_the_window_is_full() -> None:
     breaker = Breaker(BreakerSettings(**{**SETTINGS.__dict__, "consecutive_failures": 3}))
-    breaker.record(1000, failed=True)
-    breaker.record(1001, failed=False)  # a success breaks the run
-    breaker.record(1002, failed=True)
-    breaker.record(1003, failed=True)
+    breaker.record(1000, failed=True, unreachable=True)
+    breaker.record(1001, failed=True)  # a 500: the receiver answers, so the run of silence is broken
+    breaker.record(1002, failed=True, unreachable=True)
+    breaker.record(1003, failed=True, unreachable=True)
     assert not breaker.holds(1003)
-    breaker.record(1004, failed=True)
+    breaker.record(1004, failed=True, unreachable=True)
     assert breaker.holds(1004)
 
 

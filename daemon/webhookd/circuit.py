@@ -31,7 +31,7 @@ class BreakerSettings:
 
     failure_ratio: float
     min_requests: int
-    consecutive_failures: int  # this many failures in a row open the circuit whatever the window holds
+    consecutive_failures: int  # this many timeouts or connection errors in a row open it whatever the window holds
     window_seconds: float
     cooldown_seconds: float
     max_cooldown_seconds: float
@@ -94,8 +94,9 @@ class Breaker:
         if self.state is State.HALF_OPEN:
             self._probe_deadline = now
 
-    def record(self, now: float, failed: bool, probe: bool = False) -> None:
-        """Count one outcome; `probe` when it is the outcome of the attempt `admit` let through as the probe."""
+    def record(self, now: float, failed: bool, probe: bool = False, unreachable: bool = False) -> None:
+        """Count one outcome; `probe` when it is the outcome of the attempt `admit` let through as the probe,
+        `unreachable` when the receiver did not answer at all (a timeout or a connection error)."""
         if self.state is State.HALF_OPEN:
             if not probe:
                 return  # an attempt that began before the circuit opened says nothing of the receiver now
@@ -108,7 +109,8 @@ class Breaker:
         if self.state is State.OPEN:
             return  # an attempt that began before the circuit opened; the decision is made
         attempts, failures = self._add(now, failed)
-        self._consecutive = self._consecutive + 1 if failed else 0
+        # Only silence counts in a row: a receiver that answers, even 500, is alive, and the ratio judges it.
+        self._consecutive = self._consecutive + 1 if unreachable else 0
         s = self._settings
         if failed and (
             (attempts >= s.min_requests and failures >= s.failure_ratio * attempts)

@@ -24,6 +24,7 @@ log = structlog.get_logger("webhookd.health")
 # What says the receiver is sick rather than refusing this one request: these open the circuit.
 _SICK = frozenset({"timeout", "connection_error", "5xx"})
 _SLOW_DOWN = frozenset({429, 503})
+_UNREACHABLE = frozenset({"timeout", "connection_error"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,7 @@ class EndpointHealth:
         now, wall = self._clock(), time.time()
         sick = result.result in _SICK or result.status == 429
         was_open = endpoint.breaker.state is not State.CLOSED
-        endpoint.breaker.record(now, sick, probe=go.probe)
+        endpoint.breaker.record(now, sick, probe=go.probe, unreachable=result.result in _UNREACHABLE)
         if was_open or endpoint.breaker.state is not State.CLOSED:
             self._circuit_moved(webhook.target_url, endpoint, now, wall)
         if result.status in _SLOW_DOWN and result.retry_after and endpoint.throttle.pause(now, result.retry_after):

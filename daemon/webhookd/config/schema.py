@@ -243,10 +243,11 @@ class EndpointSettings(_Section):
 
     # The breaker opens when, within the window, at least `circuit_min_requests` attempts were made and this
     # fraction of them failed (timeout, connection error, 5xx, 429).
-    circuit_failure_ratio: Annotated[float, BeforeValidator(_fraction)] = 0.5
+    circuit_failure_ratio: Annotated[float, BeforeValidator(_fraction)] = 0.7
     circuit_min_requests: _Count = 20
     circuit_window_seconds: _Timeout = 60.0
-    # This many failures in a row open it too: a hanging receiver answers too rarely to fill a window.
+    # This many timeouts or connection errors in a row open it too: a hanging receiver answers too rarely to fill a
+    # window.
     circuit_consecutive_failures: _Count = 5
     # Open for this long, then one probe; each failed probe doubles it, up to the maximum.
     circuit_cooldown_seconds: _Timeout = 30.0
