@@ -21,7 +21,7 @@ from tests.support import (
     write_config,
 )
 
-EVENTS = 5000
+EVENTS = 2500
 PATHS = ("/a", "/b", "/c")
 
 

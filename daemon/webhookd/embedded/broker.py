@@ -45,9 +45,12 @@ class KafkaBroker(_ChildServer):
     not), and its idempotent producer fails: producers need `enable_idempotence=False`.
     """
 
-    def __init__(self, port: int, log_dir: Path, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, port: int, log_dir: Path, proc: subprocess.Popen[bytes], advertised_port: int | None = None
+    ) -> None:
         self.port = port
-        self.bootstrap = f"127.0.0.1:{port}"
+        self.advertised_port = advertised_port
+        self.bootstrap = f"127.0.0.1:{advertised_port or port}"
         self.log_path = log_dir / "tansu.log"
         self._log_dir = log_dir
         self._proc: subprocess.Popen[bytes] | None = proc
@@ -56,8 +59,14 @@ class KafkaBroker(_ChildServer):
         atexit.register(self.stop)
 
     @classmethod
-    def start(cls, port: int | None = None, *, timeout: float = 10.0) -> KafkaBroker:
-        """Start a broker on port (a free one if None) and return once it listens there."""
+    def start(
+        cls, port: int | None = None, *, advertised_port: int | None = None, timeout: float = 10.0
+    ) -> KafkaBroker:
+        """Start a broker on port (a free one if None) and return once it listens there.
+
+        With `advertised_port`, clients are told to connect to that port instead (where a proxy that the caller
+        controls forwards to `port`), and `bootstrap` names it.
+        """
         log_dir = Path(tempfile.mkdtemp(prefix="webhookd-tansu-"))
         log_path = log_dir / "tansu.log"
         tried: list[int] = []
@@ -65,9 +74,9 @@ class KafkaBroker(_ChildServer):
             # A port from free_port() can be taken by someone else before Tansu binds it; then try another.
             while len(tried) < (1 if port is not None else 3):
                 tried.append(port if port is not None else free_port())
-                proc = _start_tansu(tried[-1], log_path, timeout)
+                proc = _start_tansu(tried[-1], log_path, timeout, advertised_port)
                 if proc is not None:
-                    return cls(tried[-1], log_dir, proc)
+                    return cls(tried[-1], log_dir, proc, advertised_port)
             raise RuntimeError(
                 f"Tansu broker did not start on port(s) {tried}; its log ends with:\n" + _log_tail(log_path)
             )
@@ -82,7 +91,7 @@ class KafkaBroker(_ChildServer):
                 raise RuntimeError("broker was stopped; start a new one")
             if self._proc is not None:
                 _terminate(self._proc, signal.SIGTERM, 5.0)
-            self._proc = _start_tansu(self.port, self.log_path, timeout)
+            self._proc = _start_tansu(self.port, self.log_path, timeout, self.advertised_port)
             if self._proc is None:
                 tail = _log_tail(self.log_path)
                 raise RuntimeError(f"Tansu broker did not restart on {self.bootstrap}; its log ends with:\n{tail}")
@@ -103,11 +112,14 @@ class KafkaBroker(_ChildServer):
         return f"KafkaBroker(bootstrap={self.bootstrap!r}, pid={self.pid})"
 
 
-def _start_tansu(port: int, log_path: Path, timeout: float) -> subprocess.Popen[bytes] | None:
+def _start_tansu(
+    port: int, log_path: Path, timeout: float, advertised_port: int | None = None
+) -> subprocess.Popen[bytes] | None:
     """Start Tansu on port and wait until it listens there; None if it exited first."""
     url = f"tcp://127.0.0.1:{port}"
+    advertised = f"tcp://127.0.0.1:{advertised_port or port}"
     env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_TO_DROP}
-    argv = [_tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+    argv = [_tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised]
     argv += ["--storage-engine", "memory://tansu/"]
     proc = _spawn(argv, log_path=log_path, cwd=log_path.parent, env=env)
     deadline = time.monotonic() + timeout
