@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
 CHAOS_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install run test lint fmt clean chaos
+.PHONY: install run test lint fmt clean chaos bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,10 @@ test: $(VENV)/.installed-test lint
 # half their requests; prints lost (must be 0), duplicated and the time to drain. A short run is part of `make test`.
 chaos: $(VENV)/.installed-test
 	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
+
+# Signed deliveries a second: webhookd end to end against plain aiohttp, alternated, medians; see BENCHMARKS.md.
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.throughput --out bench/latest.md $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check daemon tests bench
