@@ -43,7 +43,3 @@ class Throttle:
             return False
         self.paused_until = until
         return True
-
-    @property
-    def limited(self) -> bool:
-        return self.rate is not None
