@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from webhookd import cli
 from webhookd.config import Settings
 from webhookd.embedded import create_database, free_port
 from webhookd.service import Service
@@ -274,11 +276,12 @@ class DaemonProcess:
     config: Path
     env: dict[str, str]
     log: Path
+    args: tuple[str, ...] = ()  # more options for `webhookd run`, such as ("--workers", "2")
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "webhookd", "run", "--config", str(self.config)],
+            [sys.executable, "-m", "webhookd", "run", "--config", str(self.config), *self.args],
             env={**os.environ, **self.env},
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
@@ -314,6 +317,22 @@ async def webhookd_cli(*args: str, timeout: float = 120, env: dict[str, str] | N
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(errors="replace")
+
+
+async def webhookd_command(*args: str) -> tuple[int, str]:
+    """Like `webhookd_cli`, but in this process (a thread of its own): the same code without a Python start-up,
+    for the tests that run many operator commands; its exit status and what it printed."""
+
+    def call() -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                status = cli.main(list(args))
+            except SystemExit as exc:  # argparse's way out, for --help and bad usage
+                status = exc.code if isinstance(exc.code, int) else 2
+        return status, out.getvalue()
+
+    return await asyncio.to_thread(call)
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:

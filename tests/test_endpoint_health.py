@@ -27,7 +27,7 @@ from tests.support import (
     running,
     settings_for,
     until,
-    webhookd_cli,
+    webhookd_command,
     write_config,
 )
 from webhookd.config import Settings
@@ -106,7 +106,7 @@ async def test_a_rate_limit_set_by_command_paces_deliveries_and_defers_the_rest_
     ids = {f"r{i}" for i in range(30)}
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_config(Path(tmp) / "webhookd.yaml", config))
-        status, out = await webhookd_cli("endpoints", "limit", webhook, "5", "--config", path)
+        status, out = await webhookd_command("endpoints", "limit", webhook, "5", "--config", path)
         assert status == 0, out
         assert "at most 5 deliveries a second" in out
         settings = Settings.model_validate(config)
@@ -116,7 +116,9 @@ async def test_a_rate_limit_set_by_command_paces_deliveries_and_defers_the_rest_
             deferred = await _metric(settings, "webhookd_deliveries_deferred_total", reason="rate_limited")
 
             async def listed() -> list[dict[str, Any]]:
-                status, out = await webhookd_cli("deliveries", "list", "--webhook", webhook, "--json", "--config", path)
+                status, out = await webhookd_command(
+                    "deliveries", "list", "--webhook", webhook, "--json", "--config", path
+                )
                 assert status == 0, out
                 return list(orjson.loads(out))
 
@@ -180,14 +182,16 @@ async def test_410_gone_disables_at_once_and_an_operator_enables_and_replays_the
             assert len(receiver.requests) == 1, "a disabled endpoint was sent to"
             row = await _endpoint(dsn, webhook)
             assert row["disabled_reason"] == "the receiver answered 410 Gone"
-            status, out = await webhookd_cli("endpoints", "list", "--config", path)
+            status, out = await webhookd_command("endpoints", "list", "--config", path)
             assert status == 0, out
             assert "disabled" in out
             assert "410 Gone" in out
 
             answers.status = 200
             await _enable(webhook, path, settings)
-            status, out = await webhookd_cli("deliveries", "retry", "--dead", "--webhook", webhook, "--config", path)
+            status, out = await webhookd_command(
+                "deliveries", "retry", "--dead", "--webhook", webhook, "--config", path
+            )
             assert status == 0, out
             assert "replayed 6 deliveries" in out
             ids = {f"g{i}" for i in range(6)}
@@ -198,7 +202,7 @@ async def test_410_gone_disables_at_once_and_an_operator_enables_and_replays_the
 
 async def _enable(webhook: str, config_path: str, settings: Settings) -> None:
     """Enable by command, as an operator would, and wait until the running daemon has taken it."""
-    status, out = await webhookd_cli("endpoints", "enable", webhook, "--config", config_path)
+    status, out = await webhookd_command("endpoints", "enable", webhook, "--config", config_path)
     assert status == 0, out
     assert "enabled 1 endpoint(s)" in out
     await until(lambda: _metric_is(settings, "webhookd_endpoints_disabled", 0), 10, "the endpoint enabled")
@@ -235,7 +239,7 @@ async def test_an_endpoint_failing_without_success_for_the_configured_time_is_di
             assert row["disabled_reason"].startswith("no successful delivery since ")
             assert row["consecutive_failures"] >= 3
             await until(lambda: _dead_count(dsn, 3), 10, "its pending deliveries dead-lettered")
-            status, out = await webhookd_cli("endpoints", "list", "--state", "disabled", "--json", "--config", path)
+            status, out = await webhookd_command("endpoints", "list", "--state", "disabled", "--json", "--config", path)
             assert status == 0, out
             assert webhook in out
 

@@ -24,6 +24,7 @@ from tests.support import (
     running,
     until,
     webhookd_cli,
+    webhookd_command,
     write_config,
 )
 from webhookd.config import Settings
@@ -41,7 +42,7 @@ class Scene:
     fail: dict[str, bool]
 
     async def cli(self, *args: str) -> tuple[int, str]:
-        return await webhookd_cli(*args, "--config", self.config)
+        return await webhookd_command(*args, "--config", self.config)
 
     async def json(self, *args: str) -> Any:
         status, out = await self.cli(*args, "--json")
@@ -68,7 +69,12 @@ async def scene(kafka: str, dsn: str, topic: str, receiver: Receiver) -> AsyncIt
         async with running(Settings.model_validate(config)):
             await produce(kafka, topic, [event("person.created", ws, id=f"e{i}") for i in range(3)])
             await until(lambda: _dead(dsn, 3), 20, "three dead letters")
+            await until(lambda: _logged_attempts(dsn, 9), 10, "every attempt in the attempt log")
             yield Scene(path, ws, good, bad_id, receiver, fail)
+
+
+async def _logged_attempts(dsn: str, n: int) -> bool:
+    return int((await fetch(dsn, "SELECT count(*) AS n FROM webhookd.attempts"))[0]["n"]) == n
 
 
 async def _dead(dsn: str, n: int) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +44,14 @@ def _parser() -> argparse.ArgumentParser:
         )
         return sub
 
-    with_config("run", "Run the daemon in the foreground; SIGTERM or SIGINT drains, commits and exits 0.")
+    run = with_config("run", "Run the daemon in the foreground; SIGTERM or SIGINT drains, commits and exits 0.")
+    run.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="N consumer processes of one group behind one HTTP port, sharing only Kafka and Postgres (default 1)",
+    )
     with_config("migrate", "Create or upgrade the database schema; safe to run any number of times.")
     with_config("check-config", "Validate the configuration: exit 0 and print it (secrets hidden), or list problems.")
     _operator_commands(commands, with_config)
@@ -65,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
         "--events", type=int, default=0, metavar="N", help="stop after N events (default: run until Ctrl-C)"
     )
     return parser
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return number
 
 
 _WithConfig = Callable[[str, str, "argparse._SubParsersAction[argparse.ArgumentParser]"], argparse.ArgumentParser]
@@ -152,16 +170,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_migrate(settings))
     if args.command in ("deliveries", "endpoints"):
         return asyncio.run(_operate(settings, args))
-    return _run(settings)
+    return _run(settings, args.config, args.workers)
 
 
-def _run(settings: Settings) -> int:
+def _run(settings: Settings, config: Path, workers: int) -> int:
+    import structlog
+
     from webhookd.logs import setup_logging
     from webhookd.service import Service
+    from webhookd.workers import Supervisor
 
     setup_logging(settings.logging.level, settings.logging.format)
+    if "WEBHOOKD_WORKER" in os.environ:  # one of several workers: its lines say which
+        structlog.contextvars.bind_contextvars(worker=os.environ["WEBHOOKD_WORKER"])
 
     async def serve() -> int:
+        if workers > 1:
+            return await Supervisor(settings, config, workers).serve()
         return await Service(settings).serve()
 
     return asyncio.run(serve())

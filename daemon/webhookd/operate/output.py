@@ -45,12 +45,16 @@ def since(text: str) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def emit_json(data: object, out: TextIO = sys.stdout) -> None:
-    out.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+def emit_json(data: object, out: TextIO | None = None) -> None:
+    # sys.stdout is read at the call, not at import, so that a redirected stdout is honoured.
+    (out or sys.stdout).write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
 
 
-def emit_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], out: TextIO = sys.stdout) -> None:
+def emit_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]], out: TextIO | None = None
+) -> None:
     """Rows as aligned columns; `columns` pairs each key with its heading."""
+    out = out or sys.stdout
     cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
     headings = [heading for _, heading in columns]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headings)]
