@@ -124,6 +124,7 @@ def config_for(bootstrap: str, dsn: str, topic: str, /, **sections: dict[str, An
             "group_id": f"g-{topic}",
             "session_timeout_ms": 6000,
             "commit_interval_ms": 200,
+            "fetch_max_wait_ms": 20,  # Tansu holds a fetch for the full wait even when records arrive
         },
         "postgres": {"dsn": dsn},
         "delivery": {

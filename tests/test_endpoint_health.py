@@ -180,6 +180,11 @@ async def test_410_gone_disables_at_once_and_an_operator_enables_and_replays_the
             await produce(kafka, topic, [event("person.created", ws, id=f"g{i}") for i in range(1, 6)])
             await until(lambda: _dead_count(dsn, 6), 15, "all six deliveries dead-lettered")
             assert len(receiver.requests) == 1, "a disabled endpoint was sent to"
+
+            async def published() -> bool:  # the state reaches the table at the next sync
+                return (await _endpoint(dsn, webhook)).get("disabled_reason") is not None
+
+            await until(published, 5, "the disabled state in webhookd.endpoints")
             row = await _endpoint(dsn, webhook)
             assert row["disabled_reason"] == "the receiver answered 410 Gone"
             status, out = await webhookd_command("endpoints", "list", "--config", path)

@@ -239,6 +239,7 @@ class Service:
             rebalance_timeout_ms=int((s.delivery.drain_timeout_seconds + 10) * 1000),
             heartbeat_interval_ms=max(s.kafka.session_timeout_ms // 3, 100),
             max_poll_records=s.kafka.max_poll_records,
+            fetch_max_wait_ms=s.kafka.fetch_max_wait_ms,
             **links.kafka,
         )
         consumer = Consumer(

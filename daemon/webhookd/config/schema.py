@@ -114,6 +114,9 @@ class KafkaSettings(_Section):
     session_timeout_ms: _Count = 10000
     commit_interval_ms: _Count = 500
     max_poll_records: _Count = 500
+    # How long a fetch may wait at the broker for records; brokers that do not answer early when records arrive
+    # (Tansu) add up to this much latency to every event.
+    fetch_max_wait_ms: _Count = 500
     # Transport security of the connections to the brokers; webhookd.tls turns these into aiokafka's arguments.
     security_protocol: Annotated[
         Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"], BeforeValidator(_upper_choice(*_PROTOCOLS))
