@@ -4,6 +4,10 @@ A host may have up to `delivery.per_host_concurrency` requests in flight. Every 
 its share and every answer gives one slot back: a receiver that hangs holds its full share only until its first
 requests time out, then a slot or two (while its circuit breaker, in `health`, decides whether to stop sending at
 all), and a receiver that recovers regains its share within a few round trips.
+
+A delivery waiting for a slot gives up after `delivery.host_wait_seconds` only if the host finished nothing in that
+time: a host that is merely busy (its slots turning over, perhaps waiting for the global budget) keeps its queue,
+while one that holds every slot without an answer sends its queue to the durable retry path.
 """
 
 from __future__ import annotations
@@ -25,16 +29,17 @@ class HostLimits:
     """How much of the budget one receiving host may hold, and what happens to deliveries it cannot take now."""
 
     concurrency: int  # the most requests in flight to one host
-    wait_seconds: float  # how long a delivery may wait for the host's share before it is deferred
+    wait_seconds: float  # how long a delivery waits for a host that finishes nothing before it is deferred
     busy_retry_seconds: float  # when a deferred delivery is tried again
 
 
 class _Host:
-    __slots__ = ("in_flight", "limit", "users", "waiters")
+    __slots__ = ("finished", "in_flight", "limit", "users", "waiters")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
+        self.finished = 0  # slots given back so far: a waiter that sees this move knows the host is not stuck
         self.users = 0  # deliveries holding or waiting for a slot
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
@@ -62,7 +67,7 @@ class HostBudgets:
         return host.limit if host is not None else self._limits.concurrency
 
     async def acquire(self, key: str) -> bool:
-        """Take a slot at the host, waiting up to `wait_seconds`; False when none came free in time."""
+        """Take a slot at the host; False when the host finished nothing for `wait_seconds` while this waited."""
         host = self._hosts.get(key)
         if host is None:
             host = self._hosts[key] = _Host(self._limits.concurrency)
@@ -73,8 +78,15 @@ class HostBudgets:
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         host.waiters.append(granted)
         try:
-            async with asyncio.timeout(self._limits.wait_seconds):
-                await granted
+            seen = host.finished
+            while True:
+                # asyncio.wait leaves `granted` alone when the time is up, unlike a timeout around awaiting it.
+                await asyncio.wait((granted,), timeout=self._limits.wait_seconds)
+                if granted.done():
+                    break
+                if host.finished == seen:
+                    raise TimeoutError
+                seen = host.finished
         except BaseException as exc:
             if granted.done() and not granted.cancelled():
                 # The slot was handed over just as the wait ended: pass it on.
@@ -95,6 +107,7 @@ class HostBudgets:
         """Give the slot back; `result` (the attempt's result label, None if nothing was sent) adapts the share."""
         host = self._hosts[key]
         host.in_flight -= 1
+        host.finished += 1
         if result in _OVERLOADED:
             host.limit = max(1, host.limit // 2)
         elif result is not None and host.limit < self._limits.concurrency:
