@@ -82,6 +82,8 @@ class Sender:
         self._body_limit = body_limit
         self._max_retry_after = max_retry_after
         self._user_agent = f"webhookd/{__version__}"
+        # Each target URL parsed and judged once, not per attempt: both are pure functions of the URL text.
+        self._targets: dict[str, tuple[URL, str | None]] = {}
 
     def headers(self, delivery: Delivery, now: float) -> dict[str, str]:
         webhook = delivery.webhook
@@ -94,10 +96,7 @@ class Sender:
     async def attempt(self, delivery: Delivery) -> AttemptResult:
         started = time.monotonic()
         try:
-            url = URL(delivery.webhook.target_url)
-            if self._https_only and url.scheme != "https":
-                return AttemptResult("blocked", error="egress.https_only forbids plain http targets")
-            refusal = self._refusal(url)
+            url, refusal = self._target(delivery.webhook.target_url)
             if refusal is not None:
                 return AttemptResult("blocked", error=refusal)
             headers = self.headers(delivery, time.time())
@@ -124,6 +123,20 @@ class Sender:
             return _connection_error(exc, started)
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             return _connection_error(exc, started)
+
+    def _target(self, text: str) -> tuple[URL, str | None]:
+        """The URL, parsed, and why the policy forbids it (None: allowed so far; names are checked when resolved)."""
+        known = self._targets.get(text)
+        if known is None:
+            if len(self._targets) >= _TARGETS_REMEMBERED:
+                self._targets.clear()
+            url = URL(text)
+            if self._https_only and url.scheme != "https":
+                known = url, "egress.https_only forbids plain http targets"
+            else:
+                known = url, self._refusal(url)
+            self._targets[text] = known
+        return known
 
     def _refusal(self, url: URL) -> str | None:
         """Why the policy forbids this URL's literal address, or None (names are checked when resolved)."""
@@ -165,6 +178,9 @@ class Sender:
             seconds = when.timestamp() - time.time()
         return max(0.0, min(seconds, self._max_retry_after))
 
+
+# Far more distinct target URLs than a deployment has; a full cache is dropped, not evicted one by one.
+_TARGETS_REMEMBERED = 100_000
 
 _DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -42,6 +43,15 @@ _FIRST_PAUSE, _LONGEST_PAUSE = 1.0, 30.0
 # A worker that ran this long before exiting was not crash-looping: its next restart waits the first pause again.
 _STEADY_SECONDS = 60.0
 _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+def _end_with_parent() -> None:
+    """In a new worker, before it runs: SIGTERM when the supervisor dies, however it dies (Linux only)."""
+    # Without this a supervisor killed by SIGKILL would leave its workers consuming, orphaned, outside any pod.
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_loopback_port() -> int:
@@ -151,7 +161,14 @@ class Supervisor:
             }
             started = time.monotonic()
             worker.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "webhookd", "run", "--config", str(self._config), env=env
+                sys.executable,
+                "-m",
+                "webhookd",
+                "run",
+                "--config",
+                str(self._config),
+                env=env,
+                preexec_fn=_end_with_parent,
             )
             if self._stopping.is_set():  # the signal came while it was starting, and the relay did not see it
                 worker.proc.send_signal(signal.SIGTERM)
