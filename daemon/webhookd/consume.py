@@ -1,9 +1,11 @@
 """Kafka group membership, the fetch loop with backpressure, and offset commits.
 
 The loop reads records, has each one decoded, matched and handed to the dispatcher, and commits, per partition, the
-contiguous prefix of records whose deliveries are all settled. When too many deliveries are unsettled it pauses its
-partitions but keeps polling, so the group never mistakes a busy member for a dead one and memory stays bounded
-however large the backlog.
+contiguous prefix of records whose deliveries are all settled. When too many deliveries are unsettled it stops
+taking records until a quarter of the room is free again (woken by the records that settle), so memory stays bounded
+however large the backlog. It does not poll meanwhile: a poll of paused partitions throws away what aiokafka had
+prefetched, to be fetched again. Only a pipeline full for longer than `_MEMBERSHIP_POLL_SECONDS` polls its paused
+partitions, so that the group never mistakes a busy member for a dead one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from webhookd.subscriptions import SubscriptionIndex
 log = structlog.get_logger("webhookd.consume")
 
 _COMMIT_TIMEOUT = 10.0
+# The group counts a member that has not polled for max_poll_interval_ms (5 minutes) as gone.
+_MEMBERSHIP_POLL_SECONDS = 30.0
+# How often a full pipeline looks again without being woken (for room freed by bad-event writes, and for `stopping`).
+_ROOM_CHECK_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ class Consumer:
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
         self._bad_writes: set[asyncio.Task[None]] = set()
         self._paused = False
+        self._room_freed = asyncio.Event()
+        self._waiting_for_room = False
         self.last_poll = 0.0  # loop time of the last fetch, for /healthz
         self.consuming = False  # True once the group gave us an assignment, for /readyz
 
@@ -76,24 +84,51 @@ class Consumer:
         """Fetch and hand out records until `stopping` is set; then return, leaving in-flight work running."""
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + self._settings.commit_interval
+        last_fetch = loop.time()
         while not stopping.is_set():
             room = self._room()
-            self._set_paused(room <= 0)
-            batch = await self._kafka.getmany(
-                timeout_ms=100 if self._paused else 200,
-                max_records=max(1, min(self._settings.max_poll_records, room)),
-            )
+            if room <= 0:
+                await self._wait_for_room()
+                if loop.time() - last_fetch >= _MEMBERSHIP_POLL_SECONDS:
+                    self._set_paused(True)
+                    await self._kafka.getmany(timeout_ms=0)  # returns nothing: every partition is paused
+                    last_fetch = loop.time()
+            else:
+                self._set_paused(False)
+                batch = await self._kafka.getmany(
+                    timeout_ms=200, max_records=max(1, min(self._settings.max_poll_records, room))
+                )
+                last_fetch = loop.time()
+                for tp, records in batch.items():
+                    offsets = self._partitions.get(tp)
+                    if offsets is None:  # fetched just before a revocation; the new owner reads it again
+                        continue
+                    for record in records:
+                        self._handle(tp, offsets, record)
             self.last_poll = loop.time()
-            for tp, records in batch.items():
-                offsets = self._partitions.get(tp)
-                if offsets is None:  # fetched just before a revocation; the new owner reads it again
-                    continue
-                for record in records:
-                    self._handle(tp, offsets, record)
             if loop.time() >= next_commit:
                 await self.commit()
                 self._update_lag()
                 next_commit = loop.time() + self._settings.commit_interval
+
+    async def _wait_for_room(self) -> None:
+        """Until a quarter of the pending budget is free (or a short while has passed)."""
+        self._room_freed.clear()
+        self._waiting_for_room = True
+        try:
+            await asyncio.wait_for(self._room_freed.wait(), _ROOM_CHECK_SECONDS)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiting_for_room = False
+
+    def _settled(self, offsets: PartitionOffsets, offset: int) -> Callable[[], None]:
+        def settled() -> None:
+            offsets.finished(offset)
+            if self._waiting_for_room and self._room() >= max(1, self._settings.max_pending // 4):
+                self._room_freed.set()
+
+        return settled
 
     def _room(self) -> int:
         """How many more records may be taken now.
@@ -148,7 +183,7 @@ class Consumer:
             )
             for webhook in webhooks
         ]
-        self._dispatcher.submit(deliveries, _finisher(offsets, record.offset))
+        self._dispatcher.submit(deliveries, self._settled(offsets, record.offset))
 
     def _keep_bad(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord, bad: BadEvent) -> None:
         self._metrics.events_invalid.labels(bad.reason).inc()
@@ -227,10 +262,6 @@ class Consumer:
 
     async def stop(self) -> None:
         await self._kafka.stop()
-
-
-def _finisher(offsets: PartitionOffsets, offset: int) -> Callable[[], None]:
-    return lambda: offsets.finished(offset)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information
