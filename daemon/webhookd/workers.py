@@ -4,7 +4,9 @@ Each worker is a whole `webhookd run` of its own and shares nothing with the oth
 so the partitions are split between them) and Postgres. The supervisor starts, watches and stops them, and answers
 the pod's /healthz, /readyz and /metrics by asking every worker on a private loopback port: alive when every
 running worker is alive, ready when every worker is ready, and /metrics is every worker's series with a `worker`
-label, so that sums across the pod stay right.
+label. Counters and histograms add up across workers; the gauges that each worker reads from Postgres
+(`webhookd_retry_queue_depth`, `webhookd_subscriptions`, `webhookd_endpoints_disabled`) say the same thing once per
+worker, so take their max() over a pod, not their sum().
 
 A worker that exits on its own is started again after a pause that doubles up to 30 s; the records it had not
 committed go to whichever worker holds the partitions next, so nothing is lost. SIGTERM and SIGINT are passed on to
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from webhookd.config import Settings
+from webhookd.orphans import end_with_parent
 from webhookd.web import start_server
 
 log = structlog.get_logger("webhookd.workers")
@@ -43,15 +45,6 @@ _FIRST_PAUSE, _LONGEST_PAUSE = 1.0, 30.0
 # A worker that ran this long before exiting was not crash-looping: its next restart waits the first pause again.
 _STEADY_SECONDS = 60.0
 _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
-_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
-
-
-def _end_with_parent() -> None:
-    """In a new worker, before it runs: SIGTERM when the supervisor dies, however it dies (Linux only)."""
-    # Without this a supervisor killed by SIGKILL would leave its workers consuming, orphaned, outside any pod.
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_loopback_port() -> int:
@@ -69,6 +62,7 @@ class Worker:
     port: int = 0
     proc: asyncio.subprocess.Process | None = None
     exit_code: int | None = None
+    serving: bool = False  # its HTTP port has answered since it was last started (it opens last in start-up)
 
     @property
     def running(self) -> bool:
@@ -130,17 +124,27 @@ class Supervisor:
         log.info("workers_starting", workers=len(self.workers), listen=http.listen)
         keepers = [asyncio.create_task(self._keep(worker)) for worker in self.workers]
         relay = asyncio.create_task(self._relay_signals())
+        failed = False
         try:
-            await asyncio.gather(*keepers)
+            # Every keeper runs until the stop; one that fails (no fork, say) stops the others, which drain.
+            for keeper in asyncio.as_completed(keepers):
+                try:
+                    await keeper
+                except Exception as exc:  # reported; then every worker is stopped and awaited
+                    log.error("worker_start_failed", error=repr(exc))
+                    failed = True
+                    self._signals.put_nowait(signal.SIGTERM)
         finally:
             relay.cancel()
             await runner.cleanup()
             await self._http.close()
         codes = [worker.exit_code for worker in self.workers]
         log.info("workers_stopped", exit_codes=codes)
-        return 0 if all(code == 0 for code in codes) else 1
+        return 1 if failed or any(code != 0 for code in codes) else 0
 
     async def _relay_signals(self) -> None:
+        # The workers run in sessions of their own, so a terminal's Ctrl-C or a signal to the whole process group
+        # reaches them only through here, once: a second copy would make them exit at once without draining.
         while True:
             sig = await self._signals.get()
             self._stopping.set()
@@ -160,6 +164,7 @@ class Supervisor:
                 "WEBHOOKD_WORKER": str(worker.index),
             }
             started = time.monotonic()
+            worker.serving = False
             worker.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -168,12 +173,17 @@ class Supervisor:
                 "--config",
                 str(self._config),
                 env=env,
-                preexec_fn=_end_with_parent,
+                start_new_session=True,
+                preexec_fn=end_with_parent(signal.SIGTERM),
             )
             if self._stopping.is_set():  # the signal came while it was starting, and the relay did not see it
                 worker.proc.send_signal(signal.SIGTERM)
             worker.exit_code = await worker.proc.wait()
             if self._stopping.is_set():
+                if worker.exit_code in (-signal.SIGTERM, -signal.SIGINT):
+                    # Ended by the signal itself: it came before the worker had set up its handlers, so before it
+                    # consumed anything. Nothing was left undone.
+                    worker.exit_code = 0
                 return
             if time.monotonic() - started > _STEADY_SECONDS:
                 pause = _FIRST_PAUSE
@@ -190,15 +200,21 @@ class Supervisor:
             return None
         try:
             async with self._http.get(f"http://127.0.0.1:{worker.port}{path}") as response:
+                worker.serving = True
                 return response.status, await response.text()
         except (aiohttp.ClientError, TimeoutError):
             return None
 
     def _app(self) -> web.Application:
         async def healthz(_: web.Request) -> web.Response:
-            answers = await asyncio.gather(*(self._ask(w, "/healthz") for w in self.workers if w.running))
-            # A worker between restarts does not fail liveness: restarting the pod would not bring it back sooner.
-            alive = all(answer is not None and answer[0] == 200 for answer in answers)
+            asked = [w for w in self.workers if w.running]
+            answers = await asyncio.gather(*(self._ask(w, "/healthz") for w in asked))
+            # A worker being restarted, or still starting (its port opens last), does not fail liveness: restarting
+            # the pod would not bring it back sooner, and would stop the healthy ones. Readiness says it.
+            alive = all(
+                (answer is not None and answer[0] == 200) or (answer is None and not worker.serving)
+                for worker, answer in zip(asked, answers, strict=True)
+            )
             return web.Response(text="ok\n" if alive else "a worker is stalled\n", status=200 if alive else 503)
 
         async def readyz(_: web.Request) -> web.Response:

@@ -10,13 +10,11 @@ decide the order of shutdown). Graceful stops still happen through `stop()`, con
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,8 +22,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from webhookd.orphans import end_with_parent
+
 _LOG_TAIL_BYTES = 4000
-_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -34,29 +33,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _load_prctl() -> Callable[[int, int], int] | None:
-    if sys.platform != "linux":
-        return None
-    prctl: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
-    return prctl
-
-
-# Resolved once in the parent: the forked child should do as little as possible before exec.
-_prctl = _load_prctl()
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    def preexec() -> None:
-        if _prctl is None:
-            return
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        # The parent may have died between fork and prctl; then no signal will ever come.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
 
 
 @dataclass(frozen=True)
@@ -104,7 +80,6 @@ def _spawn(
 ) -> subprocess.Popen[bytes]:
     """Start argv in its own process group, writing stdout and stderr to log_path, killed when we die."""
     global _spawner
-    parent_pid = os.getpid()
 
     def spawn() -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log:
@@ -116,7 +91,7 @@ def _spawn(
                 cwd=cwd,
                 env=env,
                 process_group=0,
-                preexec_fn=_die_with_parent(parent_pid),
+                preexec_fn=end_with_parent(signal.SIGKILL),
                 user=run_as.uid if run_as else None,
                 group=run_as.gid if run_as else None,
                 extra_groups=[] if run_as else None,

@@ -1,0 +1,41 @@
+"""Child processes that end with their parent, however the parent ends (Linux; elsewhere nothing is arranged).
+
+Used for the workers of `webhookd run --workers N` and for the embedded broker and Postgres: a parent killed with
+SIGKILL must not leave a daemon consuming, or a server holding its port, with nobody to stop it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+def _load_prctl() -> Callable[[int, int], int] | None:
+    if sys.platform != "linux":
+        return None
+    prctl: Callable[[int, int], int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
+
+
+# Resolved once, in the parent: the forked child should do as little as possible before exec.
+_prctl = _load_prctl()
+
+
+def end_with_parent(sig: signal.Signals) -> Callable[[], None]:
+    """A `preexec_fn` that has the child sent `sig` when the process calling this dies."""
+    parent_pid = os.getpid()
+
+    def preexec() -> None:
+        if _prctl is None:
+            return
+        _prctl(_PR_SET_PDEATHSIG, sig)
+        # The parent may have died between fork and prctl; then no signal will ever come.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
