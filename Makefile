@@ -35,9 +35,9 @@ test: $(VENV)/.installed-test lint
 chaos: $(VENV)/.installed-test
 	$(BIN)/python -m bench.chaos $(CHAOS_ARGS)
 
-# Signed deliveries a second: webhookd end to end against plain aiohttp, alternated, medians; see BENCHMARKS.md.
+# One table: rates against the raw aiohttp ceiling, latency, memory, table size, workers; see BENCHMARKS.md.
 bench: $(VENV)/.installed-test
-	$(BIN)/python -m bench.throughput --out bench/latest.md $(BENCH_ARGS)
+	$(BIN)/python -m bench --out bench/latest.md $(BENCH_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check daemon tests bench

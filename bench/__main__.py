@@ -1,0 +1,233 @@
+"""`make bench`: one table, measured in one run on one machine, of what webhookd costs and sustains.
+
+    python -m bench [--deliveries 20000] [--repeats 3] [--only throughput,naive,latency,backlog,rows,workers]
+
+Runs that are compared are alternated (ceiling, daemon, ceiling, daemon, ...) and their medians reported, because
+a shared machine is noisy. See BENCHMARKS.md for the latest table and what it says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import functools
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import uvloop
+
+from bench.latency import latency_at
+from bench.memory import backlog_peak_rss, table_cost
+from bench.receivers import capacity, receiver_for, running
+from bench.stack import Stack
+from bench.throughput import CONCURRENCY, Run, bodies_for, ceiling, daemon_rate, naive_rate
+from webhookd.logs import setup_logging
+
+SECTIONS = ("throughput", "naive", "latency", "backlog", "rows", "workers")
+DELAYS = (0.0, 0.05)
+
+
+def _regime(delay: float) -> str:
+    return "answers at once" if not delay else f"answers after {delay * 1000:.0f} ms"
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    system = f"{platform.system()} {platform.release()}"
+    return f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, {system}"
+
+
+async def _alternate(runs: list[Callable[[], Awaitable[Run]]], repeats: int) -> list[Run]:
+    """Each of `runs` `repeats` times, taking turns; the median rate and CPU of each."""
+    results: list[list[Run]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            results[i].append(await run())
+    print(f"  .. rates {[[round(r.rate) for r in rs] for rs in results]}", file=sys.stderr, flush=True)
+    return [Run(statistics.median(r.rate for r in rs), statistics.median(r.cpu_us for r in rs)) for rs in results]
+
+
+class Bench:
+    """The sections of the table, each printed as it is measured."""
+
+    def __init__(self, stack: Stack, args: argparse.Namespace) -> None:
+        self.stack = stack
+        self.args = args
+        self.lines: list[str] = []
+        self.capacity: dict[float, float] = {}  # webhookd's measured rate, 1 webhook, per regime
+
+    def out(self, line: str = "") -> None:
+        self.lines.append(line)
+        print(line, flush=True)
+
+    async def throughput(self) -> None:
+        self.out("## Deliveries a second, end to end, against the raw aiohttp ceiling")
+        self.out()
+        self.out(f"Concurrency {CONCURRENCY} on both sides; {self.args.deliveries} deliveries a run; medians of "
+                 f"{self.args.repeats} alternated runs.")  # fmt: skip
+        self.out()
+        self.out("| receiver | webhooks per event | receiver's own capacity (/s) | raw ceiling (/s) | webhookd (/s) "
+                 "| ratio | target | CPU per delivery, ceiling / webhookd (µs) |")  # fmt: skip
+        self.out("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for delay in DELAYS:
+            with running(receiver_for(delay, not self.args.no_nginx)) as receiver:
+                own = await asyncio.to_thread(capacity, receiver, bodies_for(1, 1)[0], CONCURRENCY)
+                for webhooks in (1, 5):
+                    events = self.args.deliveries // webhooks
+                    bodies = bodies_for(events, webhooks)
+                    url = f"http://127.0.0.1:{receiver.port}/ceiling"
+                    raw, daemon = await _alternate(
+                        [
+                            functools.partial(ceiling, url, bodies),
+                            functools.partial(daemon_rate, self.stack, receiver, events, webhooks),
+                        ],
+                        self.args.repeats,
+                    )
+                    ratio = daemon.rate / raw.rate
+                    if webhooks == 1:
+                        self.capacity[delay] = daemon.rate
+                    target = 0.8 if webhooks == 1 else 0.7
+                    verdict = "met" if ratio >= target else "missed"
+                    self.out(f"| {receiver.name}, {_regime(delay)} | {webhooks} | {own:,.0f} | {raw.rate:,.0f} | "
+                             f"{daemon.rate:,.0f} | {ratio:.2f} | ≥ {target} {verdict} | "
+                             f"{raw.cpu_us:.0f} / {daemon.cpu_us:.0f} |")  # fmt: skip
+        self.out()
+
+    async def naive(self) -> None:
+        delay = 0.05
+        with running(receiver_for(delay, not self.args.no_nginx)) as receiver:
+            bodies = bodies_for(self.args.deliveries // 4, 1)
+            url = f"http://127.0.0.1:{receiver.port}/ceiling"
+            raw, naive = await _alternate(
+                [
+                    functools.partial(ceiling, url, bodies),
+                    functools.partial(naive_rate, self.stack, receiver, self.args.naive_events),
+                ],
+                self.args.repeats,
+            )
+        self.out(f"## A naive consumer ({_regime(delay)}, 1 webhook)")
+        self.out()
+        self.out("One event at a time: look its webhooks up, POST, await, commit.")
+        self.out()
+        self.out("| naive consumer (/s) | raw ceiling (/s) | ratio |")
+        self.out("| --- | --- | --- |")
+        self.out(f"| {naive.rate:,.1f} | {raw.rate:,.0f} | {naive.rate / raw.rate:.3f} |")
+        self.out()
+
+    async def latency(self) -> None:
+        self.out("## Latency from the event's Kafka timestamp to the receiver, at half of webhookd's capacity")
+        self.out()
+        self.out("| receiver | events a second | events | p50 (ms) | p99 (ms) | max (ms) | target |")
+        self.out("| --- | --- | --- | --- | --- | --- | --- |")
+        for delay in DELAYS:
+            rate = self.capacity.get(delay, self.args.latency_rate) / 2
+            result = await latency_at(self.stack, delay, rate, self.args.latency_seconds)
+            verdict = "met" if result.p99 < 100 else "missed"
+            self.out(f"| {_regime(delay)} | {result.rate:,.0f} | {result.count} | {result.p50:.1f} | "
+                     f"{result.p99:.1f} | {result.max:.1f} | p99 < 100 ms {verdict} |")  # fmt: skip
+        self.out()
+
+    async def backlog(self) -> None:
+        result = await backlog_peak_rss(self.stack, self.args.backlog_events, self.args.backlog_seconds)
+        verdict = "met" if result.peak_rss_mib < 250 else "missed"
+        self.out("## Memory with a backlog, against a receiver that never answers")
+        self.out()
+        self.out("| events waiting | watched for (s) | events read meanwhile | peak RSS (MiB, VmHWM) | target |")
+        self.out("| --- | --- | --- | --- | --- |")
+        self.out(f"| {result.events:,} | {result.seconds:.0f} | {result.consumed:,.0f} | {result.peak_rss_mib:.0f} | "
+                 f"< 250 MB {verdict} |")  # fmt: skip
+        self.out()
+
+    async def rows(self) -> None:
+        self.out("## Webhook rows: start-up, memory, reload and match")
+        self.out()
+        self.out("One webhook per workspace. Start to ready and RSS are the daemon's; the index, reload and match are "
+                 "measured in the bench's own process on the same code.")  # fmt: skip
+        self.out()
+        self.out("| rows | start to ready (s) | daemon RSS when ready (MiB) | index (MiB) | full reload (ms) | "
+                 "longest loop pause in a reload (ms) | match per event, any workspace / 100 busy ones (µs) "
+                 "|")  # fmt: skip
+        self.out("| --- | --- | --- | --- | --- | --- | --- |")
+        for rows in (100, 10_000, 100_000):
+            cost = await table_cost(self.stack, rows)
+            self.out(f"| {rows:,} | {cost.ready_seconds:.2f} | {cost.rss_mib:.0f} | {cost.index_mib:.1f} | "
+                     f"{cost.reload_ms:,.0f} | {cost.pause_ms:.0f} | "
+                     f"{cost.match_us:.2f} / {cost.hot_match_us:.2f} |")  # fmt: skip
+        self.out()
+
+    async def workers(self) -> None:
+        delay = 0.0
+        with running(receiver_for(delay, not self.args.no_nginx)) as receiver:
+            one, two = await _alternate(
+                [
+                    functools.partial(daemon_rate, self.stack, receiver, self.args.deliveries, 1, workers=1),
+                    functools.partial(daemon_rate, self.stack, receiver, self.args.deliveries, 1, workers=2),
+                ],
+                self.args.repeats,
+            )
+        self.out(f"## `--workers N` ({_regime(delay)}, 1 webhook, 4 partitions)")
+        self.out()
+        self.out("| workers | webhookd (/s) | ratio to 1 worker | CPU per delivery, all workers (µs) |")
+        self.out("| --- | --- | --- | --- |")
+        self.out(f"| 1 | {one.rate:,.0f} | 1.00 | {one.cpu_us:.0f} |")
+        self.out(f"| 2 | {two.rate:,.0f} | {two.rate / one.rate:.2f} | {two.cpu_us:.0f} |")
+        self.out()
+
+
+async def main_async(args: argparse.Namespace) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as tmp:
+        async with Stack.started(Path(tmp), args.profile) as stack:
+            bench = Bench(stack, args)
+            bench.out(f"# webhookd benchmark, {datetime.date.today().isoformat()}")
+            bench.out()
+            bench.out(f"Machine: {_machine()}. Broker: Tansu (embedded); Postgres: embedded; `make bench`.")
+            bench.out()
+            for section in SECTIONS:
+                if section in args.only:
+                    await getattr(bench, section)()
+            return bench.lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--deliveries", type=int, default=20_000, help="deliveries per throughput run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-events", type=int, default=300)
+    parser.add_argument("--latency-seconds", type=float, default=15.0)
+    parser.add_argument("--latency-rate", type=float, default=500.0, help="events a second, if throughput was skipped")
+    parser.add_argument("--backlog-events", type=int, default=100_000)
+    parser.add_argument("--backlog-seconds", type=float, default=45.0)
+    parser.add_argument("--no-nginx", action="store_true", help="use the multi-process aiohttp receiver")
+    parser.add_argument("--only", type=lambda v: v.split(","), default=list(SECTIONS), help=",".join(SECTIONS))
+    parser.add_argument(
+        "--profile", type=Path, default=None, metavar="DIR", help="py-spy samples of every daemon run into DIR"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    setup_logging("warning")  # the index measured in this process logs as the daemon does
+    unknown = set(args.only) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
+    # The daemon runs on uvloop; so does everything it is compared with, the raw ceiling included.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        lines = runner.run(main_async(args))
+    if args.out is not None:
+        args.out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Latency from an event's Kafka timestamp to its arrival at the receiver, at a steady rate below capacity.
+
+The producer stamps each record (CreateTime) and writes the same milliseconds into the event's data as `sent_ms`;
+the receiver notes its clock minus `sent_ms` on arrival. One machine, one clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from bench.receivers import LatencyReceiver, running
+from bench.stack import DaemonRun, Stack
+
+_TICK = 0.01  # the producer sends every 10 ms what the rate asks for
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Milliseconds from Kafka timestamp to receiver, over `count` events at `rate` a second."""
+
+    rate: float
+    count: int
+    p50: float
+    p99: float
+    max: float
+
+
+async def latency_at(stack: Stack, delay: float, rate: float, seconds: float) -> Latency:
+    """Produce `rate` events a second for `seconds` to one webhook; milliseconds from timestamp to receiver."""
+    with running(LatencyReceiver(delay)) as receiver:
+        topic, workspace = await stack.new_topic(), str(uuid.uuid4())
+        await stack.add_webhooks([f"http://127.0.0.1:{receiver.port}/latency"], workspace)
+        async with DaemonRun(stack, topic):
+            await receiver.latencies()  # nothing yet; the daemon is ready
+            producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap, enable_idempotence=False)
+            await producer.start()
+            try:
+                sent, started = 0, time.monotonic()
+                while (elapsed := time.monotonic() - started) < seconds:
+                    while sent < elapsed * rate:
+                        ms = int(time.time() * 1000)
+                        data = {"i": sent, "sent_ms": ms}
+                        doc = {"id": f"l{sent}", "event": "person.updated", "workspaceId": workspace, "data": data}
+                        await producer.send(topic, orjson.dumps(doc), timestamp_ms=ms)
+                        sent += 1
+                    await asyncio.sleep(_TICK)
+                await producer.flush()
+            finally:
+                await producer.stop()
+            latencies: list[float] = []
+            deadline = time.monotonic() + 60
+            while len(latencies) < sent and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                latencies += await receiver.latencies()
+    if len(latencies) < sent:
+        raise RuntimeError(f"only {len(latencies)} of {sent} events arrived")
+    ordered = sorted(latencies)
+    return Latency(
+        rate=sent / seconds,
+        count=len(ordered),
+        p50=statistics.median(ordered),
+        p99=ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+        max=ordered[-1],
+    )
