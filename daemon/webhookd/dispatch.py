@@ -84,6 +84,9 @@ class Dispatcher:
         self._metrics = metrics
         self._policy = policy
         self._global = asyncio.Semaphore(concurrency)
+        self._in_flight = 0
+        # Read at scrape time: counting in the gauge itself would take its lock twice per attempt.
+        metrics.inflight.set_function(lambda: self._in_flight)
         self._host_limits = hosts
         self._hosts = HostBudgets(hosts)
         self._busy_until: dict[str, float] = {}  # webhook id -> until when its host was found saturated
@@ -162,14 +165,14 @@ class Dispatcher:
         result: AttemptResult | None = None
         try:
             async with self._global:
-                self._metrics.inflight.inc()
+                self._in_flight += 1
                 try:
                     result = await self._sender.attempt(delivery)
                 finally:
-                    self._metrics.inflight.dec()
+                    self._in_flight -= 1
         finally:
             self._hosts.release(key, result.result if result is not None else None)
-        self._metrics.delivery_attempts.labels(result.result).inc()
+        self._metrics.attempts_by_result[result.result].inc()
         self._attempts.add(delivery, delivery.attempts + 1, result)
         if result.result != "blocked":
             self._metrics.delivery_duration.observe(result.duration)
@@ -179,7 +182,7 @@ class Dispatcher:
     def _held(self, delivery: Delivery, hold: Hold) -> tuple[str, float]:
         """The status and delay a held delivery is written with; a disabled endpoint's are dead letters."""
         if hold.reason == "disabled":
-            self._metrics.deliveries.labels("dead_lettered").inc()
+            self._metrics.deliveries_by_outcome["dead_lettered"].inc()
             log.info(
                 "delivery_dead_lettered",
                 event_id=delivery.event_id,
@@ -207,7 +210,7 @@ class Dispatcher:
         delay = self._next_try(delivery, result)
         self._log_failure(delivery, result, delay)
         if delay is None:
-            self._metrics.deliveries.labels("dead_lettered").inc()
+            self._metrics.deliveries_by_outcome["dead_lettered"].inc()
         await self._recorder.schedule(
             delivery,
             status="pending" if delay is not None else "dead",
@@ -242,7 +245,7 @@ class Dispatcher:
             self._log_failure(delivery, result, delay)
             status = "pending" if delay is not None else "dead"
             if delay is None:
-                self._metrics.deliveries.labels("dead_lettered").inc()
+                self._metrics.deliveries_by_outcome["dead_lettered"].inc()
         await self._recorder.update(
             delivery.row_id,
             status=status,
@@ -259,7 +262,7 @@ class Dispatcher:
         return self._policy.delay_after(delivery.attempts, result)
 
     def _delivered(self, delivery: Delivery, result: AttemptResult) -> None:
-        self._metrics.deliveries.labels("delivered").inc()
+        self._metrics.deliveries_by_outcome["delivered"].inc()
         if delivery.kafka_timestamp_ms is not None:
             latency = time.time() - delivery.kafka_timestamp_ms / 1000
             self._metrics.event_delivery_latency.observe(max(latency, 0.0))

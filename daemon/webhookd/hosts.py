@@ -75,20 +75,30 @@ class HostBudgets:
         if host.in_flight < host.limit and not host.waiters:
             host.in_flight += 1
             return True
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[None] = loop.create_future()
         host.waiters.append(granted)
-        try:
-            seen = host.finished
-            while True:
-                # asyncio.wait leaves `granted` alone when the time is up, unlike a timeout around awaiting it.
-                await asyncio.wait((granted,), timeout=self._limits.wait_seconds)
-                if granted.done():
-                    break
-                if host.finished == seen:
-                    raise TimeoutError
+        seen = host.finished
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            # A timer rather than asyncio.wait or asyncio.timeout: the waiting path is taken by every delivery
+            # beyond the host's share, and a bare future is the cheapest thing to wait on.
+            nonlocal seen, timer
+            if granted.done():
+                return
+            if host.finished == seen:
+                granted.set_exception(TimeoutError())
+            else:
                 seen = host.finished
+                timer = loop.call_later(self._limits.wait_seconds, check)
+
+        timer = loop.call_later(self._limits.wait_seconds, check)
+        try:
+            await granted
         except BaseException as exc:
-            if granted.done() and not granted.cancelled():
+            timer.cancel()  # the current one: `check` replaces it while the host makes progress
+            if granted.done() and not granted.cancelled() and granted.exception() is None:
                 # The slot was handed over just as the wait ended: pass it on.
                 host.in_flight -= 1
                 self._wake(host)
@@ -101,6 +111,7 @@ class HostBudgets:
             if isinstance(exc, TimeoutError):
                 return False
             raise
+        timer.cancel()
         return True
 
     def release(self, key: str, result: str | None) -> None:

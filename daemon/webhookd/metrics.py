@@ -73,11 +73,10 @@ class Metrics:
         self.endpoints_disabled = Gauge(
             "webhookd_endpoints_disabled", "Webhooks disabled, automatically or by an operator.", registry=r
         )
-        # Pre-create the bounded label values so that dashboards see zeros, not missing series.
-        for result in ATTEMPT_RESULTS:
-            self.delivery_attempts.labels(result)
-        for outcome in OUTCOMES:
-            self.deliveries.labels(outcome)
+        # The bounded label values, created up front so that dashboards see zeros, not missing series, and kept
+        # so that the per-delivery path skips labels()' lock and lookup.
+        self.attempts_by_result = {result: self.delivery_attempts.labels(result) for result in ATTEMPT_RESULTS}
+        self.deliveries_by_outcome = {outcome: self.deliveries.labels(outcome) for outcome in OUTCOMES}
         for reason in DEFERRALS:
             self.deliveries_deferred.labels(reason)
 
