@@ -4,6 +4,7 @@ the partition keeps moving, every other receiver keeps its pace, and the hung on
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 from aiohttp import web
@@ -74,7 +75,7 @@ async def test_a_hung_receiver_does_not_slow_the_others_and_gets_everything_afte
 
 FLEET = 50
 HANGING = 5
-FLEET_EVENTS = 100
+FLEET_EVENTS = 150
 
 
 async def _fleet_rate(
@@ -82,16 +83,24 @@ async def _fleet_rate(
 ) -> float:
     """Deliveries a second to the fleet, from producing `events` events until every receiver has all of them."""
     ids = {f"{prefix}{i}" for i in range(events)}
+    # The daemon shares this process with fifty-five receivers and the test. Left alone, the garbage collector
+    # would scan a heap that grows from run to run and charge the later runs for it; what lives now is frozen out of
+    # its reach, so that each run pays only for its own garbage.
+    gc.collect()
+    gc.freeze()
     target = sum(len(r.requests) for r in fleet) + len(fleet) * events
     started = time.monotonic()
     await produce(kafka, topic, [event("person.created", ws, id=i) for i in sorted(ids)])
     # Counting is cheap; checking every id on each arrival would take CPU from the daemon, in this same process, in
     # proportion to what the receivers have already seen, and so weigh more on the later run than the earlier.
-    while sum(len(r.requests) for r in fleet) < target and time.monotonic() - started < 120:
+    while sum(len(r.requests) for r in fleet) < target and time.monotonic() - started < 120:  # noqa: ASYNC110 (fifty receivers, no one event)
         await asyncio.sleep(0.005)
     for r in fleet:
         await r.wait_for(lambda r=r: ids <= {q.event_id for q in r.requests}, 120, f"{prefix} deliveries")  # type: ignore[misc]
-    return len(fleet) * events / (time.monotonic() - started)
+    took = time.monotonic() - started
+    for r in fleet:  # checked: forgotten, so that every run starts from the same heap
+        r.requests.clear()
+    return len(fleet) * events / took
 
 
 async def test_fifty_healthy_receivers_keep_their_rate_while_five_hang_until_timeout(
@@ -123,25 +132,31 @@ async def test_fifty_healthy_receivers_keep_their_rate_while_five_hang_until_tim
         )  # fmt: skip
         async with running(settings):
             await _fleet_rate(kafka, topic, calm, "warm", fleet, events=10)  # connections and caches warm for both runs
-            calm_rate = await _fleet_rate(kafka, topic, calm, "calm", fleet)
+            # Daemon, receivers and test share one process on a shared machine: a run can only be slowed by what else
+            # happens meanwhile, never sped up, so each side is the better of two runs.
+            calm_runs = [await _fleet_rate(kafka, topic, calm, f"calm{n}-", fleet) for n in range(2)]
+            calm_rate = max(calm_runs)
             # The first burst beside newly hung receivers pays for their first requests, which hold their hosts'
             # whole share until the timeout; from then on the breaker and the cut shares keep them out of the way.
             onset_rate = await _fleet_rate(kafka, topic, stormy, "onset", fleet, events=40)
             await asyncio.sleep(3.5)  # the first requests to the hung receivers time out
-            stormy_rate = await _fleet_rate(kafka, topic, stormy, "stormy", fleet)
+            stormy_runs = [await _fleet_rate(kafka, topic, stormy, f"stormy{n}-", fleet) for n in range(2)]
+            stormy_rate = max(stormy_runs)
             print(
-                f"\n{FLEET} healthy receivers: {calm_rate:.0f} deliveries/s alone; beside {HANGING} that hang until "
-                f"the 3 s timeout, {onset_rate:.0f}/s in the first burst ({onset_rate / calm_rate:.0%}) and "
-                f"{stormy_rate:.0f}/s after it ({stormy_rate / calm_rate:.0%})"
+                f"\n{FLEET} healthy receivers: {calm_rate:.0f} deliveries/s alone (runs {calm_runs[0]:.0f}, "
+                f"{calm_runs[1]:.0f}); beside {HANGING} that hang until the 3 s timeout, {onset_rate:.0f}/s in the "
+                f"first burst ({onset_rate / calm_rate:.0%}) and {stormy_rate:.0f}/s after it "
+                f"({stormy_rate / calm_rate:.0%}; runs {stormy_runs[0]:.0f}, {stormy_runs[1]:.0f})"
             )
             assert stormy_rate >= 0.9 * calm_rate
             healed_at = time.monotonic()
             hang.healed.set()
-            ids = {f"onset{i}" for i in range(40)} | {f"stormy{i}" for i in range(FLEET_EVENTS)}
+            ids = {f"onset{i}" for i in range(40)} | {f"stormy{n}-{i}" for n in range(2) for i in range(FLEET_EVENTS)}
             for r in hanging:
                 await r.wait_for(lambda r=r: ids <= {q.event_id for q in r.requests}, 120, "the healed deliveries")  # type: ignore[misc]
             print(f"all {len(ids) * HANGING} deliveries of the hung receivers arrived "
                   f"{time.monotonic() - healed_at:.1f} s after they healed")  # fmt: skip
     finally:
+        gc.unfreeze()
         for r in [*fleet, *hanging]:
             await r.stop()

@@ -64,6 +64,7 @@ class Webhooks:
 
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
+        self._turn = asyncio.Lock()  # several tasks change rows; one connection runs one statement at a time
 
     async def add(self, workspace: str, path: str, operations: list[str], url: str) -> str:
         webhook_id: uuid.UUID = await self.conn.fetchval(
@@ -77,10 +78,11 @@ class Webhooks:
 
     async def update(self, webhook_id: str, sql: str, *args: Any) -> float:
         """Apply `SET <sql>` to one row; returns the moment it was committed."""
-        await self.conn.execute(
-            f'UPDATE core.webhook SET {sql}, "updatedAt" = now() WHERE id = $1', uuid.UUID(webhook_id), *args
-        )
-        return time.monotonic()
+        async with self._turn:
+            await self.conn.execute(
+                f'UPDATE core.webhook SET {sql}, "updatedAt" = now() WHERE id = $1', uuid.UUID(webhook_id), *args
+            )
+            return time.monotonic()
 
 
 @pytest.fixture

@@ -284,6 +284,19 @@ class EndpointHealth:
                 held.extend(endpoint.webhooks)
         return held
 
+    def probe_ready_webhooks(self) -> list[str]:
+        """Webhooks whose endpoint would take one delivery now, as its circuit's probe, and hold every other one.
+
+        Retry claims take one row of each: a whole batch would be claimed only to be put back, again at every
+        cool-down, at a cost that grows with the endpoint's backlog.
+        """
+        now = self._clock()
+        ready: list[str] = []
+        for url in self._open:  # circuits not closed: open, or half-open
+            if not self._endpoints[url].breaker.holds(now):
+                ready.extend(self._endpoints[url].webhooks)
+        return ready
+
     def take_changes(self) -> Changes:
         """What the next sync must write; also the moment to forget endpoints nobody has used for a while."""
         self._forget_idle()

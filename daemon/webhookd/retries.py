@@ -29,7 +29,7 @@ WHERE d.id IN (
     SELECT id FROM webhookd.deliveries
     WHERE status = 'pending' AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
       AND NOT (id = ANY($3::bigint[]))  -- our own claims still under way, whose lease may have run out
-      AND NOT (webhook_id = ANY($4::uuid[]))  -- endpoints that take nothing now (circuit open, paused, host busy)
+      AND {webhooks}
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -37,6 +37,12 @@ WHERE d.id IN (
 RETURNING d.id, d.event_id, d.webhook_id::text AS webhook_id, d.workspace_id::text AS workspace_id,
           d.event_name, d.body, (extract(epoch FROM d.event_time) * 1000)::bigint AS event_ms, d.source, d.attempts
 """
+# Every endpoint but those that take nothing now (circuit open, paused, host busy) or one delivery (a probe).
+_CLAIM_MANY = _CLAIM.format(webhooks="NOT (webhook_id = ANY($4::uuid[]))")
+# One endpoint's next delivery: the probe of its half-open circuit.
+_CLAIM_PROBE = _CLAIM.format(webhooks="webhook_id = $4::uuid")
+# Probes claimed in one poll at most; more wait for the next.
+_PROBES_PER_POLL = 20
 _RELEASE = "UPDATE webhookd.deliveries SET locked_until = NULL WHERE id = ANY($1::bigint[]) AND status = 'pending'"
 _DEPTH = "SELECT count(*) FROM webhookd.deliveries WHERE status = 'pending'"
 
@@ -90,19 +96,18 @@ class RetryPoller:
                 await asyncio.sleep(self._settings.poll_interval)
 
     async def claim(self, limit: int) -> int:
-        rows = await self._pool.fetch(
-            _CLAIM,
-            limit,
-            self._settings.lease_seconds,
-            self._dispatcher.retry_rows(),
-            self._health.held_webhooks() + self._dispatcher.busy_webhooks(),
-        )
+        own = self._dispatcher.retry_rows()
+        probing = self._health.probe_ready_webhooks()
+        skipped = self._health.held_webhooks() + self._dispatcher.busy_webhooks() + probing
+        rows = list(await self._pool.fetch(_CLAIM_MANY, limit, self._settings.lease_seconds, own, skipped))
+        for webhook_id in probing[: min(_PROBES_PER_POLL, max(limit - len(rows), 0))]:
+            rows += await self._pool.fetch(_CLAIM_PROBE, 1, self._settings.lease_seconds, own, webhook_id)
         for row in rows:
             webhook = self._index.get(row["webhook_id"])
             if webhook is None or not self._still_subscribed(webhook, row["workspace_id"], row["event_name"]):
                 # The subscription was deleted, moved to another workspace (which must never see this event), or no
                 # longer asks for this kind of event.
-                self._metrics.deliveries.labels("dead_lettered").inc()
+                self._metrics.deliveries_by_outcome["dead_lettered"].inc()
                 log.info(
                     "delivery_dead_lettered",
                     event_id=row["event_id"],
