@@ -134,10 +134,10 @@ class Bench:
         self.out("| --- | --- | --- | --- | --- | --- | --- |")
         for delay in DELAYS:
             rate = self.capacity.get(delay, self.args.latency_rate) / 2
-            result = await latency_at(self.stack, delay, rate, self.args.latency_seconds)
+            result = await latency_at(self.stack, delay, rate, self.args.latency_seconds, not self.args.no_nginx)
             verdict = "met" if result.p99 < 100 else "missed"
-            self.out(f"| {_regime(delay)} | {result.rate:,.0f} | {result.count} | {result.p50:.1f} | "
-                     f"{result.p99:.1f} | {result.max:.1f} | p99 < 100 ms {verdict} |")  # fmt: skip
+            self.out(f"| {result.receiver}, {_regime(delay)} | {result.rate:,.0f} | {result.count} | "
+                     f"{result.p50:.1f} | {result.p99:.1f} | {result.max:.1f} | p99 < 100 ms {verdict} |")  # fmt: skip
         self.out()
 
     async def backlog(self) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from bench.receivers import LatencyReceiver, running
+from bench.receivers import LatencyReceiver, NginxReceiver, running
 from bench.stack import DaemonRun, Stack
 
 _TICK = 0.01  # the producer sends every 10 ms what the rate asks for
@@ -25,6 +25,7 @@ _TICK = 0.01  # the producer sends every 10 ms what the rate asks for
 class Latency:
     """Milliseconds from Kafka timestamp to receiver, over `count` events at `rate` a second."""
 
+    receiver: str
     rate: float
     count: int
     p50: float
@@ -32,9 +33,12 @@ class Latency:
     max: float
 
 
-async def latency_at(stack: Stack, delay: float, rate: float, seconds: float) -> Latency:
+async def latency_at(stack: Stack, delay: float, rate: float, seconds: float, prefer_nginx: bool = True) -> Latency:
     """Produce `rate` events a second for `seconds` to one webhook; milliseconds from timestamp to receiver."""
-    with running(LatencyReceiver(delay)) as receiver:
+    receiver: NginxReceiver | LatencyReceiver = (
+        NginxReceiver(delay, latency_log=True) if NginxReceiver.available() and prefer_nginx else LatencyReceiver(delay)
+    )
+    with running(receiver):
         topic, workspace = await stack.new_topic(), str(uuid.uuid4())
         await stack.add_webhooks([f"http://127.0.0.1:{receiver.port}/latency"], workspace)
         async with DaemonRun(stack, topic):
@@ -63,6 +67,7 @@ async def latency_at(stack: Stack, delay: float, rate: float, seconds: float) ->
         raise RuntimeError(f"only {len(latencies)} of {sent} events arrived")
     ordered = sorted(latencies)
     return Latency(
+        receiver=receiver.name,
         rate=sent / seconds,
         count=len(ordered),
         p50=statistics.median(ordered),

@@ -60,23 +60,37 @@ def _wait_listening(port: int, what: str) -> None:
 
 
 class NginxReceiver:
-    """nginx, one worker: `return 200` at once, or the echo module's `echo_sleep` for a delay."""
+    """nginx, one worker: `return 200` at once, or the echo module's `echo_sleep` for a delay.
 
-    def __init__(self, delay: float) -> None:
+    With `latency_log`, it logs each request's arrival time and body, from which `latencies` reads the milliseconds
+    from each event's `sent_ms` to its arrival: the measuring costs nginx's few microseconds, not a Python process.
+    """
+
+    def __init__(self, delay: float, latency_log: bool = False) -> None:
         self.port = free_port()
         self.name = "nginx (1 worker)"
         self._delay = delay
         self._dir = Path(tempfile.mkdtemp(prefix="webhookd-bench-nginx-"))
         self._proc: subprocess.Popen[bytes] | None = None
         self._status_reads = 0
+        self._latency_log = self._dir / "latency.log" if latency_log else None
+        self._read_to = 0
 
     @staticmethod
     def available() -> bool:
         return shutil.which("nginx") is not None and _ECHO_MODULE.exists()
 
     def _config(self) -> str:
-        answer = f"echo_sleep {self._delay}; echo ok;" if self._delay else 'return 200 "ok\\n";'
+        # `return` answers before the body is read, so a logged body needs the echo module's answer.
+        answer = f"echo_sleep {self._delay}; echo ok;" if self._delay else "echo ok;"
+        if not self._delay and self._latency_log is None:
+            answer = 'return 200 "ok\\n";'
         temp = " ".join(f"{kind}_temp_path {self._dir / kind};" for kind in ("client_body", "proxy", "fastcgi"))
+        log = (
+            f"log_format latency escape=none '$msec $request_body'; access_log {self._latency_log} latency;"
+            if self._latency_log is not None
+            else "access_log off;"
+        )
         return f"""
 load_module {_ECHO_MODULE};
 daemon off;
@@ -85,7 +99,7 @@ pid {self._dir / "nginx.pid"};
 error_log {self._dir / "error.log"} warn;
 events {{ worker_connections 8192; }}
 http {{
-    access_log off;
+    {log}
     {temp} uwsgi_temp_path {self._dir / "uwsgi"}; scgi_temp_path {self._dir / "scgi"};
     keepalive_requests 10000000;
     client_max_body_size 16m;
@@ -106,6 +120,22 @@ http {{
         # stub_status counts every request as it arrives (with a delay, up to that delay before it is answered),
         # its own reads (this one included) among them.
         return int(text.splitlines()[2].split()[2]) - self._status_reads
+
+    async def latencies(self) -> list[float]:
+        """Milliseconds from `sent_ms` to arrival of each request logged since the last call."""
+        if self._latency_log is None or not self._latency_log.exists():
+            return []
+        with self._latency_log.open("rb") as log:
+            log.seek(self._read_to)
+            text = log.read()
+        complete = text[: text.rfind(b"\n") + 1]  # a line being written is read next time
+        self._read_to += len(complete)
+        found: list[float] = []
+        for line in complete.splitlines():
+            arrived, _, body = line.partition(b" ")
+            if body.startswith(b"{"):  # not a status read
+                found.append(float(arrived) * 1000 - orjson.loads(body)["data"]["sent_ms"])
+        return found
 
     def start(self) -> None:
         config = self._dir / "nginx.conf"
