@@ -87,7 +87,9 @@ class NginxReceiver:
             answer = 'return 200 "ok\\n";'
         temp = " ".join(f"{kind}_temp_path {self._dir / kind};" for kind in ("client_body", "proxy", "fastcgi"))
         log = (
-            f"log_format latency escape=none '$msec $request_body'; access_log {self._latency_log} latency;"
+            # $msec is when the line is written, after any delay; less $request_time, it is when the request came.
+            f"log_format latency escape=none '$msec $request_time $request_body'; "
+            f"access_log {self._latency_log} latency;"
             if self._latency_log is not None
             else "access_log off;"
         )
@@ -132,9 +134,10 @@ http {{
         self._read_to += len(complete)
         found: list[float] = []
         for line in complete.splitlines():
-            arrived, _, body = line.partition(b" ")
+            logged, took, body = line.split(b" ", 2)
             if body.startswith(b"{"):  # not a status read
-                found.append(float(arrived) * 1000 - orjson.loads(body)["data"]["sent_ms"])
+                arrived = float(logged) - float(took)
+                found.append(arrived * 1000 - orjson.loads(body)["data"]["sent_ms"])
         return found
 
     def start(self) -> None:
