@@ -20,6 +20,7 @@ import orjson
 import psutil
 import yaml
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic, free_port
 from webhookd.store.migrate import migrate
@@ -205,6 +206,4 @@ class DaemonRun:
         """The sum of every sample called `name` on /metrics."""
         async with aiohttp.ClientSession() as http, http.get(f"http://{self.listen}/metrics") as response:
             text = await response.text()
-        return sum(
-            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name
-        )
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -35,8 +34,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from webhookd.children import end_with_parent, free_port
 from webhookd.config import Settings
-from webhookd.orphans import end_with_parent
 from webhookd.web import start_server
 
 log = structlog.get_logger("webhookd.workers")
@@ -45,13 +44,6 @@ _FIRST_PAUSE, _LONGEST_PAUSE = 1.0, 30.0
 # A worker that ran this long before exiting was not crash-looping: its next restart waits the first pause again.
 _STEADY_SECONDS = 60.0
 _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
-
-
-def _free_loopback_port() -> int:
-    # The port is free when chosen; a worker that loses it to a race fails to start and is restarted on another.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -157,7 +149,7 @@ class Supervisor:
     async def _keep(self, worker: Worker) -> None:
         pause = _FIRST_PAUSE
         while not self._stopping.is_set():
-            worker.port = _free_loopback_port()
+            worker.port = free_port()
             env = {
                 **os.environ,
                 "WEBHOOKD_HTTP__LISTEN": f"127.0.0.1:{worker.port}",

@@ -1,4 +1,4 @@
-"""Child processes that must never outlive us: spawning, termination, log tails, and `free_port`.
+"""Child processes that must never outlive us: spawning, termination, log tails.
 
 Every server is a child process of ours and must never outlive us: a `kill -9` of `webhookd dev` or of
 pytest runs no `finally` and no `atexit`, and a broker or postmaster left behind would hold its port, its socket
@@ -13,7 +13,6 @@ import contextlib
 import os
 import queue
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Callable
@@ -22,17 +21,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from webhookd.orphans import end_with_parent
+from webhookd.children import end_with_parent
+from webhookd.children import free_port as free_port  # the broker and the tests take it from here
 
 _LOG_TAIL_BYTES = 4000
-
-
-def free_port() -> int:
-    """Return a loopback TCP port that was free a moment ago; another process may still take it first."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)

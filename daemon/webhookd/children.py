@@ -1,7 +1,8 @@
-"""Child processes that end with their parent, however the parent ends (Linux; elsewhere nothing is arranged).
+"""What the daemon's own child processes need: to end with their parent, and a loopback port to listen on.
 
 Used for the workers of `webhookd run --workers N` and for the embedded broker and Postgres: a parent killed with
-SIGKILL must not leave a daemon consuming, or a server holding its port, with nobody to stop it.
+SIGKILL must not leave a daemon consuming, or a server holding its port, with nobody to stop it (Linux; elsewhere
+nothing is arranged).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -39,3 +41,11 @@ def end_with_parent(sig: signal.Signals) -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago; another process may still take it first."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
