@@ -183,6 +183,13 @@ class SubscriptionStore:
             "ON p.webhook_id = w.id AND p.replaced_at > now() - make_interval(secs => $1) "
             'WHERE w."deletedAt" IS NULL'
         )
+        # One number per table state, so that the periodic safety net costs Postgres one scan instead of costing this
+        # process a rebuild of every webhook: the rows' text hashed and summed, with their count.
+        self._fingerprint_sql = (
+            "SELECT count(*) AS n, coalesce(sum(hashtextextended(s::text, 0)), 0)::text AS digest "
+            f"FROM ({self._select}) s"
+        )
+        self._loaded_fingerprint: tuple[int, str] | None = None
         self._overlap = rotation_overlap
         self._refresh_seconds = refresh_seconds
         self._on_count = on_count
@@ -191,9 +198,16 @@ class SubscriptionStore:
         self.loaded = asyncio.Event()
         self.listening = False
 
-    async def reload(self) -> None:
+    async def _fingerprint(self) -> tuple[int, str]:
         # Old secrets are kept only as long as they may still sign; past that they are just a liability.
         await self._pool.execute(_PRUNE_PREVIOUS_SECRETS, self._overlap)
+        row = await self._pool.fetchrow(self._fingerprint_sql, self._overlap)
+        assert row is not None  # an aggregate without GROUP BY always returns one row
+        return int(row["n"]), str(row["digest"])
+
+    async def reload(self) -> None:
+        # Taken before the rows: a change in between makes the next check differ and reload, never go unseen.
+        fingerprint = await self._fingerprint()
         rows = await self._pool.fetch(self._select, self._overlap)
         fresh = SubscriptionIndex()
         for n, row in enumerate(rows, 1):
@@ -204,9 +218,19 @@ class SubscriptionStore:
                 # A large table takes a second or more to index; deliveries go on meanwhile, in between slices.
                 await asyncio.sleep(0)
         self.index.adopt(fresh)
+        self._loaded_fingerprint = fingerprint
         self.loaded.set()
         self._on_count(len(self.index))
         log.debug("subscriptions_reloaded", count=len(self.index))
+
+    async def refresh(self) -> None:
+        """The safety net for changes no notification announced: a full reload if the table differs from the index.
+
+        Changes applied from notifications leave the index ahead of its fingerprint, so a period with changes ends in
+        one reload; a quiet table costs only the check.
+        """
+        if await self._fingerprint() != self._loaded_fingerprint:
+            await self.reload()
 
     async def _apply_changes(self, ids: list[str]) -> None:
         rows = await self._pool.fetch(self._select + " AND w.id = ANY($2::uuid[])", self._overlap, ids)
@@ -248,7 +272,7 @@ class SubscriptionStore:
 
     async def _follow(self, conn: asyncpg.Connection) -> None:
         loop = asyncio.get_running_loop()
-        next_reload = loop.time() + self._refresh_seconds
+        next_check = loop.time() + self._refresh_seconds
         while not conn.is_closed():
             with contextlib.suppress(TimeoutError):
                 # Wake at least every second to notice a dead connection, which asyncpg reports only when used.
@@ -261,8 +285,8 @@ class SubscriptionStore:
                     await self.reload()
                 elif changed:
                     await self._apply_changes(changed)
-            if loop.time() >= next_reload:
-                await self.reload()
-                next_reload = loop.time() + self._refresh_seconds
+            if loop.time() >= next_check:
+                await self.refresh()
+                next_check = loop.time() + self._refresh_seconds
             else:
                 await conn.fetchval("SELECT 1", timeout=5)
