@@ -2,8 +2,9 @@
 
 Matching is Twenty's: an event `X.op` goes to every live webhook of the same workspace whose `operations` holds any of
 `X.op`, `*.op`, `X.*` or `*.*`. The index answers from memory, so its cost per event does not grow with the number of
-webhooks. Changes arrive through LISTEN/NOTIFY (a trigger that `migrate` installs), with a periodic full reload as
-the safety net for anything a lost connection missed.
+webhooks. Changes arrive through LISTEN/NOTIFY (a trigger that `migrate` installs). A full reload follows every
+reconnect, for what a lost connection missed, and a periodic check of the table's hash catches what no trigger
+announced.
 """
 
 from __future__ import annotations
