@@ -315,6 +315,20 @@ def test_alerts_and_dashboard_query_only_metrics_webhookd_exports() -> None:
     assert used - exported == set(), f"not exported by webhookd.metrics: {sorted(used - exported)}"
 
 
+# Read from Postgres by every daemon, so every replica and every `--workers` process reports the same value.
+SHARED_GAUGES = ("webhookd_retry_queue_depth", "webhookd_subscriptions", "webhookd_endpoints_disabled")
+SUMMED = re.compile(r"\bsum\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(\s*(" + "|".join(SHARED_GAUGES) + r")\b")
+
+
+def test_gauges_every_process_repeats_are_never_added_up() -> None:
+    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    expressions = [rule["expr"] for group in rules["spec"]["groups"] for rule in group["rules"]]
+    expressions += _queries(json.loads(DASHBOARD.read_text(encoding="utf-8")))
+    summed = [e for e in expressions if SUMMED.search(e)]
+    assert summed == [], f"these add up a value each process repeats; take max() instead: {summed}"
+    assert any(g in e for e in expressions for g in SHARED_GAUGES)
+
+
 def test_endpoint_health_is_alerted_on_and_shown() -> None:
     rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
     alerted = {
