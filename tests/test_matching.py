@@ -146,10 +146,10 @@ def test_removing_an_unknown_webhook_changes_nothing() -> None:
     assert len(index) == 1
 
 
-def test_replace_all_swaps_the_whole_set() -> None:
+def test_adopting_a_fresh_index_swaps_the_whole_set() -> None:
     index = index_of(hook("old", "*.*"), hook("kept", "person.created"))
 
-    index.replace_all([hook("kept", "company.created"), hook("new", "*.created", workspace=WS_B)])
+    index.adopt(index_of(hook("kept", "company.created"), hook("new", "*.created", workspace=WS_B)))
 
     assert index.get("old") is None
     assert len(index) == 2
@@ -158,10 +158,10 @@ def test_replace_all_swaps_the_whole_set() -> None:
     assert ids(index.match(WS_B, "person", "created")) == ["new"]
 
 
-def test_replace_all_with_nothing_empties_the_index() -> None:
+def test_adopting_an_empty_index_empties_it() -> None:
     index = index_of(hook("a", "*.*"))
 
-    index.replace_all([])
+    index.adopt(SubscriptionIndex())
 
     assert len(index) == 0
     assert index.match(WS_A, "person", "created") == []
@@ -291,11 +291,11 @@ def test_match_equals_the_contract_rule_after_any_puts_and_removes(
 
 
 @given(st.lists(WEBHOOKS, max_size=12), st.lists(WEBHOOKS, max_size=12), st.lists(EVENTS, min_size=1, max_size=10))
-def test_match_equals_the_contract_rule_after_replace_all(
+def test_match_equals_the_contract_rule_after_a_fresh_index_is_adopted(
     before: list[Webhook], after: list[Webhook], events: list[tuple[str, str, str]]
 ) -> None:
     index = index_of(*before)
-    index.replace_all(after)
+    index.adopt(index_of(*after))
     live = {w.id: w for w in after}
 
     for workspace, obj, action in events:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -102,12 +102,6 @@ class SubscriptionIndex:
                     del patterns[op]
         if not patterns:
             del self._by_workspace[old.workspace_id]
-
-    def replace_all(self, webhooks: Iterable[Webhook]) -> None:
-        fresh = SubscriptionIndex()
-        for webhook in webhooks:
-            fresh.put(webhook)
-        self.adopt(fresh)
 
     def adopt(self, fresh: SubscriptionIndex) -> None:
         """Take `fresh`'s contents in one step, so that a match never sees half of a reload."""
