@@ -20,13 +20,13 @@ CREATE TABLE IF NOT EXISTS webhookd.endpoints (
     disabled_at           timestamptz,
     disabled_reason       text,
     enabled_at            timestamptz,  -- failures before this moment no longer count towards auto-disable
-    -- Deliveries a second this endpoint may receive; NULL takes delivery.rate_limit_per_second.
+    -- Deliveries a second this endpoint may receive; NULL takes endpoints.rate_limit_per_second.
     rate_limit_per_second double precision CHECK (rate_limit_per_second > 0),
     updated_at            timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS endpoints_by_update ON webhookd.endpoints (updated_at);
 
--- Every HTTP attempt, written in batches with COPY; pruned after delivery.attempt_log_retention_seconds.
+-- Every HTTP attempt, written in batches with COPY; pruned after endpoints.attempt_log_retention_seconds.
 CREATE TABLE IF NOT EXISTS webhookd.attempts (
     event_id     text        NOT NULL,
     webhook_id   uuid        NOT NULL,
