@@ -93,6 +93,39 @@ async def test_a_failing_endpoint_trips_its_circuit_gets_only_probes_then_everyt
     assert dead[0]["n"] == 0
 
 
+async def test_an_operators_enable_closes_an_open_circuit_without_waiting_for_its_cooldown(
+    kafka: str, dsn: str, topic: str, receiver: Receiver
+) -> None:
+    ws = new_workspace()
+    answers = receiver.behaviours["/mended"] = Answers(500)
+    webhook = await add_webhook(dsn, ws, receiver.url("/mended"), ["*.*"])
+    config = config_for(
+        kafka, dsn, topic,
+        delivery={"retry_schedule": ["300ms"] * 30, "retry_jitter": 0},
+        endpoints={
+            "circuit_min_requests": 5, "circuit_consecutive_failures": 5,
+            "circuit_cooldown_seconds": 120, "circuit_max_cooldown_seconds": 120,
+            "sync_interval_seconds": 0.2,
+        },
+    )  # fmt: skip
+    settings = Settings.model_validate(config)
+    ids = {f"m{i}" for i in range(10)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(write_config(Path(tmp) / "webhookd.yaml", config))
+        async with running(settings):
+            await produce(kafka, topic, [event("person.created", ws, id=i) for i in sorted(ids)])
+            await until(lambda: _metric_is(settings, "webhookd_endpoint_circuit_open", 1), 10, "the circuit to open")
+            answers.status = 200  # mended, but the circuit would keep it waiting for two minutes
+            await asyncio.sleep(1.0)
+            assert answers.accepted == set(), "an open circuit let deliveries through before its cool-down"
+            status, out = await webhookd_command("endpoints", "enable", webhook, "--config", path)
+            assert status == 0, out
+            enabled_at = time.monotonic()
+            await receiver.wait_for(lambda: answers.accepted >= ids, 10, "every delivery after the enable")
+            print(f"\nafter the enable, every held delivery arrived within {time.monotonic() - enabled_at:.1f} s")
+            await until(lambda: _metric_is(settings, "webhookd_endpoint_circuit_open", 0), 5, "the circuit to close")
+
+
 async def _metric_is(settings: Settings, name: str, value: float) -> bool:
     return await _metric(settings, name) == value
 

@@ -203,7 +203,9 @@ class EndpointBook:
             rows = await self._pool.fetch(_CHANGED_SINCE, self._read_from)
         for row in rows:
             self._health.apply_disabled(
-                row["webhook_id"], (row["disabled_reason"] or "disabled") if row["disabled"] else None
+                row["webhook_id"],
+                (row["disabled_reason"] or "disabled") if row["disabled"] else None,
+                row["enabled_at"],
             )
             self._health.apply_rate(row["webhook_id"], row["rate_limit_per_second"])
             if self._read_from is None or row["updated_at"] > self._read_from:
