@@ -44,6 +44,37 @@ class _Host:
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
 
+class _Waiter:
+    """One delivery waiting for a slot at `host`: granted by a release, or failed with TimeoutError once the host has
+    finished nothing for a whole `wait_seconds`.
+
+    A timer rather than asyncio.wait or asyncio.timeout: every delivery beyond its host's share takes this path, and a
+    bare future is the cheapest thing to wait on.
+    """
+
+    __slots__ = ("_host", "_loop", "_seen", "_timer", "_wait_seconds", "granted")
+
+    def __init__(self, host: _Host, wait_seconds: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.granted: asyncio.Future[None] = self._loop.create_future()
+        self._host = host
+        self._seen = host.finished
+        self._wait_seconds = wait_seconds
+        self._timer = self._loop.call_later(wait_seconds, self._check)
+
+    def _check(self) -> None:
+        if self.granted.done():
+            return
+        if self._host.finished == self._seen:
+            self.granted.set_exception(TimeoutError())
+        else:
+            self._seen = self._host.finished
+            self._timer = self._loop.call_later(self._wait_seconds, self._check)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
 class HostBudgets:
     """Slots per host key (host:port); `acquire` then `release` with the attempt's outcome."""
 
@@ -75,30 +106,12 @@ class HostBudgets:
         if host.in_flight < host.limit and not host.waiters:
             host.in_flight += 1
             return True
-        loop = asyncio.get_running_loop()
-        granted: asyncio.Future[None] = loop.create_future()
-        host.waiters.append(granted)
-        seen = host.finished
-        timer: asyncio.TimerHandle | None = None
-
-        def check() -> None:
-            # A timer rather than asyncio.wait or asyncio.timeout: the waiting path is taken by every delivery
-            # beyond the host's share, and a bare future is the cheapest thing to wait on.
-            nonlocal seen, timer
-            if granted.done():
-                return
-            if host.finished == seen:
-                granted.set_exception(TimeoutError())
-            else:
-                seen = host.finished
-                timer = loop.call_later(self._limits.wait_seconds, check)
-
-        timer = loop.call_later(self._limits.wait_seconds, check)
+        waiter = _Waiter(host, self._limits.wait_seconds)
+        host.waiters.append(waiter.granted)
         try:
-            await granted
+            await waiter.granted
         except BaseException as exc:
-            timer.cancel()  # the current one: `check` replaces it while the host makes progress
-            if granted.done() and not granted.cancelled() and granted.exception() is None:
+            if waiter.granted.done() and not waiter.granted.cancelled() and waiter.granted.exception() is None:
                 # The slot was handed over just as the wait ended: pass it on.
                 host.in_flight -= 1
                 self._wake(host)
@@ -106,12 +119,13 @@ class HostBudgets:
                 # Taken out now: a host that frees no slot for long would otherwise pile up dead waiters. (A
                 # release may have dropped it already, on its way past.)
                 with contextlib.suppress(ValueError):
-                    host.waiters.remove(granted)
+                    host.waiters.remove(waiter.granted)
             self._leave(key, host)
             if isinstance(exc, TimeoutError):
                 return False
             raise
-        timer.cancel()
+        finally:
+            waiter.stop()
         return True
 
     def release(self, key: str, result: str | None) -> None:
