@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 
 from webhookd.pgerrors import TRANSIENT
 from webhookd.signing import standard_key
@@ -193,17 +194,21 @@ class SubscriptionStore:
         self.loaded = asyncio.Event()
         self.listening = False
 
-    async def _fingerprint(self) -> tuple[int, str]:
+    async def _prune(self) -> None:
         # Old secrets are kept only as long as they may still sign; past that they are just a liability.
         await self._pool.execute(_PRUNE_PREVIOUS_SECRETS, self._overlap)
-        row = await self._pool.fetchrow(self._fingerprint_sql, self._overlap)
+
+    async def _fingerprint(self, conn: PoolConnectionProxy[asyncpg.Record]) -> tuple[int, str]:
+        row = await conn.fetchrow(self._fingerprint_sql, self._overlap)
         assert row is not None  # an aggregate without GROUP BY always returns one row
         return int(row["n"]), str(row["digest"])
 
     async def reload(self) -> None:
-        # Taken before the rows: a change in between makes the next check differ and reload, never go unseen.
-        fingerprint = await self._fingerprint()
-        rows = await self._pool.fetch(self._select, self._overlap)
+        await self._prune()
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            # One snapshot for both, so that the fingerprint describes exactly the rows indexed.
+            fingerprint = await self._fingerprint(conn)
+            rows = await conn.fetch(self._select, self._overlap)
         fresh = SubscriptionIndex()
         for n, row in enumerate(rows, 1):
             webhook = webhook_from_row(row)
@@ -221,10 +226,12 @@ class SubscriptionStore:
     async def refresh(self) -> None:
         """The safety net for changes no notification announced: a full reload if the table differs from the index.
 
-        Changes applied from notifications leave the index ahead of its fingerprint, so a period with changes ends in
-        one reload; a quiet table costs only the check.
+        A period in which notifications changed the index ends in one reload; a quiet table costs only the check.
         """
-        if await self._fingerprint() != self._loaded_fingerprint:
+        await self._prune()
+        async with self._pool.acquire() as conn:
+            fingerprint = await self._fingerprint(conn)
+        if fingerprint != self._loaded_fingerprint:
             await self.reload()
 
     async def _apply_changes(self, ids: list[str]) -> None:
@@ -237,6 +244,9 @@ class SubscriptionStore:
                 self.index.remove(webhook_id)
             else:
                 self.index.put(webhook)
+        # The index no longer matches the fingerprint of its last reload, and the table may yet return to that state
+        # through a change no one announces (a row restored, say): only a reload may vouch for the index again.
+        self._loaded_fingerprint = None
         self._on_count(len(self.index))
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
