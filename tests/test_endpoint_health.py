@@ -109,21 +109,28 @@ async def test_an_operators_enable_closes_an_open_circuit_without_waiting_for_it
         },
     )  # fmt: skip
     settings = Settings.model_validate(config)
-    ids = {f"m{i}" for i in range(10)}
+    failed, held = {f"m{i}" for i in range(10)}, {f"h{i}" for i in range(10)}
     with tempfile.TemporaryDirectory() as tmp:
         path = str(write_config(Path(tmp) / "webhookd.yaml", config))
         async with running(settings):
-            await produce(kafka, topic, [event("person.created", ws, id=i) for i in sorted(ids)])
+            await produce(kafka, topic, [event("person.created", ws, id=i) for i in sorted(failed)])
             await until(lambda: _metric_is(settings, "webhookd_endpoint_circuit_open", 1), 10, "the circuit to open")
             answers.status = 200  # mended, but the circuit would keep it waiting for two minutes
-            await asyncio.sleep(1.0)
+            # Events that arrive while the circuit is open are deferred by it, without an attempt, for its cool-down.
+            await produce(kafka, topic, [event("person.created", ws, id=i) for i in sorted(held)])
+            deferred = "SELECT count(*) AS n FROM webhookd.deliveries WHERE event_id LIKE 'h%' AND attempts = 0"
+            await until(lambda: _count_is(dsn, deferred, len(held)), 10, "the circuit to defer the new events")
             assert answers.accepted == set(), "an open circuit let deliveries through before its cool-down"
             status, out = await webhookd_command("endpoints", "enable", webhook, "--config", path)
             assert status == 0, out
             enabled_at = time.monotonic()
-            await receiver.wait_for(lambda: answers.accepted >= ids, 10, "every delivery after the enable")
+            await receiver.wait_for(lambda: answers.accepted >= failed | held, 10, "every delivery after the enable")
             print(f"\nafter the enable, every held delivery arrived within {time.monotonic() - enabled_at:.1f} s")
             await until(lambda: _metric_is(settings, "webhookd_endpoint_circuit_open", 0), 5, "the circuit to close")
+
+
+async def _count_is(dsn: str, sql: str, n: int) -> bool:
+    return bool((await fetch(dsn, sql))[0]["n"] == n)
 
 
 async def _metric_is(settings: Settings, name: str, value: float) -> bool:

@@ -81,6 +81,11 @@ ON CONFLICT (webhook_id) DO UPDATE SET
     disabled_at = NULL, disabled_reason = NULL, enabled_at = now(), failing_since = NULL, consecutive_failures = 0,
     circuit_open_until = NULL, rate_limited_until = NULL, updated_at = now()
 """
+# What an open circuit or a pause deferred, and the retries waiting out their backoff, go at the next poll.
+_RESUME_PENDING = """
+UPDATE webhookd.deliveries SET next_attempt_at = now(), updated_at = now()
+WHERE webhook_id = ANY($1::uuid[]) AND status = 'pending' AND next_attempt_at > now()
+"""
 _SET_RATE = """
 INSERT INTO webhookd.endpoints AS e (webhook_id, rate_limit_per_second) VALUES ($1::uuid, $2)
 ON CONFLICT (webhook_id) DO UPDATE SET rate_limit_per_second = EXCLUDED.rate_limit_per_second, updated_at = now()
@@ -115,8 +120,12 @@ async def disable(conn: Connection, webhook_ids: Sequence[str], reason: str, dec
 
 
 async def enable(conn: Connection, webhook_ids: Sequence[str]) -> None:
-    """Enable webhooks; their failing streak starts afresh. Dead letters stay dead until replayed."""
-    await conn.execute(_ENABLE, sorted(webhook_ids))
+    """Enable webhooks: their failing streak starts afresh and what waits for them is due now (the operator has
+    looked at the receiver). Dead letters stay dead until replayed."""
+    ids = sorted(webhook_ids)
+    async with conn.transaction():
+        await conn.execute(_ENABLE, ids)
+        await conn.execute(_RESUME_PENDING, ids)
 
 
 async def set_rate_limit(conn: Connection, webhook_id: str, rate: float | None) -> None:
