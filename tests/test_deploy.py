@@ -317,16 +317,32 @@ def test_alerts_and_dashboard_query_only_metrics_webhookd_exports() -> None:
 
 # Read from Postgres by every daemon, so every replica and every `--workers` process reports the same value.
 SHARED_GAUGES = ("webhookd_retry_queue_depth", "webhookd_subscriptions", "webhookd_endpoints_disabled")
-SUMMED = re.compile(r"\bsum\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(\s*(" + "|".join(SHARED_GAUGES) + r")\b")
+SUM_OPENING = re.compile(r"\bsum\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(")
+
+
+def summed(expression: str) -> Iterator[str]:
+    """What every sum() in a PromQL expression adds up: the text inside its parentheses."""
+    for opening in SUM_OPENING.finditer(expression):
+        depth, end = 1, opening.end()
+        while depth and end < len(expression):
+            depth += {"(": 1, ")": -1}.get(expression[end], 0)
+            end += 1
+        yield expression[opening.end() : end - 1]
 
 
 def test_gauges_every_process_repeats_are_never_added_up() -> None:
     rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
     expressions = [rule["expr"] for group in rules["spec"]["groups"] for rule in group["rules"]]
     expressions += _queries(json.loads(DASHBOARD.read_text(encoding="utf-8")))
-    summed = [e for e in expressions if SUMMED.search(e)]
-    assert summed == [], f"these add up a value each process repeats; take max() instead: {summed}"
+    added_up = [e for e in expressions for inner in summed(e) if any(g in inner for g in SHARED_GAUGES)]
+    assert added_up == [], f"these add up a value each process repeats; take max() instead: {added_up}"
     assert any(g in e for e in expressions for g in SHARED_GAUGES)
+    # The check itself, on the shapes it must catch and the one it must let through.
+    assert [*summed("sum(max_over_time(webhookd_subscriptions[5m])) by (pod)")] == [
+        "max_over_time(webhookd_subscriptions[5m])"
+    ]
+    assert [*summed("sum without (pod) (rate(x[1m]))")] == ["rate(x[1m])"]
+    assert [*summed("sum_over_time(webhookd_subscriptions[5m])")] == []
 
 
 def test_endpoint_health_is_alerted_on_and_shown() -> None:

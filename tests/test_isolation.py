@@ -153,8 +153,13 @@ async def test_fifty_healthy_receivers_keep_their_rate_while_five_hang_until_tim
             await add_webhook(dsn, stormy, r.url("/hung"), ["*.*"])
         config = config_for(
             kafka, dsn, topic,
-            delivery={"timeout_seconds": 3, "retry_schedule": ["1s"] * 20, "per_host_concurrency": PER_HOST,
-                      "host_busy_retry_seconds": 1},
+            delivery={
+                "timeout_seconds": 3, "retry_schedule": ["1s"] * 20, "host_busy_retry_seconds": 1,
+                # Exactly the slots of every host: whatever a hung host held beyond its own share would be missed by
+                # the healthy ones. Pending room to spare, so that it never sets the pace.
+                "per_host_concurrency": PER_HOST, "concurrency": (FLEET + HANGING) * PER_HOST,
+                "max_pending_deliveries": 4000,
+            },
             endpoints={
                 "circuit_min_requests": 20, "circuit_consecutive_failures": 5,  # the defaults
                 "circuit_cooldown_seconds": 1, "circuit_max_cooldown_seconds": 2,
