@@ -45,6 +45,23 @@ async def test_migrate_is_idempotent_and_leaves_an_existing_twenty_table_alone(p
     assert [r["tgname"] for r in triggers] == ["webhookd_subscription_change"]
 
 
+async def test_migrate_keeps_the_firing_mode_the_table_owner_gave_the_trigger(postgres_admin: str, kafka: str) -> None:
+    dsn = await create_database(postgres_admin, f"m_{uuid.uuid4().hex[:10]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_config(Path(tmp) / "c.yaml", config_for(kafka, dsn, "t"))
+        assert (await webhookd_cli("migrate", "--config", str(config)))[0] == 0
+        conn = await asyncpg.connect(dsn)
+        try:
+            # As README advises where the table arrives by logical replication.
+            await conn.execute("ALTER TABLE core.webhook ENABLE ALWAYS TRIGGER webhookd_subscription_change")
+        finally:
+            await conn.close()
+        again = await webhookd_cli("migrate", "--config", str(config))  # as every pod's init container does
+    assert again[0] == 0, again[1]
+    mode = await fetch(dsn, "SELECT tgenabled FROM pg_trigger WHERE tgname = 'webhookd_subscription_change'")
+    assert [r["tgenabled"] for r in mode] == [b"A"], "migrate undid ENABLE ALWAYS"
+
+
 async def test_run_on_an_unmigrated_database_says_to_migrate_and_exits_1(postgres_admin: str, kafka: str) -> None:
     dsn = await create_database(postgres_admin, f"u_{uuid.uuid4().hex[:10]}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -50,9 +50,18 @@ def _subscriptions_ddl(table: str) -> str:
         PERFORM pg_notify('{NOTIFY_CHANNEL}', COALESCE(NEW.id, OLD.id)::text);
         RETURN NULL;
     END $$;
-    CREATE OR REPLACE TRIGGER webhookd_subscription_change
-        AFTER INSERT OR UPDATE OR DELETE ON {table}
-        FOR EACH ROW EXECUTE FUNCTION webhookd.notify_subscription_change();
+    -- Created once, not replaced: replacing it would undo what the table's owner may have set on it since, such as
+    -- ENABLE ALWAYS, which makes it fire for rows that logical replication applies.
+    DO $create$ BEGIN
+        IF NOT EXISTS (
+            SELECT FROM pg_trigger
+            WHERE tgrelid = '{table}'::regclass AND tgname = 'webhookd_subscription_change'
+        ) THEN
+            CREATE TRIGGER webhookd_subscription_change
+                AFTER INSERT OR UPDATE OR DELETE ON {table}
+                FOR EACH ROW EXECUTE FUNCTION webhookd.notify_subscription_change();
+        END IF;
+    END $create$;
     """
 
 
