@@ -218,7 +218,7 @@ async def test_endpoint_commands_refuse_bad_ids_and_rates_naming_the_argument(sc
         (("deliveries", "show"), "every delivery of this event"),
         (("deliveries", "retry"), "same event id"),
         (("endpoints", "list"), "--state"),
-        (("endpoints", "enable"), "failure streak starts afresh"),
+        (("endpoints", "enable"), "failure streak and circuit start afresh"),
         (("endpoints", "disable"), "pending and new deliveries become dead letters"),
         (("endpoints", "limit"), "deliveries a second"),
     ],

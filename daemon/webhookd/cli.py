@@ -128,7 +128,9 @@ def _operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     listing.add_argument("--state", choices=STATES, help="only endpoints in this state")
     listing.add_argument("--webhook", metavar="WEBHOOK_ID", help="only this webhook")
     _json_option(listing)
-    enable = with_config("enable", "Enable endpoints again; their failure streak starts afresh.", endpoints)
+    enable = with_config(
+        "enable", "Enable endpoints again: failure streak and circuit start afresh; what waits is due now.", endpoints
+    )
     enable.add_argument("ids", nargs="+", metavar="WEBHOOK_ID")
     disable = with_config(
         "disable", "Disable endpoints: nothing is sent; pending and new deliveries become dead letters.", endpoints
