@@ -271,31 +271,24 @@ class EndpointHealth:
     def disabled_reason(self, webhook_id: str) -> str | None:
         return self._disabled.get(webhook_id)
 
-    def held_webhooks(self) -> list[str]:
-        """Webhooks whose endpoint takes nothing now (circuit open, probe out, paused): retry claims skip them."""
+    def retry_holds(self) -> tuple[list[str], list[str]]:
+        """What retry claims must leave alone: (held, probing).
+
+        Held: webhooks whose endpoint takes nothing now (circuit open, probe out, paused). Probing: webhooks whose
+        endpoint would take one delivery now, as its circuit's probe, and hold every other one; claims take one row
+        of each, since a whole batch would be claimed only to be put back, again at every cool-down, at a cost that
+        grows with the endpoint's backlog.
+        """
         now = self._clock()
         held: list[str] = []
-        for url in self._open:
+        probing: list[str] = []
+        for url in self._open:  # circuits not closed: open, or half-open
             endpoint = self._endpoints[url]
-            if endpoint.breaker.holds(now):
-                held.extend(endpoint.webhooks)
+            (held if endpoint.breaker.holds(now) else probing).extend(endpoint.webhooks)
         for endpoint in self._endpoints.values():
             if endpoint.throttle.paused_until > now:
                 held.extend(endpoint.webhooks)
-        return held
-
-    def probe_ready_webhooks(self) -> list[str]:
-        """Webhooks whose endpoint would take one delivery now, as its circuit's probe, and hold every other one.
-
-        Retry claims take one row of each: a whole batch would be claimed only to be put back, again at every
-        cool-down, at a cost that grows with the endpoint's backlog.
-        """
-        now = self._clock()
-        ready: list[str] = []
-        for url in self._open:  # circuits not closed: open, or half-open
-            if not self._endpoints[url].breaker.holds(now):
-                ready.extend(self._endpoints[url].webhooks)
-        return ready
+        return held, probing
 
     def take_changes(self) -> Changes:
         """What the next sync must write; also the moment to forget endpoints nobody has used for a while."""

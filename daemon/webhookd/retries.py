@@ -22,25 +22,30 @@ from webhookd.subscriptions import SubscriptionIndex, Webhook
 
 log = structlog.get_logger("webhookd.retries")
 
+# $1 the most rows to claim, $2 the lease in seconds, $3 our own claims still under way (whose lease may have run
+# out), $4 webhook ids; `rows` selects the ids of the due rows to claim.
 _CLAIM = """
 UPDATE webhookd.deliveries d
 SET locked_until = now() + make_interval(secs => $2), updated_at = now()
-WHERE d.id IN (
-    SELECT id FROM webhookd.deliveries
-    WHERE status = 'pending' AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
-      AND NOT (id = ANY($3::bigint[]))  -- our own claims still under way, whose lease may have run out
-      AND {webhooks}
-    ORDER BY next_attempt_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
+WHERE d.id IN ({rows})
 RETURNING d.id, d.event_id, d.webhook_id::text AS webhook_id, d.workspace_id::text AS workspace_id,
           d.event_name, d.body, (extract(epoch FROM d.event_time) * 1000)::bigint AS event_ms, d.source, d.attempts
 """
-# Every endpoint but those that take nothing now (circuit open, paused, host busy) or one delivery (a probe).
-_CLAIM_MANY = _CLAIM.format(webhooks="NOT (webhook_id = ANY($4::uuid[]))")
-# One endpoint's next delivery: the probe of its half-open circuit.
-_CLAIM_PROBE = _CLAIM.format(webhooks="webhook_id = $4::uuid")
+_DUE = """status = 'pending' AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
+    AND NOT (id = ANY($3::bigint[]))"""
+# The earliest due rows of every endpoint but those that take nothing now (circuit open, paused, host busy) or one
+# delivery (a probe).
+_CLAIM_MANY = _CLAIM.format(
+    rows=f"""SELECT id FROM webhookd.deliveries WHERE {_DUE} AND NOT (webhook_id = ANY($4::uuid[]))
+    ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED"""
+)
+# The earliest due row of each endpoint whose half-open circuit takes one delivery, its probe: one query for all.
+_CLAIM_PROBES = _CLAIM.format(
+    rows=f"""SELECT probe.id FROM unnest($4::uuid[]) AS w (webhook_id) CROSS JOIN LATERAL (
+        SELECT id FROM webhookd.deliveries WHERE webhook_id = w.webhook_id AND {_DUE}
+        ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED
+    ) probe LIMIT $1"""
+)
 # Probes claimed in one poll at most; more wait for the next.
 _PROBES_PER_POLL = 20
 _RELEASE = "UPDATE webhookd.deliveries SET locked_until = NULL WHERE id = ANY($1::bigint[]) AND status = 'pending'"
@@ -97,11 +102,12 @@ class RetryPoller:
 
     async def claim(self, limit: int) -> int:
         own = self._dispatcher.retry_rows()
-        probing = self._health.probe_ready_webhooks()
-        skipped = self._health.held_webhooks() + self._dispatcher.busy_webhooks() + probing
+        held, probing = self._health.retry_holds()
+        skipped = held + self._dispatcher.busy_webhooks() + probing
         rows = list(await self._pool.fetch(_CLAIM_MANY, limit, self._settings.lease_seconds, own, skipped))
-        for webhook_id in probing[: min(_PROBES_PER_POLL, max(limit - len(rows), 0))]:
-            rows += await self._pool.fetch(_CLAIM_PROBE, 1, self._settings.lease_seconds, own, webhook_id)
+        probes = min(_PROBES_PER_POLL, limit - len(rows))
+        if probing and probes > 0:
+            rows += await self._pool.fetch(_CLAIM_PROBES, probes, self._settings.lease_seconds, own, probing)
         for row in rows:
             webhook = self._index.get(row["webhook_id"])
             if webhook is None or not self._still_subscribed(webhook, row["workspace_id"], row["event_name"]):
