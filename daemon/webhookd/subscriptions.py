@@ -195,7 +195,8 @@ class SubscriptionStore:
         self.listening = False
 
     async def _prune(self) -> None:
-        # Old secrets are kept only as long as they may still sign; past that they are just a liability.
+        # Old secrets are kept only as long as they may still sign; past that they are just a liability. Once per
+        # period is enough: the rows read never include an expired one.
         await self._pool.execute(_PRUNE_PREVIOUS_SECRETS, self._overlap)
 
     async def _fingerprint(self, conn: PoolConnectionProxy[asyncpg.Record]) -> tuple[int, str]:
@@ -204,7 +205,6 @@ class SubscriptionStore:
         return int(row["n"]), str(row["digest"])
 
     async def reload(self) -> None:
-        await self._prune()
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             # One snapshot for both, so that the fingerprint describes exactly the rows indexed.
             fingerprint = await self._fingerprint(conn)
