@@ -33,7 +33,8 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
 from bench.proxy import TcpProxy
-from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic, free_port
+from webhookd.children import free_port
+from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic
 from webhookd.store.migrate import migrate
 
 WEBHOOKS = 3

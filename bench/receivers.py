@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from webhookd.embedded import free_port
+from webhookd.children import free_port
 
 _ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 _STATUS_PATH = "/__status"

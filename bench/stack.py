@@ -22,7 +22,8 @@ import yaml
 from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic, free_port
+from webhookd.children import free_port
+from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic
 from webhookd.store.migrate import migrate
 
 SECRET = "bench-secret"

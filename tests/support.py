@@ -27,8 +27,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from webhookd import cli
+from webhookd.children import free_port
 from webhookd.config import Settings
-from webhookd.embedded import create_database, free_port
+from webhookd.embedded import create_database
 from webhookd.service import Service
 from webhookd.store.migrate import migrate
 

@@ -46,8 +46,8 @@ from tests.support import (
     webhookd_cli,
 )
 from tests.support import write_config as write_yaml
+from webhookd.children import free_port
 from webhookd.config import ConfigError, Settings, describe, load_settings
-from webhookd.embedded import free_port
 from webhookd.tls import TLSError, delivery_ssl_context, kafka_security, postgres_connect, transport
 
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]

@@ -27,8 +27,9 @@ import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
+from webhookd.children import free_port
 from webhookd.config import ConfigError, Settings, load_settings
-from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_topic, free_port
+from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_topic
 from webhookd.logs import setup_logging
 from webhookd.service import Service
 from webhookd.store.migrate import migrate

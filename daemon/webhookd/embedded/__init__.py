@@ -15,12 +15,10 @@ from webhookd.embedded.postgres import EmbeddedPostgres, create_database
 from webhookd.embedded.postgres import _dsn_with_database as _dsn_with_database
 from webhookd.embedded.postgres import _postgres_bin_dir as _postgres_bin_dir
 from webhookd.embedded.postgres import _system_user as _system_user
-from webhookd.embedded.processes import free_port
 
 __all__ = [
     "EmbeddedPostgres",
     "KafkaBroker",
     "create_database",
     "create_topic",
-    "free_port",
 ]

@@ -22,7 +22,6 @@ from types import TracebackType
 from typing import Self
 
 from webhookd.children import end_with_parent
-from webhookd.children import free_port as free_port  # the broker and the tests take it from here
 
 _LOG_TAIL_BYTES = 4000
 
