@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import functools
 import os
@@ -24,7 +25,7 @@ import uvloop
 
 from bench.latency import latency_at
 from bench.memory import backlog_peak_rss, table_cost
-from bench.receivers import capacity, receiver_for, running
+from bench.receivers import Receiver, capacity, receiver_for, running
 from bench.stack import Stack
 from bench.throughput import CONCURRENCY, Run, bodies_for, ceiling, daemon_rate, naive_rate
 from webhookd.logs import setup_logging
@@ -50,16 +51,6 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, {system}"
 
 
-async def _alternate(runs: list[Callable[[], Awaitable[Run]]], repeats: int) -> list[Run]:
-    """Each of `runs` `repeats` times, taking turns; the median rate and CPU of each."""
-    results: list[list[Run]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for i, run in enumerate(runs):
-            results[i].append(await run())
-    print(f"  .. rates {[[round(r.rate) for r in rs] for rs in results]}", file=sys.stderr, flush=True)
-    return [Run(statistics.median(r.rate for r in rs), statistics.median(r.cpu_us for r in rs)) for rs in results]
-
-
 class Bench:
     """The sections of the table, each printed as it is measured."""
 
@@ -73,6 +64,19 @@ class Bench:
         self.lines.append(line)
         print(line, flush=True)
 
+    def receiver(self, delay: float) -> contextlib.AbstractContextManager[Receiver]:
+        """The receiver that answers after `delay`, running until the block ends."""
+        return running(receiver_for(delay, not self.args.no_nginx))
+
+    async def side_by_side(self, *runs: Callable[[], Awaitable[Run]]) -> list[Run]:
+        """Each of `runs` `--repeats` times, taking turns; the median rate and CPU of each."""
+        results: list[list[Run]] = [[] for _ in runs]
+        for _ in range(self.args.repeats):
+            for i, run in enumerate(runs):
+                results[i].append(await run())
+        print(f"  .. rates {[[round(r.rate) for r in rs] for rs in results]}", file=sys.stderr, flush=True)
+        return [Run(statistics.median(r.rate for r in rs), statistics.median(r.cpu_us for r in rs)) for rs in results]
+
     async def throughput(self) -> None:
         self.out("## Deliveries a second, end to end, against the raw aiohttp ceiling")
         self.out()
@@ -83,18 +87,15 @@ class Bench:
                  "| ratio | target | CPU per delivery, ceiling / webhookd (µs) |")  # fmt: skip
         self.out("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for delay in DELAYS:
-            with running(receiver_for(delay, not self.args.no_nginx)) as receiver:
+            with self.receiver(delay) as receiver:
                 own = await asyncio.to_thread(capacity, receiver, bodies_for(1, 1)[0], CONCURRENCY)
                 for webhooks in (1, 5):
                     events = self.args.deliveries // webhooks
                     bodies = bodies_for(events, webhooks)
                     url = f"http://127.0.0.1:{receiver.port}/ceiling"
-                    raw, daemon = await _alternate(
-                        [
-                            functools.partial(ceiling, url, bodies),
-                            functools.partial(daemon_rate, self.stack, receiver, events, webhooks),
-                        ],
-                        self.args.repeats,
+                    raw, daemon = await self.side_by_side(
+                        functools.partial(ceiling, url, bodies),
+                        functools.partial(daemon_rate, self.stack, receiver, events, webhooks),
                     )
                     ratio = daemon.rate / raw.rate
                     if webhooks == 1:
@@ -108,15 +109,12 @@ class Bench:
 
     async def naive(self) -> None:
         delay = 0.05
-        with running(receiver_for(delay, not self.args.no_nginx)) as receiver:
+        with self.receiver(delay) as receiver:
             bodies = bodies_for(self.args.deliveries // 4, 1)
             url = f"http://127.0.0.1:{receiver.port}/ceiling"
-            raw, naive = await _alternate(
-                [
-                    functools.partial(ceiling, url, bodies),
-                    functools.partial(naive_rate, self.stack, receiver, self.args.naive_events),
-                ],
-                self.args.repeats,
+            raw, naive = await self.side_by_side(
+                functools.partial(ceiling, url, bodies),
+                functools.partial(naive_rate, self.stack, receiver, self.args.naive_events),
             )
         self.out(f"## A naive consumer ({_regime(delay)}, 1 webhook)")
         self.out()
@@ -170,13 +168,10 @@ class Bench:
 
     async def workers(self) -> None:
         delay = 0.0
-        with running(receiver_for(delay, not self.args.no_nginx)) as receiver:
-            one, two = await _alternate(
-                [
-                    functools.partial(daemon_rate, self.stack, receiver, self.args.deliveries, 1, workers=1),
-                    functools.partial(daemon_rate, self.stack, receiver, self.args.deliveries, 1, workers=2),
-                ],
-                self.args.repeats,
+        with self.receiver(delay) as receiver:
+            one, two = await self.side_by_side(
+                functools.partial(daemon_rate, self.stack, receiver, self.args.deliveries, 1, workers=1),
+                functools.partial(daemon_rate, self.stack, receiver, self.args.deliveries, 1, workers=2),
             )
         self.out(f"## `--workers N` ({_regime(delay)}, 1 webhook, 4 partitions)")
         self.out()

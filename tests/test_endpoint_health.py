@@ -47,6 +47,19 @@ class Answers:
         return web.Response(status=self.status, headers=self.headers, text="nope" if self.status >= 300 else "ok")
 
 
+# Retries every 0.3 s, thirty of them: a held delivery is back soon, and none runs out of its schedule in a test.
+RETRY_OFTEN: dict[str, Any] = {"retry_schedule": ["300ms"] * 30, "retry_jitter": 0}
+
+
+def quick_circuit(cooldown: float, max_cooldown: float) -> dict[str, Any]:
+    """A breaker that opens after five failures and probes after `cooldown`; endpoint state synced every 0.2 s."""
+    return {
+        "circuit_min_requests": 5, "circuit_consecutive_failures": 5,
+        "circuit_cooldown_seconds": cooldown, "circuit_max_cooldown_seconds": max_cooldown,
+        "sync_interval_seconds": 0.2,
+    }  # fmt: skip
+
+
 async def _metric(settings: Settings, name: str, **labels: str) -> float:
     _, text = await get_text(f"http://{settings.http.listen}/metrics")
     return metric(text, name, **labels)
@@ -63,15 +76,7 @@ async def test_a_failing_endpoint_trips_its_circuit_gets_only_probes_then_everyt
     ws = new_workspace()
     answers = receiver.behaviours["/flaky"] = Answers(500)
     await add_webhook(dsn, ws, receiver.url("/flaky"), ["*.*"])
-    settings = settings_for(
-        kafka, dsn, topic,
-        delivery={"retry_schedule": ["300ms"] * 30, "retry_jitter": 0},
-        endpoints={
-            "circuit_min_requests": 5, "circuit_consecutive_failures": 5,
-            "circuit_cooldown_seconds": 1, "circuit_max_cooldown_seconds": 2,
-            "sync_interval_seconds": 0.2,
-        },
-    )  # fmt: skip
+    settings = settings_for(kafka, dsn, topic, delivery=RETRY_OFTEN, endpoints=quick_circuit(1, 2))
     ids = {f"c{i}" for i in range(30)}
     async with running(settings):
         await produce(kafka, topic, [event("person.created", ws, id=i) for i in sorted(ids)])
@@ -99,15 +104,7 @@ async def test_an_operators_enable_closes_an_open_circuit_without_waiting_for_it
     ws = new_workspace()
     answers = receiver.behaviours["/mended"] = Answers(500)
     webhook = await add_webhook(dsn, ws, receiver.url("/mended"), ["*.*"])
-    config = config_for(
-        kafka, dsn, topic,
-        delivery={"retry_schedule": ["300ms"] * 30, "retry_jitter": 0},
-        endpoints={
-            "circuit_min_requests": 5, "circuit_consecutive_failures": 5,
-            "circuit_cooldown_seconds": 120, "circuit_max_cooldown_seconds": 120,
-            "sync_interval_seconds": 0.2,
-        },
-    )  # fmt: skip
+    config = config_for(kafka, dsn, topic, delivery=RETRY_OFTEN, endpoints=quick_circuit(120, 120))
     settings = Settings.model_validate(config)
     failed, held = {f"m{i}" for i in range(10)}, {f"h{i}" for i in range(10)}
     with tempfile.TemporaryDirectory() as tmp:
