@@ -5,6 +5,7 @@ A record is parsed exactly once, here; the body sent to receivers is built from 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -13,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from webhookd.payload import TooDeep, build_body, js_iso_timestamp
+from webhookd.payload import TooDeep, javascript_json, js_iso_timestamp
 
 _EVENT_NAME = re.compile(r"[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
 _MAX_ID = 256
@@ -25,18 +26,36 @@ _LATEST_USABLE_MS = 253_402_300_799_999
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A valid change event, with the body every receiver gets (built once, signed per webhook)."""
+    """A valid change event; the bodies receivers get are written from it (see `body_formats`)."""
 
     id: str
     name: str  # "<object>.<action>"
     workspace_id: str  # canonical lowercase UUID text, as asyncpg returns the column
-    body: bytes
+    timestamp: str  # as JavaScript's toISOString writes it, or as the producer gave it
+    data: bytes = dataclasses.field(repr=False)  # the record as JSON, in the form JavaScript re-serializes it to
     kafka_timestamp_ms: int | None
+    updated_fields: tuple[str, ...] | None = None  # for updates, where known
+    object_id: str | None = None  # Twenty's object metadata id, where known
 
     @property
     def object_and_action(self) -> tuple[str, str]:
         obj, _, action = self.name.partition(".")
         return obj, action
+
+    @property
+    def body(self) -> bytes:
+        """The `docs` body, `{"event":E,"data":D,"timestamp":T}`."""
+        return docs_body(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A record that is read and passed over on purpose (a tombstone, a snapshot read, an unchanged update).
+
+    Counted by reason in `webhookd_events_skipped_total`, never logged one by one, never kept.
+    """
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +80,9 @@ def decode(
         return BadEvent("empty", "the record has no value (a tombstone?)")
     if len(value) > max_bytes:
         return BadEvent("too_large", f"the record is {len(value)} bytes; delivery.max_event_bytes is {max_bytes}")
-    try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        doc = _parse_leniently(value)
-        if doc is None:
-            return BadEvent("invalid_json", f"not valid UTF-8 JSON: {exc}")
+    doc = parse_json(value)
+    if isinstance(doc, BadEvent):
+        return doc
     if not isinstance(doc, dict):
         return BadEvent("not_an_object", f"the value is a JSON {type(doc).__name__}, not an object")
     problem = _check_fields(doc)
@@ -82,7 +98,7 @@ def decode(
             if timestamp_ms is None or timestamp_ms < 0:
                 return BadEvent("missing_field", "no `timestamp` field and the Kafka record carries no timestamp")
             timestamp = js_iso_timestamp(timestamp_ms)
-        body = build_body(doc["event"], doc["data"], timestamp)
+        data = javascript_json(doc["data"])
     except TooDeep as exc:
         return BadEvent("too_deep", str(exc))
     except (ValueError, TypeError) as exc:  # a lone surrogate, or a Kafka timestamp outside JavaScript's Date range
@@ -91,11 +107,36 @@ def decode(
         id=event_id,
         name=doc["event"],
         workspace_id=str(uuid.UUID(doc["workspaceId"])),
-        body=body,
-        kafka_timestamp_ms=timestamp_ms
-        if timestamp_ms is not None and 0 <= timestamp_ms <= _LATEST_USABLE_MS
-        else None,
+        timestamp=timestamp,
+        data=data,
+        kafka_timestamp_ms=usable_timestamp(timestamp_ms),
+        updated_fields=tuple(doc["updatedFields"]) if doc.get("updatedFields") is not None else None,
     )
+
+
+def usable_timestamp(timestamp_ms: int | None) -> int | None:
+    """The Kafka timestamp where a calendar can hold it (latency and the retry table need that), else None."""
+    return timestamp_ms if timestamp_ms is not None and 0 <= timestamp_ms <= _LATEST_USABLE_MS else None
+
+
+def docs_body(event: Event) -> bytes:
+    """`{"event":E,"data":D,"timestamp":T}`, keys in that order, as the contract and Twenty's docs give it."""
+    return b'{"event":%b,"data":%b,"timestamp":%b}' % (
+        orjson.dumps(event.name),
+        event.data,
+        orjson.dumps(event.timestamp),
+    )
+
+
+def parse_json(value: bytes) -> Any:
+    """The record's value parsed as JSON, or a BadEvent saying why it is not JSON."""
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        doc = _parse_leniently(value)
+        if doc is None:
+            return BadEvent("invalid_json", f"not valid UTF-8 JSON: {exc}")
+        return doc
 
 
 def _parse_leniently(value: bytes) -> Any:
@@ -138,6 +179,9 @@ def _check_fields(doc: dict[str, Any]) -> BadEvent | None:
         value = doc.get(field)
         if value is not None and not isinstance(value, str):
             return _wrong_type(field, "a string", value)
+    updated = doc.get("updatedFields")
+    if updated is not None and (not isinstance(updated, list) or not all(isinstance(f, str) for f in updated)):
+        return _wrong_type("updatedFields", "an array of strings", updated)
     event_id = doc.get("id")
     if event_id is not None and (len(event_id) > _MAX_ID or not _EVENT_ID.fullmatch(event_id)):
         # It travels in the X-Twenty-Webhook-Event-Id header, where only visible ASCII is safe everywhere.
@@ -149,9 +193,9 @@ def _check_fields(doc: dict[str, Any]) -> BadEvent | None:
 
 
 def _wrong_type(field: str, expected: str, value: object) -> BadEvent:
-    return BadEvent("wrong_type", f"`{field}` must be {expected}, got {_json_type(value)}")
+    return BadEvent("wrong_type", f"`{field}` must be {expected}, got {json_kind(value)}")
 
 
-def _json_type(value: object) -> str:
+def json_kind(value: object) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")

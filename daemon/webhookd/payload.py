@@ -28,7 +28,15 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["MAX_DEPTH", "TooDeep", "build_body", "js_iso_timestamp"]
+__all__ = [
+    "MAX_DEPTH",
+    "TooDeep",
+    "build_body",
+    "javascript_compatible",
+    "javascript_json",
+    "javascript_number",
+    "js_iso_timestamp",
+]
 
 _MAX_SAFE_INTEGER: Final = 2**53 - 1
 _MAX_ARRAY_INDEX: Final = 2**32 - 2
@@ -67,6 +75,18 @@ def build_body(event: str, data: dict[str, Any], timestamp: str) -> bytes:
     if _needs_rewrite(data):
         data = _javascript_compatible(data)
     return orjson.dumps({"event": event, "data": data, "timestamp": timestamp})
+
+
+def javascript_json(value: Any) -> bytes:
+    """``value`` as compact JSON in the form ``JSON.stringify(JSON.parse(...))`` gives back (see `build_body`)."""
+    return orjson.dumps(javascript_compatible(value))
+
+
+def javascript_compatible(value: Any) -> Any:
+    """``value`` as orjson must see it to write what JavaScript would: ``value`` itself when nothing differs."""
+    if _needs_rewrite(value):
+        return _javascript_compatible(value)
+    return value
 
 
 _EPOCH: Final = datetime.date(1970, 1, 1)
@@ -227,7 +247,7 @@ def _javascript_scalar(value: Any) -> Any:
     if kind is float:
         if _orjson_float_is_javascript(value):
             return value
-        return orjson.Fragment(_javascript_number(value).encode())
+        return orjson.Fragment(javascript_number(value).encode())
     if kind is int and not -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
         try:
             as_double = float(value)
@@ -235,11 +255,11 @@ def _javascript_scalar(value: Any) -> Any:
             # JSON.parse reads such a literal as +/-Infinity, which JSON.stringify writes as null.
             return orjson.Fragment(b"null")
         # int-to-float conversion rounds to nearest, ties to even, as JSON.parse does.
-        return orjson.Fragment(_javascript_number(as_double).encode())
+        return orjson.Fragment(javascript_number(as_double).encode())
     return value
 
 
-def _javascript_number(value: float) -> str:
+def javascript_number(value: float) -> str:
     """Format a double as ECMAScript's Number::toString does, or ``null`` if not finite."""
     if value != value or value in (float("inf"), float("-inf")):
         return "null"

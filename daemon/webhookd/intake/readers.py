@@ -1,0 +1,101 @@
+"""The record reader `kafka.input_format` chooses: one Kafka record -> an Event, a Skip, a BadEvent, or a request
+to load a workspace's layout first.
+
+Reading stays synchronous on the consume loop's hot path; only a workspace seen for the first time (or a table or
+column its layout does not know yet) sends the loop to Postgres, through `NeedsLayout`, before it reads that record
+again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol
+
+from webhookd.events import BadEvent, Event, Skip, decode
+from webhookd.intake.debezium import Change, read_change
+from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
+from webhookd.intake.twenty_events import MappingSettings, Position, to_event, unknown_columns
+from webhookd.intake.twenty_layout import schema_for_workspace
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsLayout:
+    """The record can be read once this workspace schema's layout is loaded."""
+
+    schema: str
+
+
+class RecordReader(Protocol):
+    """Reads one record's value at its position."""
+
+    def read(
+        self, value: bytes | None, topic: str, partition: int, offset: int, timestamp_ms: int | None
+    ) -> Event | Skip | BadEvent | NeedsLayout: ...
+
+    async def load(self, needs: NeedsLayout, stopping: asyncio.Event) -> None: ...
+
+
+class NativeReader:
+    """Records in the contract's own JSON format.
+
+    With a catalog (the `twenty` body format), an event of a workspace whose metadata is in this database gets its
+    object's metadata id, as Twenty's own body has it.
+    """
+
+    def __init__(self, max_bytes: int, catalog: TwentyCatalog | None = None) -> None:
+        self._max_bytes = max_bytes
+        self._catalog = catalog
+
+    def read(
+        self, value: bytes | None, topic: str, partition: int, offset: int, timestamp_ms: int | None
+    ) -> Event | Skip | BadEvent | NeedsLayout:
+        event = decode(
+            value, topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp_ms, max_bytes=self._max_bytes
+        )
+        if self._catalog is None or not isinstance(event, Event):
+            return event
+        schema = schema_for_workspace(event.workspace_id)
+        layout = self._catalog.cached(schema)
+        if layout is None:
+            return NeedsLayout(schema)
+        if isinstance(layout, NotTwenty):
+            return event
+        obj = layout.by_name.get(event.object_and_action[0])
+        return event if obj is None else dataclasses.replace(event, object_id=obj.object_id)
+
+    async def load(self, needs: NeedsLayout, stopping: asyncio.Event) -> None:
+        assert self._catalog is not None
+        await self._catalog.load(needs.schema, stopping)
+
+
+class DebeziumReader:
+    """Debezium's change records of Twenty's workspace tables, read as Twenty's events."""
+
+    def __init__(self, max_bytes: int, catalog: TwentyCatalog, settings: MappingSettings) -> None:
+        self._max_bytes = max_bytes
+        self._catalog = catalog
+        self._settings = settings
+
+    def read(
+        self, value: bytes | None, topic: str, partition: int, offset: int, timestamp_ms: int | None
+    ) -> Event | Skip | BadEvent | NeedsLayout:
+        if value is not None and len(value) > self._max_bytes:
+            return BadEvent(
+                "too_large", f"the record is {len(value)} bytes; delivery.max_event_bytes is {self._max_bytes}"
+            )
+        change = read_change(value, topic)
+        if not isinstance(change, Change):
+            return change
+        layout = self._catalog.cached(change.schema)
+        if layout is None:
+            return NeedsLayout(change.schema)
+        if isinstance(layout, NotTwenty):
+            return Skip("not_twenty")
+        if unknown_columns(layout, change) and self._catalog.stale(layout):
+            return NeedsLayout(change.schema)  # a custom object or field added since the layout was read
+        return to_event(change, layout, self._settings, Position(topic, partition, offset, timestamp_ms))
+
+    async def load(self, needs: NeedsLayout, stopping: asyncio.Event) -> None:
+        await self._catalog.load(needs.schema, stopping)

@@ -1,0 +1,211 @@
+"""Twenty's layouts read from its database: loaded for a workspace the first time one of its changes arrives, then
+kept current.
+
+Twenty's own tables say what a workspace schema holds: `core.workspace."databaseSchema"` which workspace it belongs
+to, the object and field metadata (`objectMetadata`, `fieldMetadata`, in schema `core`, or `metadata` before Twenty
+moved them) what each table and column means, and Postgres' catalog each column's type. A layout is read again when
+a change names a table or column it does not know (a custom object or field added since), and a periodic check
+compares a digest of the metadata and columns of every workspace seen with the one loaded, so a renamed field or
+a changed type is picked up without a restart. Nothing here writes to Twenty's tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import asyncpg
+import structlog
+
+from webhookd.intake.twenty_layout import (
+    ColumnRow,
+    FieldRow,
+    ObjectRow,
+    WorkspaceLayout,
+    build_layout,
+    workspace_id_from_schema,
+)
+from webhookd.pgerrors import TRANSIENT
+
+log = structlog.get_logger("webhookd.intake.twenty_catalog")
+
+# A stale layout is read again on a miss at most this often, so a table Twenty does not describe costs one query a
+# second, not one per change.
+_MISS_RELOAD_SECONDS: Final = 1.0
+_RETRY_SECONDS: Final = 1.0
+
+_FIND_METADATA = """
+SELECT (SELECT n FROM unnest(ARRAY['core', 'metadata']) AS n
+        WHERE to_regclass(quote_ident(n) || '."objectMetadata"') IS NOT NULL
+          AND to_regclass(quote_ident(n) || '."fieldMetadata"') IS NOT NULL LIMIT 1) AS metadata_schema,
+       EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = 'core' AND table_name = 'workspace' AND column_name = 'databaseSchema')
+         AS has_workspaces,
+       (SELECT n FROM unnest(ARRAY['core', 'metadata']) AS n
+        WHERE to_regclass(quote_ident(n) || '."dataSource"') IS NOT NULL LIMIT 1) AS data_source_schema
+"""
+# Twenty's record of which workspace a schema holds: `core.workspace."databaseSchema"` since Twenty 1.22, the
+# `dataSource` table (in `core`, or `metadata` before May 2025) before; a workspace row whose `databaseSchema` is
+# still empty vouches for the name's own id.
+_WORKSPACE_BY_SCHEMA = 'SELECT id::text FROM core.workspace WHERE "databaseSchema" = $1 LIMIT 1'
+_WORKSPACE_BY_DATA_SOURCE = 'SELECT "workspaceId"::text FROM {d}."dataSource" WHERE schema = $1 LIMIT 1'
+_WORKSPACE_NOT_MIGRATED = "SELECT id::text FROM core.workspace WHERE id = $1::uuid AND \"databaseSchema\" = ''"
+_OBJECTS = 'SELECT id::text, "nameSingular", "isCustom" FROM {m}."objectMetadata" WHERE "workspaceId" = $1'
+# Through to_jsonb, so that a Twenty old enough to have no `settings` column still answers.
+_FIELDS = """
+SELECT f."objectMetadataId"::text, f.name, f.type::text, to_jsonb(f) -> 'settings' ->> 'joinColumnName'
+FROM {m}."fieldMetadata" f WHERE f."workspaceId" = $1
+"""
+_COLUMNS = """
+SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) AS pg_type,
+       CASE WHEN t.typcategory = 'A' THEN format_type(t.typelem, a.atttypmod) END AS element_type
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_type t ON t.oid = a.atttypid
+WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY c.relname, a.attnum
+"""
+# One digest per workspace schema of what its layout is built from; a layout whose digest moved is read again.
+_COLUMN_DIGESTS = """
+SELECT n.nspname AS schema,
+       sum(hashtextextended(c.relname || '.' || a.attname || ':' || a.atttypid || ':' || a.atttypmod, 0))::text
+         AS digest
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = ANY($1::text[]) AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+GROUP BY n.nspname
+"""
+_METADATA_DIGESTS = """
+SELECT w AS workspace,
+       (SELECT coalesce(sum(hashtextextended(o.id::text || o."nameSingular" || o."isCustom"::text, 0)), 0)
+        FROM {m}."objectMetadata" o WHERE o."workspaceId" = w)::text || ':' ||
+       (SELECT coalesce(sum(hashtextextended(f."objectMetadataId"::text || f.name || f.type::text, 0)), 0)
+        FROM {m}."fieldMetadata" f WHERE f."workspaceId" = w)::text AS digest
+FROM unnest($1::uuid[]) AS w
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class NotTwenty:
+    """A schema that is no Twenty workspace; remembered for a while so its changes cost no query each."""
+
+    since: float
+
+
+class TwentyCatalog:
+    """Layouts by workspace schema, loaded on demand from Postgres."""
+
+    def __init__(self, pool: asyncpg.Pool, refresh_seconds: float) -> None:
+        self._pool = pool
+        self._refresh_seconds = refresh_seconds
+        self._layouts: dict[str, WorkspaceLayout | NotTwenty] = {}
+        self._digests: dict[str, str] = {}  # by schema: columns digest and metadata digest
+        self._metadata_schema: str | None = None
+        self._has_workspaces = False
+        self._data_source_schema: str | None = None
+        self._inspected = False
+        self._lock = asyncio.Lock()
+
+    def cached(self, schema: str) -> WorkspaceLayout | NotTwenty | None:
+        """What is known of a schema without asking Postgres; None: it must be loaded first."""
+        known = self._layouts.get(schema)
+        if isinstance(known, NotTwenty) and time.monotonic() - known.since > self._refresh_seconds:
+            return None  # a workspace created since would otherwise wait forever
+        return known
+
+    def stale(self, layout: WorkspaceLayout) -> bool:
+        """Whether a miss in this layout may be answered by reading it again."""
+        return time.monotonic() - layout.loaded_at >= _MISS_RELOAD_SECONDS
+
+    async def load(self, schema: str, stopping: asyncio.Event | None = None) -> WorkspaceLayout | NotTwenty:
+        """Read one schema's layout, waiting out Postgres outages (until `stopping`)."""
+        while True:
+            try:
+                async with self._lock:
+                    return await self._load(schema)
+            except TRANSIENT as exc:
+                log.warning("twenty_metadata_unavailable", schema=schema, error=str(exc))
+                if stopping is not None and stopping.is_set():
+                    raise
+                await asyncio.sleep(_RETRY_SECONDS)
+
+    async def _load(self, schema: str) -> WorkspaceLayout | NotTwenty:
+        async with self._pool.acquire() as conn:
+            if not self._inspected:
+                found = await conn.fetchrow(_FIND_METADATA)
+                assert found is not None
+                self._metadata_schema, self._has_workspaces = found["metadata_schema"], found["has_workspaces"]
+                self._data_source_schema = found["data_source_schema"]
+                self._inspected = True
+                log.info(
+                    "twenty_metadata_found",
+                    metadata_schema=self._metadata_schema,
+                    workspaces_table=self._has_workspaces,
+                )
+            workspace_id = await self._workspace_of(conn, schema)
+            if workspace_id is None:
+                self._layouts[schema] = NotTwenty(time.monotonic())
+                return self._layouts[schema]
+            m = self._metadata_schema
+            objects: list[ObjectRow] = []
+            fields: list[FieldRow] = []
+            if m is not None:
+                objects = [ObjectRow(*r) for r in await conn.fetch(_OBJECTS.format(m=m), workspace_id)]
+                fields = [FieldRow(*r) for r in await conn.fetch(_FIELDS.format(m=m), workspace_id)]
+            columns = [ColumnRow(*r) for r in await conn.fetch(_COLUMNS, schema)]
+            digests = await _digests(conn, {schema: workspace_id}, m)
+        self._digests[schema] = digests.get(schema, "")
+        layout = build_layout(workspace_id, schema, objects, fields, columns, has_metadata=m is not None)
+        self._layouts[schema] = layout
+        log.info("twenty_layout_loaded", schema=schema, objects=len(layout.objects))
+        return layout
+
+    async def _workspace_of(self, conn: asyncpg.pool.PoolConnectionProxy, schema: str) -> str | None:
+        """The workspace a schema holds, or None when it is no workspace's.
+
+        Twenty's own record of the schema is the authority where it has one: `core.workspace."databaseSchema"`
+        since Twenty 1.22, the `dataSource` table before. Only without either is the name's id taken on trust.
+        """
+        named = workspace_id_from_schema(schema)
+        if not self._has_workspaces and self._data_source_schema is None:
+            return named
+        found: str | None = None
+        if self._has_workspaces:
+            found = await conn.fetchval(_WORKSPACE_BY_SCHEMA, schema)
+        if found is None and self._data_source_schema is not None:
+            found = await conn.fetchval(_WORKSPACE_BY_DATA_SOURCE.format(d=self._data_source_schema), schema)
+        if found is None and named is not None and self._has_workspaces:
+            found = await conn.fetchval(_WORKSPACE_NOT_MIGRATED, named)  # `databaseSchema` not filled in yet
+        return found
+
+    async def run(self) -> None:
+        """Read again, every `refresh_seconds`, the layouts whose metadata or columns changed."""
+        while True:
+            await asyncio.sleep(self._refresh_seconds)
+            loaded = {s: w.workspace_id for s, w in self._layouts.items() if isinstance(w, WorkspaceLayout)}
+            if not loaded:
+                continue
+            try:
+                async with self._pool.acquire() as conn:
+                    digests = await _digests(conn, loaded, self._metadata_schema)
+                for schema in [s for s, d in digests.items() if self._digests.get(s) != d]:
+                    # The old layout serves until the new one is read: a change is never held up by the check.
+                    await self.load(schema)
+            except TRANSIENT as exc:
+                log.warning("twenty_metadata_check_failed", error=str(exc))
+
+
+async def _digests(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, workspaces: dict[str, str], metadata_schema: str | None
+) -> dict[str, str]:
+    """A digest per workspace schema of its columns and (where Twenty's metadata is here) its metadata."""
+    columns = {r["schema"]: r["digest"] for r in await conn.fetch(_COLUMN_DIGESTS, list(workspaces))}
+    metadata: dict[str, str] = {}
+    if metadata_schema is not None:
+        rows = await conn.fetch(_METADATA_DIGESTS.format(m=metadata_schema), list(workspaces.values()))
+        metadata = {str(r["workspace"]): r["digest"] for r in rows}
+    return {schema: f"{columns.get(schema)}/{metadata.get(ws)}" for schema, ws in workspaces.items()}
