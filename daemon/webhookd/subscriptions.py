@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -42,7 +43,7 @@ class Webhook:
 
     id: str
     workspace_id: str
-    target_url: str = field(repr=False)  # may carry credentials or a token in its path
+    target_url: str = field(repr=False)  # absolute, where requests go; may carry credentials or a token in its path
     operations: tuple[str, ...]
     secret: bytes = field(repr=False)
     host_key: str = ""  # host:port, the unit of per-host concurrency
@@ -50,6 +51,13 @@ class Webhook:
     # not switched yet.
     previous_secret: bytes | None = field(default=None, repr=False)
     previous_until: float = 0.0
+
+    # The `targetUrl` as saved, where it lacks the scheme that `target_url` adds; Twenty's body carries it as saved.
+    saved_url: str | None = field(default=None, repr=False)
+
+    @property
+    def saved_target_url(self) -> str:
+        return self.target_url if self.saved_url is None else self.saved_url
 
     def previous_secret_at(self, now: float) -> bytes | None:
         return self.previous_secret if now < self.previous_until else None
@@ -111,7 +119,8 @@ class SubscriptionIndex:
 
 def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
     """A row as a Webhook, or None (with a warning naming the row) when it can never be delivered to."""
-    url, secret = row["targetUrl"], row["secret"]
+    saved, secret = row["targetUrl"], row["secret"]
+    url = absolute_url(saved) if isinstance(saved, str) else saved
     host_key = _host_key(url)
     if not host_key:
         log.warning("webhook_skipped", webhook_id=row["id"], reason="targetUrl is not an http(s) URL with a host")
@@ -128,6 +137,7 @@ def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
         id=row["id"],
         workspace_id=row["workspaceId"],
         target_url=url,
+        saved_url=None if url == saved else saved,
         operations=operations,
         secret=secret.encode(),
         host_key=host_key,
@@ -136,12 +146,33 @@ def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
     )
 
 
+# The prefixes Twenty's getAbsoluteUrl leaves alone; anything else gets `https://` in front, untrimmed.
+_ABSOLUTE_PREFIXES = ("http://", "https://", "HTTP://", "HTTPS://")
+
+
+# Node's URL parser (WHATWG) reads any run of slashes or backslashes after http: or https: as the start of the host.
+_AUTHORITY_START = re.compile(r"(https?:)[/\\]*", re.IGNORECASE)
+
+
+def absolute_url(saved: str) -> str:
+    """Where Twenty's server posts a saved `targetUrl`, so that webhookd delivers what Twenty delivers.
+
+    Twenty's getAbsoluteUrl keeps a URL that starts with one of four exact scheme prefixes and puts `https://` in
+    front of anything else, untrimmed (`receiver.example/hook` -> `https://receiver.example/hook`); Node's parser then
+    takes `https:////host` for `https://host`.
+    """
+    absolute = saved if saved.startswith(_ABSOLUTE_PREFIXES) else f"https://{saved}"
+    return _AUTHORITY_START.sub(r"\1//", absolute, count=1)
+
+
 def _host_key(url: object) -> str:
     if not isinstance(url, str):
         return ""
     try:
         parts = urlsplit(url)
-        if parts.scheme in ("http", "https") and parts.hostname:
+        # Whitespace in the authority (a URL saved with a leading space, made absolute as Twenty does) names no
+        # host anyone can reach; Twenty's own request fails on it too.
+        if parts.scheme in ("http", "https") and parts.hostname and not any(c.isspace() for c in parts.netloc):
             # .port raises for a port out of range: a row like that must be refused here, not crash a delivery.
             return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
     except ValueError:
