@@ -11,6 +11,7 @@ partitions, so that the group never mistakes a busy member for a dead one.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,9 +20,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from webhookd.body_formats import BodyFormat
 from webhookd.deliver import Delivery
 from webhookd.dispatch import Dispatcher
-from webhookd.events import BadEvent, decode
+from webhookd.events import BadEvent, Event, Skip
+from webhookd.intake.readers import NeedsLayout, RecordReader
 from webhookd.metrics import Metrics
 from webhookd.offsets import PartitionOffsets
 from webhookd.record import BadRecord, Recorder
@@ -43,7 +46,6 @@ class ConsumeSettings:
     max_pending: int  # unsettled first attempts before fetching pauses
     max_tracked: int  # records between the commit point and the newest one read, across partitions
     max_poll_records: int
-    max_event_bytes: int
     commit_interval: float
     revoke_timeout: float
 
@@ -54,7 +56,9 @@ class Consumer:
     def __init__(
         self,
         kafka: AIOKafkaConsumer,
-        topics: tuple[str, ...],
+        subscription: Subscription,
+        reader: RecordReader,
+        body_format: BodyFormat,
         dispatcher: Dispatcher,
         index: SubscriptionIndex,
         recorder: Recorder,
@@ -62,7 +66,9 @@ class Consumer:
         settings: ConsumeSettings,
     ) -> None:
         self._kafka = kafka
-        self._topics = topics
+        self._subscription = subscription
+        self._reader = reader
+        self._body_format = body_format
         self._dispatcher = dispatcher
         self._index = index
         self._recorder = recorder
@@ -75,13 +81,19 @@ class Consumer:
         self._waiting_for_room = False
         self.last_poll = 0.0  # loop time of the last fetch, for /healthz
         self.consuming = False  # True once the group gave us an assignment, for /readyz
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        self._kafka.subscribe(list(self._topics), listener=_Rebalance(self))
+        pattern = self._subscription.pattern()
+        if pattern is None:
+            self._kafka.subscribe(list(self._subscription.topics), listener=_Rebalance(self))
+        else:
+            self._kafka.subscribe(pattern=pattern, listener=_Rebalance(self))
         await self._kafka.start()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Fetch and hand out records until `stopping` is set; then return, leaving in-flight work running."""
+        self._stopping = stopping
         loop = asyncio.get_running_loop()
         next_commit = loop.time() + self._settings.commit_interval
         last_fetch = loop.time()
@@ -104,7 +116,7 @@ class Consumer:
                     if offsets is None:  # fetched just before a revocation; the new owner reads it again
                         continue
                     for record in records:
-                        self._handle(tp, offsets, record)
+                        await self._handle(tp, offsets, record)
             self.last_poll = loop.time()
             if loop.time() >= next_commit:
                 await self.commit()
@@ -151,20 +163,26 @@ class Consumer:
         else:
             self._kafka.resume(*assigned)
 
-    def _handle(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord) -> None:
+    async def _handle(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord) -> None:
         offsets.started(record.offset)
         self._metrics.events_consumed.labels(tp.topic).inc()
-        event = decode(
-            record.value,
-            topic=tp.topic,
-            partition=tp.partition,
-            offset=record.offset,
-            timestamp_ms=record.timestamp,
-            max_bytes=self._settings.max_event_bytes,
-        )
+        event = self._reader.read(record.value, tp.topic, tp.partition, record.offset, record.timestamp)
+        if isinstance(event, NeedsLayout):
+            # Rare: a workspace's first change, or a table or column added since its layout was read.
+            await self._reader.load(event, self._stopping)
+            event = self._reader.read(record.value, tp.topic, tp.partition, record.offset, record.timestamp)
+            if isinstance(event, NeedsLayout):
+                event = BadEvent("unknown_table", f"no layout could be read for schema {event.schema}")
         if isinstance(event, BadEvent):
             self._keep_bad(tp, offsets, record, event)
             return
+        if isinstance(event, Skip):
+            self._skipped(event)
+            offsets.finished(record.offset)
+            return
+        self._dispatch(tp, offsets, record, event)
+
+    def _dispatch(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord, event: Event) -> None:
         obj, action = event.object_and_action
         webhooks = self._index.match(event.workspace_id, obj, action)
         if not webhooks:
@@ -177,13 +195,19 @@ class Consumer:
                 event_name=event.name,
                 workspace_id=event.workspace_id,
                 webhook=webhook,
-                body=event.body,
+                body=body,
                 kafka_timestamp_ms=event.kafka_timestamp_ms,
                 source=source,
             )
-            for webhook in webhooks
+            for webhook, body in zip(webhooks, self._body_format.bodies(event, webhooks), strict=True)
         ]
         self._dispatcher.submit(deliveries, self._settled(offsets, record.offset))
+
+    def _skipped(self, skip: Skip) -> None:
+        counter = self._metrics.skips_by_reason.get(skip.reason)
+        if counter is None:
+            counter = self._metrics.events_skipped.labels(skip.reason)
+        counter.inc()
 
     def _keep_bad(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord, bad: BadEvent) -> None:
         self._metrics.events_invalid.labels(bad.reason).inc()
@@ -262,6 +286,22 @@ class Consumer:
 
     async def stop(self) -> None:
         await self._kafka.stop()
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """Which topics the group reads: the named ones, and every topic whose whole name matches the pattern."""
+
+    topics: tuple[str, ...]
+    topic_pattern: str | None = None
+
+    def pattern(self) -> str | None:
+        """One regular expression for aiokafka, which takes a list of topics or a pattern but not both."""
+        if self.topic_pattern is None:
+            return None
+        named = "|".join(re.escape(topic) for topic in self.topics)
+        # aiokafka matches from the start only; the end anchor makes it the whole name, as Kafka's clients do.
+        return f"(?:{self.topic_pattern})\\Z" if not named else f"(?:{named})\\Z|(?:{self.topic_pattern})\\Z"
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information

@@ -12,6 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 ATTEMPT_RESULTS = ("2xx", "3xx", "4xx", "5xx", "timeout", "connection_error", "blocked")
 OUTCOMES = ("delivered", "dead_lettered")
 DEFERRALS = ("circuit_open", "rate_limited", "endpoint_busy")
+# Records read and passed over on purpose: Debezium's tombstones, truncates, logical messages and snapshot reads,
+# updates that changed nothing a receiver sees, and changes of schemas that are no Twenty workspace.
+SKIPS = ("tombstone", "truncate", "message", "snapshot", "unchanged", "not_twenty")
 
 # Receivers answer in milliseconds to seconds; buckets above the delivery timeout would always be empty.
 _DURATION_STEPS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -31,6 +34,9 @@ class Metrics:
         self.events_consumed = Counter("webhookd_events_consumed", "Records read from Kafka.", ["topic"], registry=r)
         self.events_invalid = Counter(
             "webhookd_events_invalid", "Records kept as bad events, by reason.", ["reason"], registry=r
+        )
+        self.events_skipped = Counter(
+            "webhookd_events_skipped", "Records read and passed over on purpose, by reason.", ["reason"], registry=r
         )
         self.delivery_attempts = Counter(
             "webhookd_delivery_attempts", "HTTP delivery attempts, by result.", ["result"], registry=r
@@ -79,6 +85,7 @@ class Metrics:
         self.deliveries_by_outcome = {outcome: self.deliveries.labels(outcome) for outcome in OUTCOMES}
         for reason in DEFERRALS:
             self.deliveries_deferred.labels(reason)
+        self.skips_by_reason = {reason: self.events_skipped.labels(reason) for reason in SKIPS}
 
 
 def duration_buckets(timeout: float) -> tuple[float, ...]:

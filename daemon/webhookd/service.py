@@ -21,15 +21,19 @@ import structlog
 from aiokafka import AIOKafkaConsumer
 
 from webhookd.attempts import AttemptLog
+from webhookd.body_formats import body_format
 from webhookd.circuit import BreakerSettings
 from webhookd.config import Settings
-from webhookd.consume import Consumer, ConsumeSettings
+from webhookd.consume import Consumer, ConsumeSettings, Subscription
 from webhookd.deliver import Sender, close_session
 from webhookd.dispatch import Dispatcher, RetryPolicy
 from webhookd.egress import EgressPolicy, GuardedResolver
 from webhookd.endpoints import EndpointBook
 from webhookd.health import EndpointHealth
 from webhookd.hosts import HostLimits
+from webhookd.intake.readers import DebeziumReader, NativeReader, RecordReader
+from webhookd.intake.twenty_catalog import TwentyCatalog
+from webhookd.intake.twenty_events import MappingSettings
 from webhookd.metrics import Metrics
 from webhookd.pgerrors import TRANSIENT
 from webhookd.record import Recorder
@@ -71,6 +75,7 @@ class _Resources:
     health: EndpointHealth
     book: EndpointBook
     attempts: AttemptLog
+    catalog: TwentyCatalog
     web: Any  # aiohttp.web.AppRunner
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -146,6 +151,7 @@ class Service:
         res.tasks["endpoints"] = asyncio.create_task(res.book.run(), name="endpoints")
         res.tasks["attempts"] = asyncio.create_task(res.attempts.run(), name="attempts")
         res.tasks["subscriptions"] = asyncio.create_task(res.store.run(), name="subscriptions")
+        res.tasks["twenty_metadata"] = asyncio.create_task(res.catalog.run(), name="twenty_metadata")
         await self._wait_or_fail(res.store.loaded.wait(), res.tasks["subscriptions"], "loading subscriptions")
         try:
             await res.consumer.start()
@@ -159,6 +165,9 @@ class Service:
         log.info(
             "started",
             topics=list(s.kafka.topics),
+            topic_pattern=s.kafka.topic_pattern,
+            input_format=s.kafka.input_format,
+            body_format=s.delivery.body_format,
             group_id=s.kafka.group_id,
             subscriptions=len(res.store.index),
             listen=s.http.listen,
@@ -240,11 +249,24 @@ class Service:
             heartbeat_interval_ms=max(s.kafka.session_timeout_ms // 3, 100),
             max_poll_records=s.kafka.max_poll_records,
             fetch_max_wait_ms=s.kafka.fetch_max_wait_ms,
+            # How soon a topic created since (one per table, for Debezium) is found by kafka.topic_pattern.
+            metadata_max_age_ms=s.kafka.metadata_max_age_ms,
             **links.kafka,
         )
+        catalog = TwentyCatalog(pool, s.twenty.metadata_refresh_seconds)
+        reader: RecordReader
+        if s.kafka.input_format == "debezium":
+            mapping = MappingSettings(s.twenty.snapshot_events, s.twenty.unavailable_value_placeholder)
+            reader = DebeziumReader(s.delivery.max_event_bytes, catalog, mapping)
+        else:
+            # Twenty's body names the object's metadata id, which only the catalog knows.
+            twenty_body = s.delivery.body_format == "twenty"
+            reader = NativeReader(s.delivery.max_event_bytes, catalog if twenty_body else None)
         consumer = Consumer(
             kafka,
-            tuple(s.kafka.topics),
+            Subscription(tuple(s.kafka.topics), s.kafka.topic_pattern),
+            reader,
+            body_format(s.delivery.body_format),
             dispatcher,
             store.index,
             recorder,
@@ -253,7 +275,6 @@ class Service:
                 max_pending=s.delivery.effective_max_pending_deliveries,
                 max_tracked=_MAX_TRACKED_RECORDS,
                 max_poll_records=s.kafka.max_poll_records,
-                max_event_bytes=s.delivery.max_event_bytes,
                 commit_interval=s.kafka.commit_interval_ms / 1000,
                 revoke_timeout=s.delivery.drain_timeout_seconds,
             ),
@@ -274,7 +295,7 @@ class Service:
             ),
         )
         return _Resources(
-            pool, session, recorder, store, dispatcher, consumer, poller, health, book, attempts, web=None
+            pool, session, recorder, store, dispatcher, consumer, poller, health, book, attempts, catalog, web=None
         )
 
     async def _wait_or_fail(self, aw: Any, task: asyncio.Task[None], what: str) -> None:

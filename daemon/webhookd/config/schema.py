@@ -38,6 +38,7 @@ from webhookd.config.values import (
     _Name,
     _Network,
     _optional,
+    _pattern,
     _rate,
     _secret,
     _Server,
@@ -87,6 +88,9 @@ def _unused(model: BaseModel, keys: Iterable[str], used_when: str, now: str) -> 
 
 
 _RESETS = ("earliest", "latest")
+_INPUT_FORMATS = ("native", "debezium")
+_BODY_FORMATS = ("docs", "twenty")
+_SNAPSHOT_EVENTS = ("skip", "created")
 _LEVELS = ("debug", "info", "warning", "error")
 _SCHEMES = ("twenty", "standard-webhooks", "both")
 _PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -106,7 +110,13 @@ class KafkaSettings(_Section):
     bootstrap_servers: Annotated[tuple[_Server, ...], BeforeValidator(_comma_list), Field(min_length=1)] = (
         "localhost:9092",
     )
-    topics: Annotated[tuple[_Topic, ...], Field(min_length=1)] = ("crm.events",)
+    topics: tuple[_Topic, ...] = ("crm.events",)
+    # Every topic whose whole name matches is consumed as well, including topics created later (Debezium writes
+    # one topic per table).
+    topic_pattern: Annotated[str | None, BeforeValidator(_optional(_pattern))] = None
+    input_format: Annotated[Literal["native", "debezium"], BeforeValidator(_choice(*_INPUT_FORMATS))] = "native"
+    # How often the cluster's topics are listed again: the longest a new topic waits to be matched.
+    metadata_max_age_ms: _Count = 30000
     group_id: _Name = "webhookd"
     group_instance_id: Annotated[str | None, BeforeValidator(_optional(_text))] = None
     client_id: _Name = "webhookd"
@@ -135,6 +145,8 @@ class KafkaSettings(_Section):
     def _check_security(self) -> Self:
         protocol = self.security_protocol
         problems: list[tuple[str, str]] = []
+        if not self.topics and self.topic_pattern is None:
+            problems.append(("topics", "must name at least one topic unless kafka.topic_pattern is set"))
         if protocol.startswith("SASL_"):
             problems += [
                 (key, f"required when kafka.security_protocol is {protocol}")
@@ -232,6 +244,8 @@ class DeliverySettings(_Section):
         "twenty"
     )
     secret_rotation_overlap_seconds: _Delay = 86400.0
+    # docs: {"event","data","timestamp"} as Twenty's documentation gives it; twenty: the body Twenty's server sends.
+    body_format: Annotated[Literal["docs", "twenty"], BeforeValidator(_choice(*_BODY_FORMATS))] = "docs"
     # Receivers are always verified; this bundle is trusted in addition to the system's CAs (webhookd.tls).
     ca_file: _File = None
 
@@ -273,6 +287,18 @@ class EndpointSettings(_Section):
         return self
 
 
+class TwentySettings(_Section):
+    """How Debezium's change records of Twenty's database become Twenty's events (kafka.input_format: debezium)."""
+
+    # Rows read by Debezium's initial snapshot: skipped, or delivered as `<object>.created`.
+    snapshot_events: Annotated[Literal["skip", "created"], BeforeValidator(_choice(*_SNAPSHOT_EVENTS))] = "skip"
+    # What the connector writes for a value it does not have (its `unavailable.value.placeholder`); never delivered.
+    unavailable_value_placeholder: Annotated[str, BeforeValidator(_text)] = "__debezium_unavailable_value"
+    # How often the object and field metadata of the workspaces seen so far is compared with Twenty's tables; a
+    # table or column not known yet is looked up at once, whatever this says.
+    metadata_refresh_seconds: _Timeout = 10.0
+
+
 class EgressSettings(_Section):
     """Which destination addresses deliveries may reach."""
 
@@ -309,6 +335,7 @@ class Settings(_Section):
     postgres: PostgresSettings
     delivery: DeliverySettings = DeliverySettings()
     endpoints: EndpointSettings = EndpointSettings()
+    twenty: TwentySettings = TwentySettings()
     egress: EgressSettings = EgressSettings()
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -332,6 +359,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "postgres": PostgresSettings,
     "delivery": DeliverySettings,
     "endpoints": EndpointSettings,
+    "twenty": TwentySettings,
     "egress": EgressSettings,
     "http": HttpSettings,
     "logging": LoggingSettings,

@@ -155,6 +155,16 @@ def _topic(value: object) -> str:
     raise ValueError("must be a Kafka topic name: 1 to 249 of letters, digits, '.', '_', '-'")
 
 
+def _pattern(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a regular expression such as 'twenty\\.workspace_.*'")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression: {exc}") from None
+    return value
+
+
 def _cidr(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(value.strip() if isinstance(value, str) else "", strict=True)
