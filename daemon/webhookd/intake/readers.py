@@ -16,7 +16,7 @@ from typing import Protocol
 from webhookd.events import BadEvent, Event, Skip, decode
 from webhookd.intake.debezium import Change, read_change
 from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
-from webhookd.intake.twenty_events import MappingSettings, Position, to_event, unknown_columns
+from webhookd.intake.twenty_events import MappingSettings, Position, to_event
 from webhookd.intake.twenty_layout import schema_for_workspace
 
 
@@ -25,6 +25,7 @@ class NeedsLayout:
     """The record can be read once this workspace schema's layout is loaded."""
 
     schema: str
+    table: str | None = None  # the table the record changed, where it is one the layout does not know
 
 
 class RecordReader(Protocol):
@@ -93,9 +94,9 @@ class DebeziumReader:
             return NeedsLayout(change.schema)
         if isinstance(layout, NotTwenty):
             return Skip("not_twenty")
-        if unknown_columns(layout, change) and self._catalog.stale(layout):
-            return NeedsLayout(change.schema)  # a custom object or field added since the layout was read
+        if self._catalog.outdated(layout, change):
+            return NeedsLayout(change.schema, change.table)  # a custom object or field added since it was read
         return to_event(change, layout, self._settings, Position(topic, partition, offset, timestamp_ms))
 
     async def load(self, needs: NeedsLayout, stopping: asyncio.Event) -> None:
-        await self._catalog.load(needs.schema, stopping)
+        await self._catalog.load(needs.schema, stopping, for_table=needs.table)

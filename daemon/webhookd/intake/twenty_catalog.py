@@ -19,6 +19,7 @@ from typing import Final
 import asyncpg
 import structlog
 
+from webhookd.intake.debezium import Change
 from webhookd.intake.twenty_layout import (
     ColumnRow,
     FieldRow,
@@ -49,6 +50,7 @@ SELECT (SELECT n FROM unnest(ARRAY['core', 'metadata']) AS n
 # Twenty's record of which workspace a schema holds: `core.workspace."databaseSchema"` since Twenty 1.22, the
 # `dataSource` table (in `core`, or `metadata` before May 2025) before; a workspace row whose `databaseSchema` is
 # still empty vouches for the name's own id.
+_NOW_MS = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint"
 _WORKSPACE_BY_SCHEMA = 'SELECT id::text FROM core.workspace WHERE "databaseSchema" = $1 LIMIT 1'
 _WORKSPACE_BY_DATA_SOURCE = 'SELECT "workspaceId"::text FROM {d}."dataSource" WHERE schema = $1 LIMIT 1'
 _WORKSPACE_NOT_MIGRATED = "SELECT id::text FROM core.workspace WHERE id = $1::uuid AND \"databaseSchema\" = ''"
@@ -117,16 +119,38 @@ class TwentyCatalog:
             return None  # a workspace created since would otherwise wait forever
         return known
 
-    def stale(self, layout: WorkspaceLayout) -> bool:
-        """Whether a miss in this layout may be answered by reading it again."""
+    def outdated(self, layout: WorkspaceLayout, change: Change) -> bool:
+        """Whether the change names a table or column that a layout read now would know.
+
+        A table is read for again once; a column whenever the change committed after the layout was read (a field
+        added since), which the commit time tells exactly. A change without one (a flattened record without
+        `__source_ts_ms`) may ask again once a second.
+        """
+        obj = layout.objects.get(change.table)
+        if obj is None:
+            return change.table not in layout.unknown_tables
+        row = change.after if change.after is not None else change.before
+        if row is None or all(column in obj.columns for column in row):
+            return False
+        if change.ts_ms is not None and layout.read_at_ms is not None:
+            return change.ts_ms >= layout.read_at_ms
         return time.monotonic() - layout.loaded_at >= _MISS_RELOAD_SECONDS
 
-    async def load(self, schema: str, stopping: asyncio.Event | None = None) -> WorkspaceLayout | NotTwenty:
-        """Read one schema's layout, waiting out Postgres outages (until `stopping`)."""
+    async def load(
+        self, schema: str, stopping: asyncio.Event | None = None, *, for_table: str | None = None
+    ) -> WorkspaceLayout | NotTwenty:
+        """Read one schema's layout, waiting out Postgres outages (until `stopping`).
+
+        `for_table` is a table a change named: if the layout read has no object for it either, it is remembered as
+        none, so its further changes cost no query each (the periodic check still sees an object added later).
+        """
         while True:
             try:
                 async with self._lock:
-                    return await self._load(schema)
+                    layout = await self._load(schema)
+                if for_table is not None and isinstance(layout, WorkspaceLayout) and for_table not in layout.objects:
+                    layout.unknown_tables.add(for_table)
+                return layout
             except TRANSIENT as exc:
                 log.warning("twenty_metadata_unavailable", schema=schema, error=str(exc))
                 if stopping is not None and stopping.is_set():
@@ -146,6 +170,7 @@ class TwentyCatalog:
                     metadata_schema=self._metadata_schema,
                     workspaces_table=self._has_workspaces,
                 )
+            read_at_ms = await conn.fetchval(_NOW_MS)
             workspace_id = await self._workspace_of(conn, schema)
             if workspace_id is None:
                 self._layouts[schema] = NotTwenty(time.monotonic())
@@ -160,6 +185,7 @@ class TwentyCatalog:
             digests = await _digests(conn, {schema: workspace_id}, m)
         self._digests[schema] = digests.get(schema, "")
         layout = build_layout(workspace_id, schema, objects, fields, columns, has_metadata=m is not None)
+        layout.read_at_ms = read_at_ms
         self._layouts[schema] = layout
         log.info("twenty_layout_loaded", schema=schema, objects=len(layout.objects))
         return layout

@@ -204,12 +204,3 @@ def _record(
                 group = record[plan.field] = {}
             group[plan.sub] = value
     return record
-
-
-def unknown_columns(layout: WorkspaceLayout, change: Change) -> bool:
-    """Whether the change names a table or column this layout has no plan for (so the catalog may be stale)."""
-    obj = layout.objects.get(change.table)
-    if obj is None:
-        return True
-    row = change.after if change.after is not None else change.before
-    return row is not None and any(column not in obj.columns for column in row)

@@ -103,6 +103,10 @@ class WorkspaceLayout:
     by_name: dict[str, ObjectLayout] = field(default_factory=dict)  # by nameSingular
     loaded_at: float = field(default_factory=time.monotonic)
     has_metadata: bool = True
+    # When it was read, by Postgres' clock (the clock of Debezium's commit times), in ms since the epoch.
+    read_at_ms: int | None = None
+    # Tables that were not Twenty objects even when read again for a change of theirs.
+    unknown_tables: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.by_name = {layout.name_singular: layout for layout in self.objects.values()}

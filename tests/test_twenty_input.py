@@ -1,0 +1,163 @@
+"""Change records of a Twenty-shaped database through the daemon, on the real broker and Postgres: the layout read
+from Twenty's metadata, a custom field added while running, records Twenty would never send skipped by reason, and
+what the receiver gets in Twenty's body. (The suite under tests/kafka runs the same with Debezium itself.)"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+
+from tests.support import Receiver, add_webhook, get_text, metric, produce, running, settings_for
+from webhookd.embedded import create_topic
+from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
+from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
+from webhookd.intake.twenty_layout import WorkspaceLayout
+
+STAMP = "2025-02-10T15:30:50.123456Z"
+
+
+async def twenty_workspace(dsn: str) -> TwentyWorkspace:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await create_twenty_core(conn)
+        return await TwentyWorkspace.create(conn, "Acme")
+    finally:
+        await conn.close()
+
+
+def person_row(record_id: str, **changes: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "id": record_id,
+        "position": 1.0,
+        "createdAt": STAMP,
+        "updatedAt": STAMP,
+        "deletedAt": None,
+        "createdBySource": "API",
+        "createdByWorkspaceMemberId": None,
+        "createdByName": "Zapier",
+        "createdByContext": "{}",
+        "nameFirstName": "Ada",
+        "nameLastName": "Lovelace",
+        "emailsPrimaryEmail": "ada@example.com",
+        "emailsAdditionalEmails": None,
+        "jobTitle": "Analyst",
+        "city": "London",
+        "companyId": None,
+    }
+    row.update(changes)
+    return row
+
+
+def change(
+    ws: TwentyWorkspace,
+    op: str,
+    before: Any,
+    after: Any,
+    lsn: int,
+    table: str = "person",
+    ts_ms: int = 1_739_201_450_123,
+) -> dict[str, Any]:
+    source = {"schema": ws.schema, "table": table, "ts_ms": ts_ms, "lsn": lsn, "db": "twenty"}
+    return {"before": before, "after": after, "source": source, "op": op, "ts_ms": 1_739_201_450_200}
+
+
+async def test_the_catalog_reads_a_workspace_layout_from_twentys_metadata(dsn: str) -> None:
+    ws = await twenty_workspace(dsn)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        catalog = TwentyCatalog(pool, refresh_seconds=60)
+        layout = await catalog.load(ws.schema)
+        assert isinstance(layout, WorkspaceLayout)
+        assert layout.workspace_id == ws.workspace_id
+        person = layout.objects["person"]
+        assert person.object_id == ws.object_ids["person"]
+        assert (person.columns["nameFirstName"].field, person.columns["nameFirstName"].sub) == ("name", "firstName")
+        assert person.columns["companyId"].relation == "company"
+        pet = layout.objects["_pet"]
+        assert (pet.name_singular, pet.object_id) == ("pet", ws.object_ids["pet"])
+        assert isinstance(await catalog.load("public"), NotTwenty)
+        # A schema named like a workspace that Twenty does not know is no workspace either.
+        assert isinstance(await catalog.load("workspace_1a2b3c"), NotTwenty)
+    finally:
+        await pool.close()
+
+
+async def test_twenty_bodies_from_change_records_with_a_custom_field_added_while_running(
+    kafka: str, dsn: str, receiver: Receiver
+) -> None:
+    ws = await twenty_workspace(dsn)
+    prefix = f"twenty{uuid.uuid4().hex[:6]}"
+    person_topic, pet_topic = f"{prefix}.{ws.schema}.person", f"{prefix}.{ws.schema}._pet"
+    for name in (person_topic, pet_topic):
+        await create_topic(kafka, name, 1)
+    await add_webhook(dsn, ws.workspace_id, receiver.url("/hook"), ["*.*"])
+    settings = settings_for(
+        kafka,
+        dsn,
+        person_topic,
+        kafka={"topics": [], "topic_pattern": f"{prefix}\\..*", "input_format": "debezium"},
+        delivery={"body_format": "twenty"},
+    )
+    ada = str(uuid.uuid4())
+    async with running(settings) as service:
+        await produce(
+            kafka,
+            person_topic,
+            [
+                change(ws, "c", None, person_row(ada), 100),
+                change(ws, "u", person_row(ada), person_row(ada, city="Paris", updatedAt="2025-02-11T00:00:00Z"), 101),
+                change(ws, "u", person_row(ada), person_row(ada, updatedAt="2025-02-12T00:00:00Z"), 102),  # unchanged
+                change(ws, "u", person_row(ada), person_row(ada, deletedAt=STAMP), 103),
+                b"null",  # not a tombstone: a JSON null, which is no change record
+                change(ws, "c", None, person_row(ada), 104, table="invoice"),
+                {**change(ws, "c", None, person_row(ada), 105), "source": {"schema": "public", "table": "person"}},
+            ],
+        )
+        await receiver.wait_for(lambda: len(receiver.requests) >= 3, 30, "created, updated and deleted")
+        # A custom field added in Twenty's settings while the daemon runs: a composite of two new columns.
+        conn = await asyncpg.connect(dsn)
+        try:
+            await ws.add_field(
+                conn, "pet", "price", "CURRENCY", {"priceAmountMicros": "numeric", "priceCurrencyCode": "text"}
+            )
+        finally:
+            await conn.close()
+        rex = str(uuid.uuid4())
+        micros = {"scale": 0, "value": base64.b64encode((2000).to_bytes(2, "big")).decode()}
+        pet = {"id": rex, "name": "Rex", "priceAmountMicros": micros, "priceCurrencyCode": "EUR"}
+        # Committed after the field was added, as Debezium's commit time says.
+        committed = int(time.time() * 1000)
+        await produce(kafka, pet_topic, [change(ws, "c", None, pet, 106, table="_pet", ts_ms=committed)])
+        await receiver.wait_for(lambda: len(receiver.requests) >= 4, 30, "the pet with its new field")
+        _, text = await get_text(f"http://{service.settings.http.listen}/metrics")
+
+    bodies = [orjson.loads(r.body) for r in receiver.requests]
+    assert [b["eventName"] for b in bodies] == ["person.created", "person.updated", "person.deleted", "pet.created"]
+    created, updated, deleted, pet_created = bodies
+    assert created["objectMetadata"] == {"id": ws.object_ids["person"], "nameSingular": "person"}
+    assert created["record"]["name"] == {"firstName": "Ada", "lastName": "Lovelace"}
+    assert created["record"]["emails"] == {"primaryEmail": "ada@example.com", "additionalEmails": []}
+    assert created["record"]["createdBy"] == {
+        "source": "API",
+        "workspaceMemberId": None,
+        "name": "Zapier",
+        "context": {},
+    }
+    assert created["eventDate"] == "2025-02-10T15:30:50.123Z"
+    assert "updatedFields" not in created
+    assert updated["updatedFields"] == ["city"]
+    assert deleted["updatedFields"] == ["deletedAt"]
+    assert pet_created["record"]["price"] == {"amountMicros": 2000, "currencyCode": "EUR"}
+    assert pet_created["objectMetadata"]["id"] == ws.object_ids["pet"]
+    assert all(b["webhookId"] and b["targetUrl"] == receiver.url("/hook") for b in bodies)
+    assert metric(text, "webhookd_events_skipped_total", reason="unchanged") == 1
+    assert metric(text, "webhookd_events_skipped_total", reason="not_twenty") == 1
+    assert metric(text, "webhookd_events_skipped_total", reason="tombstone") == 0
+    assert metric(text, "webhookd_events_invalid_total", reason="unknown_table") == 1
+    assert metric(text, "webhookd_events_invalid_total", reason="not_an_object") == 1
