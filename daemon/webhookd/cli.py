@@ -73,7 +73,17 @@ def _parser() -> argparse.ArgumentParser:
         help="base configuration (default: the settings of config/dev.yaml, built in)",
     )
     dev.add_argument(
-        "--events", type=int, default=0, metavar="N", help="stop after N events (default: run until Ctrl-C)"
+        "--events",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop after N events (with --cdc: N rounds of writes; default: run until Ctrl-C)",
+    )
+    dev.add_argument(
+        "--cdc",
+        action="store_true",
+        help="Twenty's change stream instead: Apache Kafka, Debezium and a Twenty-shaped Postgres, where a row "
+        "change becomes a webhook (needs Java 17+ and Maven; jars come from Maven Central)",
     )
     return parser
 
@@ -168,7 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        from webhookd.dev import run_dev  # the embedded services are an optional install
+        if args.cdc:
+            from webhookd.dev_cdc import run_dev_cdc  # the embedded services are an optional install
+
+            return run_dev_cdc(args.config, args.events)
+        from webhookd.dev import run_dev
 
         return run_dev(args.config, args.events)
     try:

@@ -19,6 +19,7 @@ import shutil
 import signal
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,7 @@ SAMPLES = (
     SampleWebhook("flaky-deals", WORKSPACE_A, ("opportunity.updated", "company.created")),
     SampleWebhook("other-tenant", WORKSPACE_B, ("*.*",)),
 )
-_DEV_DEFAULTS = {
+DEV_DEFAULTS = {
     "WEBHOOKD_KAFKA__GROUP_ID": "webhookd-dev",
     "WEBHOOKD_KAFKA__SESSION_TIMEOUT_MS": "6000",
     "WEBHOOKD_KAFKA__FETCH_MAX_WAIT_MS": "20",
@@ -93,10 +94,7 @@ class DemoReceiver:
             self._failed_once.add(event_id)
             print(f"  receiver  {sample.name:<13} answers 503 to {event_id} (first try fails on purpose)")
             return web.Response(status=503, headers={"Retry-After": "1"})
-        timestamp = request.headers.get("X-Twenty-Webhook-Timestamp", "")
-        # The raw body is what was signed; it is also byte for byte what Node's JSON.stringify(req.body) gives back.
-        expected = hmac.new(sample.secret.encode(), f"{timestamp}:".encode() + body, hashlib.sha256).hexdigest()
-        verified = hmac.compare_digest(expected, request.headers.get("X-Twenty-Webhook-Signature", ""))
+        verified = signature_matches(sample.secret, request.headers, body)
         doc = orjson.loads(body)
         mark = "verified" if verified else "SIGNATURE MISMATCH"
         if not verified:
@@ -106,6 +104,14 @@ class DemoReceiver:
         if self.expected <= self.seen:
             self.all_seen.set()
         return web.Response(status=200 if verified else 401)
+
+
+def signature_matches(secret: str, headers: Mapping[str, str], body: bytes) -> bool:
+    """Twenty's documented check of X-Twenty-Webhook-Signature."""
+    timestamp = headers.get("X-Twenty-Webhook-Timestamp", "")
+    # The raw body is what was signed; it is also byte for byte what Node's JSON.stringify(req.body) gives back.
+    expected = hmac.new(secret.encode(), f"{timestamp}:".encode() + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, headers.get("X-Twenty-Webhook-Signature", ""))
 
 
 def run_dev(config: Path | None, events: int) -> int:
@@ -132,7 +138,7 @@ async def _dev(config: Path | None, events: int) -> int:
         if config is None:
             # Without a file, the same settings as config/dev.yaml: the demo receiver is on loopback, and retries
             # must show within a minute.
-            overrides = {**_DEV_DEFAULTS, **overrides}
+            overrides = {**DEV_DEFAULTS, **overrides}
         try:
             settings = load_settings(config, {**os.environ, **overrides})
         except ConfigError as exc:

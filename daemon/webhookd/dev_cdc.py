@@ -1,0 +1,262 @@
+"""`webhookd dev --cdc`: a row change in a Twenty-shaped database becomes a signed webhook, on one machine.
+
+It starts Apache Kafka, a Postgres with logical decoding and a Twenty-shaped database (`embedded.twenty`), Kafka
+Connect with Debezium's Postgres connector configured by `deploy/debezium/twenty-connector.json` (the file a team
+deploys), and the daemon reading Debezium's topics in Twenty's body format. Then it writes to the database as
+Twenty's API does (create, update, an update of `updatedAt` alone, trash, restore, destroy, a custom field added)
+and prints what each write made Debezium send and the receiver get, with the signature checked as Twenty's
+documentation tells receivers to. The jars come from Maven Central on the first run. Without Java 17 and Maven it
+says what is missing and exits 2. Ctrl-C stops all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import decimal
+import json
+import os
+import shutil
+import signal
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp import web
+
+from webhookd.children import free_port
+from webhookd.config import ConfigError, Settings, load_settings
+from webhookd.dev import DEV_DEFAULTS, signature_matches
+from webhookd.embedded import EmbeddedPostgres, create_database
+from webhookd.embedded.apache_kafka import ApacheKafka
+from webhookd.embedded.jars import JavaMissing, java_executable, maven_executable, resolve_jars
+from webhookd.embedded.kafka_connect import KafkaConnect
+from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
+from webhookd.logs import setup_logging
+from webhookd.service import Service
+from webhookd.store.migrate import migrate
+
+# The connector a team deploys; the demo changes only where it connects.
+CONNECTOR_FILE = Path(__file__).resolve().parents[2] / "deploy" / "debezium" / "twenty-connector.json"
+_CONNECTION_KEYS = ("database.hostname", "database.port", "database.user", "database.password", "database.dbname")
+_CDC_SETTINGS = {"wal_level": "logical", "max_replication_slots": "4", "max_wal_senders": "4"}
+_STEP_SECONDS = 1.5
+
+
+def run_dev_cdc(config: Path | None, rounds: int) -> int:
+    """Entry point of `webhookd dev --cdc`; returns the exit status."""
+    try:
+        java_executable()
+        maven_executable()
+    except JavaMissing as exc:
+        print(f"webhookd dev --cdc runs Apache Kafka and Debezium, which need Java 17+ and Maven: {exc}")
+        return 2
+    if not CONNECTOR_FILE.is_file():
+        print(f"webhookd dev --cdc reads the Debezium connector from the source tree; {CONNECTOR_FILE} is missing")
+        return 2
+    return asyncio.run(_dev_cdc(config, rounds))
+
+
+class CdcReceiver:
+    """Receives Twenty-format deliveries, checks each signature, and prints what arrived."""
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+        self.arrived: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.failures = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        verified = signature_matches(self._secret, request.headers, body)
+        doc = orjson.loads(body)
+        updated = doc.get("updatedFields")
+        print(
+            f"  receiver  {doc.get('eventName', '?'):<20} record {doc.get('record', {}).get('id', '?')[:8]}"
+            + (f" updatedFields={updated}" if updated is not None else "")
+            + f"  signature {'verified' if verified else 'MISMATCH'}"
+        )
+        if not verified:
+            self.failures += 1
+        await self.arrived.put(doc)
+        return web.Response(status=200 if verified else 401)
+
+
+async def _dev_cdc(config: Path | None, rounds: int) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="webhookd-dev-cdc-"))
+    kafka: ApacheKafka | None = None
+    postgres: EmbeddedPostgres | None = None
+    connect: KafkaConnect | None = None
+    print("webhookd dev --cdc: fetching the jars (minutes, the first time) and starting Apache Kafka and Postgres ...")
+    try:
+        await asyncio.to_thread(resolve_jars)
+        kafka = await asyncio.to_thread(ApacheKafka.start)
+        postgres = await asyncio.to_thread(
+            EmbeddedPostgres.start, workdir / "pgdata", settings=_CDC_SETTINGS, tcp_port=free_port()
+        )
+        dsn = await create_database(postgres.dsn, "twenty")
+        metrics_port, receiver_port = free_port(), free_port()
+        overrides = {
+            "WEBHOOKD_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap,
+            "WEBHOOKD_KAFKA__TOPICS": "[]",
+            "WEBHOOKD_KAFKA__TOPIC_PATTERN": r"twenty\.workspace_.*",
+            "WEBHOOKD_KAFKA__INPUT_FORMAT": "debezium",
+            "WEBHOOKD_KAFKA__METADATA_MAX_AGE_MS": "2000",
+            "WEBHOOKD_DELIVERY__BODY_FORMAT": "twenty",
+            "WEBHOOKD_POSTGRES__DSN": dsn,
+            "WEBHOOKD_HTTP__LISTEN": f"127.0.0.1:{metrics_port}",
+        }
+        if config is None:
+            overrides = {**DEV_DEFAULTS, **overrides}
+        try:
+            settings = load_settings(config, {**os.environ, **overrides})
+        except ConfigError as exc:
+            print(f"webhookd: {exc}")
+            return 2
+        setup_logging(settings.logging.level, settings.logging.format)
+        secret = os.urandom(16).hex()
+        workspace = await _prepare(settings, f"http://127.0.0.1:{receiver_port}/hooks/crm", secret)
+        print(f"webhookd dev --cdc: Apache Kafka on {kafka.bootstrap}; starting Kafka Connect with Debezium ...")
+        connect = await asyncio.to_thread(KafkaConnect.start, kafka.bootstrap, _connector(postgres))
+        await asyncio.to_thread(connect.wait_until_running, 120)
+        return await _demo(settings, workspace, CdcReceiver(secret), receiver_port, rounds)
+    finally:
+        print("webhookd dev --cdc: stopping Kafka Connect, Apache Kafka and Postgres ...")
+        for server in (connect, kafka, postgres):
+            if server is not None:
+                await asyncio.to_thread(server.stop)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _connector(postgres: EmbeddedPostgres) -> dict[str, Any]:
+    shipped = json.loads(CONNECTOR_FILE.read_text())
+    config = {key: value for key, value in shipped["config"].items() if key not in _CONNECTION_KEYS}
+    assert postgres.tcp_port is not None
+    return {
+        **config,
+        "name": shipped["name"],
+        "database.hostname": postgres.host,
+        "database.port": str(postgres.tcp_port),
+        "database.user": "postgres",
+        "database.password": "unused",  # 127.0.0.1 is trusted; the connector insists on a value
+        "database.dbname": "twenty",
+        # One worker of our own: no config provider to read a password from, and topics made as they come.
+        "topic.creation.default.replication.factor": "1",
+        "heartbeat.interval.ms": "1000",
+    }
+
+
+async def _prepare(settings: Settings, url: str, secret: str) -> TwentyWorkspace:
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    try:
+        await create_twenty_core(conn)
+        await migrate(conn, settings.postgres.subscriptions_table_sql)
+        workspace = await TwentyWorkspace.create(conn, "Acme")
+        # What the README asks a superuser to do once: every table, so new workspaces and objects need no restart.
+        publication = json.loads(CONNECTOR_FILE.read_text())["config"]["publication.name"]
+        await conn.execute(f'CREATE PUBLICATION "{publication}" FOR ALL TABLES')
+        await conn.execute(
+            f'INSERT INTO {settings.postgres.subscriptions_table_sql} ("workspaceId", "targetUrl", operations, '
+            "description, secret) VALUES ($1, $2, $3, 'webhookd dev --cdc', $4)",
+            uuid.UUID(workspace.workspace_id),
+            url,
+            ["*.*"],
+            secret,
+        )
+        return workspace
+    finally:
+        await conn.close()
+
+
+async def _demo(settings: Settings, ws: TwentyWorkspace, receiver: CdcReceiver, port: int, rounds: int) -> int:
+    app = web.Application()
+    app.router.add_post("/hooks/crm", receiver.handle)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    service = Service(settings)
+    serving = asyncio.create_task(service.serve(install_signal_handlers=False))
+    interrupted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+    conn = await asyncpg.connect(settings.postgres.dsn)
+    status = 0
+    try:
+        await asyncio.wait_for(service.started.wait(), timeout=120)
+        print(f"webhookd dev --cdc: daemon up; metrics on http://{settings.http.listen}/metrics. Ctrl-C stops it.")
+        round_number = 0
+        while not interrupted.is_set() and not serving.done() and (not rounds or round_number < rounds):
+            round_number += 1
+            for what, step in _round(conn, ws, round_number):
+                print(f"  twenty    {what}")
+                await step()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(interrupted.wait(), timeout=_STEP_SECONDS)
+                if interrupted.is_set():
+                    break
+        if rounds:
+            await asyncio.sleep(3)  # the last deliveries
+            status = 0 if receiver.failures == 0 and receiver.arrived.qsize() > 0 else 1
+            print(f"webhookd dev --cdc: {receiver.arrived.qsize()} deliveries, {receiver.failures} failed verification")
+    finally:
+        await conn.close()
+        if not service.stopping.is_set():  # a daemon that stopped on its own must not be asked twice
+            service.request_stop()
+        status = max(status, await serving)
+        await runner.cleanup()
+    return status
+
+
+def _round(conn: asyncpg.Connection, ws: TwentyWorkspace, n: int) -> list[tuple[str, Callable[[], Awaitable[Any]]]]:
+    """One round of what Twenty's API does to records, as (what it is, the write)."""
+    ids: dict[str, str] = {}
+
+    async def create() -> None:
+        ids["company"] = await ws.insert(conn, "company", {"name": f"Acme {n}", "employees": 10 * n})
+        ids["person"] = await ws.insert(
+            conn,
+            "person",
+            {
+                "nameFirstName": "Ada",
+                "nameLastName": f"Lovelace {n}",
+                "emailsPrimaryEmail": f"ada{n}@example.com",
+                "emailsAdditionalEmails": '["ada@analytical.engine"]',
+                "city": "London",
+                "companyId": ids["company"],
+            },
+        )
+
+    steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("creates a company and a person", create),
+        ("updates the person's city", lambda: ws.update(conn, "person", ids["person"], {"city": "Paris"})),
+        ("saves the person unchanged (updatedAt only: skipped)", lambda: ws.update(conn, "person", ids["person"], {})),
+        ("moves the person to the trash", lambda: ws.soft_delete(conn, "person", ids["person"])),
+        ("restores the person", lambda: ws.restore(conn, "person", ids["person"])),
+        ("destroys the person", lambda: ws.destroy(conn, "person", ids["person"])),
+    ]
+    if n == 1:
+        steps.append(
+            (
+                "adds a custom currency field `price` to pet, then creates a pet",
+                lambda: _new_field_and_pet(conn, ws),
+            )
+        )
+    return steps
+
+
+async def _new_field_and_pet(conn: asyncpg.Connection, ws: TwentyWorkspace) -> None:
+    await ws.add_field(conn, "pet", "price", "CURRENCY", {"priceAmountMicros": "numeric", "priceCurrencyCode": "text"})
+    await ws.insert(
+        conn,
+        "pet",
+        {
+            "name": "Rex",
+            "species": "DOG",
+            "priceAmountMicros": decimal.Decimal(250_000_000),
+            "priceCurrencyCode": "EUR",
+        },
+    )
