@@ -204,6 +204,9 @@ def test_a_plain_http_url_with_a_port_and_query_is_accepted() -> None:
     "url",
     [
         "http://receiver.example:99999/hook",
+        "ftp://receiver.example/hook",
+        "file:///etc/passwd",
+        "Http://receiver.example/hook",
         "javascript:alert(1)",
         "",
         "http://",
@@ -223,8 +226,9 @@ def test_a_row_whose_url_is_not_http_or_https_with_a_host_is_skipped(url: str) -
         ("receiver.example:8443/hook?x=1", "https://receiver.example:8443/hook?x=1", "receiver.example:8443"),
         ("//receiver.example/hook", "https://receiver.example/hook", "receiver.example:443"),
         ("HTTP://Receiver.example/hook", "HTTP://Receiver.example/hook", "receiver.example:80"),
-        # Another scheme gets https:// in front too: its name becomes the host, which Twenty's request fails on.
-        ("ftp://receiver.example/hook", "https://ftp://receiver.example/hook", "ftp:443"),
+        ("localhost:3000/hook", "https://localhost:3000/hook", "localhost:3000"),
+        # Not a scheme to Twenty either: `mailto:ops` becomes the user and password of https://receiver.example.
+        ("mailto:ops@receiver.example", "https://mailto:ops@receiver.example", "receiver.example:443"),
     ],
 )
 def test_a_url_saved_without_http_or_https_goes_where_twentys_get_absolute_url_sends_it(

@@ -120,8 +120,10 @@ async def _dev_cdc(config: Path | None, rounds: int) -> int:
         secret = os.urandom(16).hex()
         workspace = await _prepare(settings, f"http://127.0.0.1:{receiver_port}/hooks/crm", secret)
         print(f"webhookd dev --cdc: Apache Kafka on {kafka.bootstrap}; starting Kafka Connect with Debezium ...")
-        connect = await asyncio.to_thread(KafkaConnect.start, kafka.bootstrap, _connector(postgres))
+        connector = _connector(postgres)
+        connect = await asyncio.to_thread(KafkaConnect.start, kafka.bootstrap, connector)
         await asyncio.to_thread(connect.wait_until_running, 120)
+        await _wait_streaming(settings.postgres.dsn, connector["slot.name"])
         return await _demo(settings, workspace, CdcReceiver(secret), receiver_port, rounds)
     finally:
         print("webhookd dev --cdc: stopping Kafka Connect, Apache Kafka and Postgres ...")
@@ -129,6 +131,19 @@ async def _dev_cdc(config: Path | None, rounds: int) -> int:
             if server is not None:
                 await asyncio.to_thread(server.stop)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _wait_streaming(dsn: str, slot: str) -> None:
+    """Until the connector's replication slot streams: its task says RUNNING before, and takes no snapshot."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for _ in range(600):
+            if await conn.fetchval("SELECT active FROM pg_replication_slots WHERE slot_name = $1", slot):
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"Debezium's replication slot {slot} did not start streaming within 60 s")
+    finally:
+        await conn.close()
 
 
 def _connector(postgres: EmbeddedPostgres) -> dict[str, Any]:

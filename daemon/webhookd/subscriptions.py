@@ -120,6 +120,11 @@ class SubscriptionIndex:
 def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
     """A row as a Webhook, or None (with a warning naming the row) when it can never be delivered to."""
     saved, secret = row["targetUrl"], row["secret"]
+    if isinstance(saved, str) and _OTHER_SCHEME.match(saved) and not saved.startswith(_ABSOLUTE_PREFIXES):
+        # Twenty would post `ftp://host/x` to https://ftp://host/x, a host named "ftp" that its request never
+        # reaches; refusing it here says so once instead of dead-lettering every event.
+        log.warning("webhook_skipped", webhook_id=row["id"], reason="targetUrl has a scheme other than http(s)")
+        return None
     url = absolute_url(saved) if isinstance(saved, str) else saved
     host_key = _host_key(url)
     if not host_key:
@@ -150,6 +155,8 @@ def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
 _ABSOLUTE_PREFIXES = ("http://", "https://", "HTTP://", "HTTPS://")
 
 
+# A URL of some scheme: `ftp://`, `file:///`, or `Http://`, which Twenty's getAbsoluteUrl does not recognise either.
+_OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:[/\\]")
 # Node's URL parser (WHATWG) reads any run of slashes or backslashes after http: or https: as the start of the host.
 _AUTHORITY_START = re.compile(r"(https?:)[/\\]*", re.IGNORECASE)
 
