@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CHAOS_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install run test lint fmt clean chaos bench
+.PHONY: install run test test-kafka lint fmt clean chaos bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ run: $(VENV)/.installed-run
 
 test: $(VENV)/.installed-test lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The suites on Apache Kafka, Kafka Connect and Debezium (tests/kafka), which `test` leaves out: they need Java 17+
+# and Maven, which fetches the jars once (into ~/.cache/webhookd/jars). Missing tools fail the target, never skip it.
+test-kafka: $(VENV)/.installed-test
+	@missing=""; for tool in java mvn; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "make test-kafka needs Java 17+ and Maven; not on PATH:$$missing" >&2; \
+		echo "on Debian or Ubuntu: apt-get install openjdk-17-jre-headless maven" >&2; \
+		exit 1; \
+	fi
+	$(BIN)/pytest tests/kafka $(PYTEST_ARGS)
 
 # 20,000 events x 3 webhooks through ten SIGKILLs, a Postgres restart, a 10 s broker cut and receivers that fail
 # half their requests; prints lost (must be 0), duplicated and the time to drain. A short run is part of `make test`.
