@@ -120,7 +120,7 @@ def envelope(op: str, before: dict[str, Any] | None, after: dict[str, Any] | Non
 
 
 def read(doc: Any, settings: MappingSettings | None = None) -> Event | Skip | BadEvent:
-    value = None if doc is None else orjson.dumps(doc)
+    value = None if doc is None else doc.encode() if isinstance(doc, str) else orjson.dumps(doc)
     change = read_change(value, TOPIC)
     if not isinstance(change, Change):
         return change
@@ -189,6 +189,7 @@ def test_a_flattened_delete_rewritten_by_the_transform_is_destroyed() -> None:
     [
         (None, "tombstone"),
         ({"schema": {"type": "struct"}, "payload": None}, "tombstone"),
+        ("null", "tombstone"),
         ({**envelope("t", None, None)}, "truncate"),
         ({**envelope("m", None, None)}, "message"),
         (envelope("r", None, row()), "snapshot"),
@@ -366,6 +367,8 @@ def test_a_left_out_value_without_a_row_before_is_omitted() -> None:
         (envelope("c", None, row(score="@@")), "undecodable", "person.score"),
         (envelope("c", None, None), "missing_field", f"{SCHEMA}.person"),
         (envelope("x", None, row()), "invalid_field", "`op`"),
+        ({**envelope("c", None, row()), "op": []}, "invalid_field", "`op`"),
+        ({**row(), "__op": {"c": 1}}, "invalid_field", "`__op`"),
         ({"hello": "world"}, "not_debezium", "neither"),
         ([1, 2], "not_an_object", "array"),
     ],

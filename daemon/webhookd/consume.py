@@ -251,7 +251,12 @@ class Consumer:
                 still_ours.committed = position
 
     def _update_lag(self) -> None:
+        # A topic_pattern that matches a new topic replaces aiokafka's assignment before our revocation callback
+        # runs; until then a partition we still track may no longer be assigned, and has no high watermark.
+        assigned = self._kafka.assignment()
         for tp, offsets in self._partitions.items():
+            if tp not in assigned:
+                continue
             highwater = self._kafka.highwater(tp)
             position = offsets.committed if offsets.committed is not None else offsets.commit_position()
             if highwater is not None and position is not None:

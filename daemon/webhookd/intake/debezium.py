@@ -4,7 +4,8 @@ Three shapes arrive, depending on the Kafka Connect converter and transforms a t
 - the envelope `{"before","after","source","op","ts_ms",...}` (JsonConverter with `schemas.enable=false`);
 - the same envelope wrapped as `{"schema":...,"payload":...}` (`schemas.enable=true`, Kafka Connect's default);
 - a flattened row (ExtractNewRecordState) carrying `__op`, `__table`, `__schema` or `__db`, `__deleted`,
-  `__source_ts_ms` and `__lsn` as columns of its own, wrapped or not.
+  `__source_ts_ms` and `__lsn` as columns of its own (`add.fields`, `delete.tombstone.handling.mode=rewrite`),
+  wrapped or not.
 Only the envelope says what a row was before an update; the flattened form is read as far as it goes.
 """
 
@@ -19,7 +20,7 @@ from webhookd.events import BadEvent, Skip, json_kind, parse_json
 
 # The operations of Debezium's envelope: create, update, delete, read (snapshot), truncate, message.
 _OPS = frozenset("cudrtm")
-# Columns that ExtractNewRecordState adds to a flattened row (`add.fields`, `delete.handling.mode=rewrite`).
+# Columns that ExtractNewRecordState adds to a flattened row (`add.fields`, `delete.tombstone.handling.mode=rewrite`).
 _FLAT_PREFIX = "__"
 # Event ids stay well inside the 256 characters a native event id may have.
 _MAX_READABLE_ID = 200
@@ -47,6 +48,10 @@ def read_change(value: bytes | None, topic: str) -> Change | Skip | BadEvent:
     doc = parse_json(value)
     if isinstance(doc, BadEvent):
         return doc
+    if doc is None:
+        # JsonConverter without schemas writes a deleted row's tombstone (ExtractNewRecordState's default for a
+        # delete) as the JSON text `null` where the value has a schema: a tombstone all the same.
+        return Skip("tombstone")
     if not isinstance(doc, dict):
         return BadEvent("not_an_object", f"the change record is {json_kind(doc)}, not an object")
     value_schema: Any = None
@@ -68,7 +73,7 @@ def read_change(value: bytes | None, topic: str) -> Change | Skip | BadEvent:
 
 def _from_envelope(doc: dict[str, Any], value_schema: Any) -> Change | Skip | BadEvent:
     op = doc["op"]
-    if op not in _OPS or not isinstance(op, str):
+    if not isinstance(op, str) or op not in _OPS:  # in this order: an array or an object is unhashable
         return BadEvent("invalid_field", f"`op` is {str(op)[:20]!r}, not one of c, u, d, r, t, m")
     if op in "tm":
         return Skip("truncate" if op == "t" else "message")
@@ -104,7 +109,7 @@ def _from_flattened(doc: dict[str, Any], value_schema: Any, topic: str) -> Chang
     deleted = doc.get("__deleted") in ("true", True)
     if op is None:
         op = "d" if deleted else "u"  # without `__op`, only a rewritten delete can be told from an upsert
-    if op not in _OPS or not isinstance(op, str):
+    if not isinstance(op, str) or op not in _OPS:
         return BadEvent("invalid_field", f"`__op` is {str(op)[:20]!r}, not one of c, u, d, r, t, m")
     if op in "tm":
         return Skip("truncate" if op == "t" else "message")
