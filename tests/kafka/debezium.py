@@ -38,7 +38,8 @@ class Debezium:
         overrides: Mapping[str, Any] | None = None,
         timeout: float = 90.0,
     ) -> KafkaConnect:
-        """Capture `tables` ("schema.table") of `database` into topics `<topic_prefix>.<schema>.<table>`.
+        """Capture `tables` ("schema.table") of `database` into topics `<topic_prefix>.<schema>.<table>`; with no
+        tables, those that `overrides` (schema.include.list, say) select.
 
         Returns once the connector's task runs and its replication slot is streaming, so every change committed
         from then on reaches Kafka. The publication is created for `tables` if it does not exist. Only changes
@@ -59,10 +60,10 @@ class Debezium:
             "publication.name": publication,
             "publication.autocreate.mode": "filtered",
             "slot.name": slot,
-            "table.include.list": ",".join(tables),
             "snapshot.mode": "no_data",
             # Tests read what Debezium wrote moments after the change: send at once.
             "poll.interval.ms": 50,
+            **({"table.include.list": ",".join(tables)} if tables else {}),
             **(overrides or {}),
         }
         worker = await asyncio.to_thread(KafkaConnect.start, self.kafka, config, schemas_enable=schemas_enable)
