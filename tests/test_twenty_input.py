@@ -8,15 +8,17 @@ import base64
 import time
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
 
 from tests.support import Receiver, add_webhook, get_text, metric, produce, running, settings_for
-from webhookd.embedded import create_topic
+from webhookd.embedded import create_database, create_topic
 from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
 from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
 from webhookd.intake.twenty_layout import WorkspaceLayout
+from webhookd.store.migrate import migrate
 
 STAMP = "2025-02-10T15:30:50.123456Z"
 
@@ -162,3 +164,68 @@ async def test_twenty_bodies_from_change_records_with_a_custom_field_added_while
     assert metric(text, "webhookd_events_skipped_total", reason="tombstone") == 1
     assert metric(text, "webhookd_events_invalid_total", reason="unknown_table") == 1
     assert metric(text, "webhookd_events_invalid_total", reason="not_an_object") == 1
+
+
+async def test_a_role_with_only_the_readmes_grants_migrates_again_and_reads_twentys_metadata(
+    postgres_admin: str,
+) -> None:
+    dsn = await create_database(postgres_admin, f"t_{uuid.uuid4().hex[:12]}")
+    role = f"webhookd_{uuid.uuid4().hex[:8]}"
+    database = urlsplit(dsn).path.lstrip("/")
+    conn = await asyncpg.connect(dsn)
+    try:
+        # Twenty's database, owned by Twenty's role (here the superuser), with its own webhook table.
+        await create_twenty_core(conn)
+        await migrate(conn, '"core"."webhook"')
+        await conn.execute("DROP SCHEMA webhookd CASCADE")  # as if webhookd had never been migrated here
+        ws = await TwentyWorkspace.create(conn, "Acme")
+        await conn.execute(
+            f"""
+            CREATE ROLE {role} LOGIN;
+            GRANT CONNECT, CREATE ON DATABASE "{database}" TO {role};
+            GRANT USAGE ON SCHEMA core TO {role};
+            GRANT SELECT, TRIGGER ON core.webhook TO {role};
+            GRANT SELECT ON core.workspace, core."objectMetadata", core."fieldMetadata" TO {role};
+            """
+        )
+    finally:
+        await conn.close()
+    as_role = dsn.replace("postgres@", f"{role}@", 1)
+    conn = await asyncpg.connect(as_role)
+    try:
+        await migrate(conn, '"core"."webhook"')  # the first run creates the schema webhookd, owned by the role
+    finally:
+        await conn.close()
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(f'REVOKE CREATE ON DATABASE "{database}" FROM {role}')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(as_role)
+    try:
+        assert await migrate(conn, '"core"."webhook"') == []  # later runs need no CREATE anywhere
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(as_role, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        catalog = TwentyCatalog(pool, refresh_seconds=60)
+        assert await catalog.check() == []
+        layout = await catalog.load(ws.schema)
+        assert isinstance(layout, WorkspaceLayout)
+        assert layout.objects["person"].columns["nameLastName"].field == "name"
+    finally:
+        await pool.close()
+    admin = await asyncpg.connect(dsn)
+    try:
+        await admin.execute(f'REVOKE SELECT ON core."fieldMetadata" FROM {role}')
+    finally:
+        await admin.close()
+    pool = await asyncpg.create_pool(as_role, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        assert await TwentyCatalog(pool, refresh_seconds=60).check() == [
+            f'GRANT USAGE ON SCHEMA core TO {role}; GRANT SELECT ON core."fieldMetadata" TO {role};'
+        ]
+    finally:
+        await pool.close()

@@ -151,6 +151,16 @@ class Service:
         res.tasks["endpoints"] = asyncio.create_task(res.book.run(), name="endpoints")
         res.tasks["attempts"] = asyncio.create_task(res.attempts.run(), name="attempts")
         res.tasks["subscriptions"] = asyncio.create_task(res.store.run(), name="subscriptions")
+        if s.kafka.input_format == "debezium" or s.delivery.body_format == "twenty":
+            try:
+                missing = await res.catalog.check()
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                raise StartupError(f"cannot read Twenty's metadata tables: {exc}") from exc
+            if missing:
+                raise StartupError(
+                    "this role cannot read Twenty's metadata, which the Debezium input and the twenty body need; "
+                    "as the tables' owner: " + " ".join(missing)
+                )
         res.tasks["twenty_metadata"] = asyncio.create_task(res.catalog.run(), name="twenty_metadata")
         await self._wait_or_fail(res.store.loaded.wait(), res.tasks["subscriptions"], "loading subscriptions")
         try:

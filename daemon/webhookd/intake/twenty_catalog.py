@@ -37,15 +37,21 @@ log = structlog.get_logger("webhookd.intake.twenty_catalog")
 _MISS_RELOAD_SECONDS: Final = 1.0
 _RETRY_SECONDS: Final = 1.0
 
+# From pg_catalog, which every role may read: a table of Twenty's that this role may not read must be named in the
+# startup check's message, not be mistaken for a missing one.
 _FIND_METADATA = """
-SELECT (SELECT n FROM unnest(ARRAY['core', 'metadata']) AS n
-        WHERE to_regclass(quote_ident(n) || '."objectMetadata"') IS NOT NULL
-          AND to_regclass(quote_ident(n) || '."fieldMetadata"') IS NOT NULL LIMIT 1) AS metadata_schema,
-       EXISTS (SELECT 1 FROM information_schema.columns
-               WHERE table_schema = 'core' AND table_name = 'workspace' AND column_name = 'databaseSchema')
-         AS has_workspaces,
-       (SELECT n FROM unnest(ARRAY['core', 'metadata']) AS n
-        WHERE to_regclass(quote_ident(n) || '."dataSource"') IS NOT NULL LIMIT 1) AS data_source_schema
+WITH twenty AS (
+  SELECT n.nspname AS schema, c.relname AS table FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname IN ('core', 'metadata') AND c.relname IN ('objectMetadata', 'fieldMetadata', 'dataSource')
+)
+SELECT (SELECT o.schema FROM twenty o JOIN twenty f ON f.schema = o.schema AND f.table = 'fieldMetadata'
+        WHERE o.table = 'objectMetadata' ORDER BY o.schema = 'core' DESC LIMIT 1) AS metadata_schema,
+       EXISTS (SELECT FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = 'core' AND c.relname = 'workspace' AND a.attname = 'databaseSchema'
+                 AND NOT a.attisdropped) AS has_workspaces,
+       (SELECT schema FROM twenty WHERE "table" = 'dataSource' ORDER BY schema = 'core' DESC LIMIT 1)
+         AS data_source_schema
 """
 # Twenty's record of which workspace a schema holds: `core.workspace."databaseSchema"` since Twenty 1.22, the
 # `dataSource` table (in `core`, or `metadata` before May 2025) before; a workspace row whose `databaseSchema` is
@@ -157,19 +163,44 @@ class TwentyCatalog:
                     raise
                 await asyncio.sleep(_RETRY_SECONDS)
 
+    async def check(self) -> list[str]:
+        """What this role lacks to read Twenty's tables that are here: GRANT statements, none when it lacks nothing.
+
+        Run at startup, so that a missing grant stops the daemon at once with the statement that mends it, not at
+        the first change of some workspace.
+        """
+        async with self._pool.acquire() as conn:
+            await self._inspect(conn)
+            tables = []
+            if self._has_workspaces:
+                tables.append("core.workspace")
+            if self._metadata_schema is not None:
+                tables += [f'{self._metadata_schema}."objectMetadata"', f'{self._metadata_schema}."fieldMetadata"']
+            if self._data_source_schema is not None:
+                tables.append(f'{self._data_source_schema}."dataSource"')
+            role = await conn.fetchval("SELECT quote_ident(current_user)")
+            missing = []
+            for table in tables:
+                try:
+                    await conn.execute(f"SELECT FROM {table} LIMIT 0")
+                except asyncpg.InsufficientPrivilegeError:
+                    schema = table.partition(".")[0]
+                    missing.append(f"GRANT USAGE ON SCHEMA {schema} TO {role}; GRANT SELECT ON {table} TO {role};")
+            return missing
+
+    async def _inspect(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
+        if self._inspected:
+            return
+        found = await conn.fetchrow(_FIND_METADATA)
+        assert found is not None
+        self._metadata_schema, self._has_workspaces = found["metadata_schema"], found["has_workspaces"]
+        self._data_source_schema = found["data_source_schema"]
+        self._inspected = True
+        log.info("twenty_metadata_found", metadata_schema=self._metadata_schema, workspaces_table=self._has_workspaces)
+
     async def _load(self, schema: str) -> WorkspaceLayout | NotTwenty:
         async with self._pool.acquire() as conn:
-            if not self._inspected:
-                found = await conn.fetchrow(_FIND_METADATA)
-                assert found is not None
-                self._metadata_schema, self._has_workspaces = found["metadata_schema"], found["has_workspaces"]
-                self._data_source_schema = found["data_source_schema"]
-                self._inspected = True
-                log.info(
-                    "twenty_metadata_found",
-                    metadata_schema=self._metadata_schema,
-                    workspaces_table=self._has_workspaces,
-                )
+            await self._inspect(conn)
             read_at_ms = await conn.fetchval(_NOW_MS)
             workspace_id = await self._workspace_of(conn, schema)
             if workspace_id is None:

@@ -20,20 +20,26 @@ _MIGRATE_LOCK_KEY = 0x7765_6268_6F6F_6B64  # "webhookd"
 
 def _subscriptions_ddl(table: str) -> str:
     schema = table.rpartition(".")[0]
-    create_schema = f"CREATE SCHEMA IF NOT EXISTS {schema};" if schema else ""
+    # Looked up before it is created: Postgres checks CREATE on the schema (and on the database for a schema) even
+    # for IF NOT EXISTS, and a Twenty database's own table needs no such grant to webhookd's role.
+    create_schema = f"IF to_regnamespace('{schema}') IS NULL THEN CREATE SCHEMA {schema}; END IF;" if schema else ""
     return f"""
-    {create_schema}
-    CREATE TABLE IF NOT EXISTS {table} (
-        id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-        "workspaceId" uuid NOT NULL,
-        "targetUrl"   text NOT NULL,
-        operations    text[] NOT NULL DEFAULT '{{*.*}}',
-        description   text,
-        secret        text NOT NULL,
-        "createdAt"   timestamptz NOT NULL DEFAULT now(),
-        "updatedAt"   timestamptz NOT NULL DEFAULT now(),
-        "deletedAt"   timestamptz
-    );
+    DO $create_table$ BEGIN
+        {create_schema}
+        IF to_regclass('{table}') IS NULL THEN
+            CREATE TABLE {table} (
+                id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+                "workspaceId" uuid NOT NULL,
+                "targetUrl"   text NOT NULL,
+                operations    text[] NOT NULL DEFAULT '{{*.*}}',
+                description   text,
+                secret        text NOT NULL,
+                "createdAt"   timestamptz NOT NULL DEFAULT now(),
+                "updatedAt"   timestamptz NOT NULL DEFAULT now(),
+                "deletedAt"   timestamptz
+            );
+        END IF;
+    END $create_table$;
     -- SECURITY DEFINER: in a Twenty database, Twenty's own role changes the rows and has no rights on our schema.
     CREATE OR REPLACE FUNCTION webhookd.notify_subscription_change() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -75,7 +81,10 @@ async def migrate(conn: asyncpg.Connection, table: str) -> list[str]:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK_KEY)
         await conn.execute(
             """
-            CREATE SCHEMA IF NOT EXISTS webhookd;
+            DO $create_schema$ BEGIN
+                -- Only where missing, so that a migrated database asks no CREATE on the database of later runs.
+                IF to_regnamespace('webhookd') IS NULL THEN CREATE SCHEMA webhookd; END IF;
+            END $create_schema$;
             CREATE TABLE IF NOT EXISTS webhookd.schema_migrations (
                 name       text PRIMARY KEY,
                 applied_at timestamptz NOT NULL DEFAULT now()
