@@ -30,6 +30,7 @@ WS = "3b8e6458-5fc1-4e63-8563-008ccddaa6db"
 SCHEMA = schema_for_workspace(WS)
 PERSON_OBJECT = "0d6b5c4a-0000-4000-8000-000000000001"
 PET_OBJECT = "0d6b5c4a-0000-4000-8000-000000000002"
+TIMELINE_OBJECT = "0d6b5c4a-0000-4000-8000-000000000003"
 PERSON = "20202020-1c25-4d02-bf25-6aeccf7ea419"
 TOPIC = f"twenty.{SCHEMA}.person"
 AT = Position(TOPIC, 0, 42, 1_739_201_450_999)
@@ -73,10 +74,15 @@ PERSON_FIELDS = [
 def layout() -> WorkspaceLayout:
     columns = [ColumnRow("person", name, kind, "text" if kind == "text[]" else None) for name, kind in PERSON_COLUMNS]
     columns += [ColumnRow("_pet", "id", UUID, None), ColumnRow("_pet", "name", TEXT, None)]
+    columns += [ColumnRow("timelineActivity", "id", UUID, None)]
     return build_layout(
         WS,
         SCHEMA,
-        [ObjectRow(PERSON_OBJECT, "person", False), ObjectRow(PET_OBJECT, "pet", True)],
+        [
+            ObjectRow(PERSON_OBJECT, "person", False),
+            ObjectRow(PET_OBJECT, "pet", True),
+            ObjectRow(TIMELINE_OBJECT, "timelineActivity", False),
+        ],
         [FieldRow(PERSON_OBJECT, name, kind) for name, kind in PERSON_FIELDS] + [FieldRow(PET_OBJECT, "name", "TEXT")],
         columns,
     )
@@ -194,6 +200,7 @@ def test_a_flattened_delete_rewritten_by_the_transform_is_destroyed() -> None:
         ({**envelope("m", None, None)}, "message"),
         (envelope("r", None, row()), "snapshot"),
         (envelope("u", row(), row(updatedAt="2025-02-11T00:00:00Z")), "unchanged"),
+        (envelope("c", None, {"id": PERSON}, table="timelineActivity"), "not_sent_by_twenty"),
     ],
 )
 def test_records_nobody_asked_for_are_skipped_by_reason(doc: Any, reason: str) -> None:

@@ -261,10 +261,10 @@ def test_a_row_without_operations_matches_nothing() -> None:
 # The index agrees with the contract's rule on random subscriptions.
 
 WORKSPACES = [WS_A, WS_B, "33333333-3333-4333-8333-333333333333"]
-OBJECTS = ["person", "company", "note"]
+OBJECTS = ["person", "company", "workflowRun", "note"]
 ACTIONS = ["created", "updated", "deleted"]
 OPERATIONS = st.builds(
-    lambda obj, action: f"{obj}.{action}", st.sampled_from([*OBJECTS[:2], "*"]), st.sampled_from([*ACTIONS[:2], "*"])
+    lambda obj, action: f"{obj}.{action}", st.sampled_from([*OBJECTS[:3], "*"]), st.sampled_from([*ACTIONS[:2], "*"])
 )
 
 
@@ -285,6 +285,8 @@ EVENTS = st.tuples(st.sampled_from(WORKSPACES), st.sampled_from(OBJECTS), st.sam
 
 def reference_match(live: dict[str, Webhook], workspace: str, obj: str, action: str) -> list[str]:
     wanted = {f"{obj}.{action}", f"*.{action}", f"{obj}.*", "*.*"}
+    if (obj, action) == ("workflowRun", "updated"):
+        wanted = {"workflowRun.updated"}  # as Twenty matches it: never through a wildcard
     return sorted(w.id for w in live.values() if w.workspace_id == workspace and wanted & set(w.operations))
 
 
@@ -320,6 +322,13 @@ def test_match_equals_the_contract_rule_after_a_fresh_index_is_adopted(
 
     for workspace, obj, action in events:
         assert ids(index.match(workspace, obj, action)) == reference_match(live, workspace, obj, action)
+
+
+def test_workflow_run_updates_reach_only_webhooks_that_name_them_as_in_twenty() -> None:
+    index = index_of(hook("exact", "workflowRun.updated"), hook("all", "*.*"), hook("runs", "workflowRun.*"))
+
+    assert ids(index.match(WS_A, "workflowRun", "updated")) == ["exact"]
+    assert ids(index.match(WS_A, "workflowRun", "created")) == ["all", "runs"]
 
 
 @pytest.mark.parametrize("secret", ["", "whsec_", None])

@@ -81,7 +81,8 @@ class SubscriptionIndex:
         if not patterns:
             return []
         found: dict[str, Webhook] = {}
-        for key in (f"{obj}.{action}", f"*.{action}", f"{obj}.*", "*.*"):
+        exact = f"{obj}.{action}"
+        for key in (exact,) if exact in _EXACT_ONLY else (exact, f"*.{action}", f"{obj}.*", "*.*"):
             hooks = patterns.get(key)
             if hooks:
                 found.update(hooks)
@@ -151,6 +152,9 @@ def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
     )
 
 
+# Events that Twenty's matching gives only to webhooks naming them exactly, never to a wildcard: a running workflow
+# updates its run on every step.
+_EXACT_ONLY = frozenset({"workflowRun.updated"})
 # The prefixes Twenty's getAbsoluteUrl leaves alone; anything else gets `https://` in front, untrimmed.
 _ABSOLUTE_PREFIXES = ("http://", "https://", "HTTP://", "HTTPS://")
 

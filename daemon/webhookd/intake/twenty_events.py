@@ -28,6 +28,8 @@ from webhookd.intake.debezium import Change, change_id
 from webhookd.intake.twenty_layout import ObjectLayout, WorkspaceLayout
 from webhookd.payload import TooDeep, javascript_json, js_iso_timestamp
 
+# Objects whose changes Twenty's server never sends to webhooks (its entity-events listener drops their batches).
+_NOT_SENT_BY_TWENTY: Final = frozenset({"timelineActivity"})
 # Changed on every write by Twenty itself: a change of these alone is no change a receiver asked about.
 _BOOKKEEPING_FIELDS: Final = frozenset({"updatedAt", "searchVector"})
 _DELETED_AT: Final = "deletedAt"
@@ -64,6 +66,8 @@ def to_event(
     layout = workspace.objects.get(change.table)
     if layout is None:
         return BadEvent("unknown_table", f"{where}: no object of workspace {workspace.workspace_id} has this table")
+    if layout.name_singular in _NOT_SENT_BY_TWENTY:
+        return Skip("not_sent_by_twenty")
     op = change.op
     if op == "r" and settings.snapshot_events != "created":
         return Skip("snapshot")
