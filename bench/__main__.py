@@ -1,6 +1,6 @@
 """`make bench`: one table, measured in one run on one machine, of what webhookd costs and sustains.
 
-    python -m bench [--deliveries 20000] [--repeats 3] [--only throughput,naive,latency,backlog,rows,workers]
+    python -m bench [--deliveries 20000] [--repeats 3] [--only throughput,naive,latency,backlog,rows,workers,decode]
 
 Runs that are compared are alternated (ceiling, daemon, ceiling, daemon, ...) and their medians reported, because
 a shared machine is noisy. See BENCHMARKS.md for the latest table and what it says.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import uvloop
 
+from bench.decode import TARGET, decode_cost
 from bench.latency import latency_at
 from bench.memory import backlog_peak_rss, table_cost
 from bench.receivers import Receiver, capacity, receiver_for, running
@@ -30,7 +31,9 @@ from bench.stack import Stack
 from bench.throughput import CONCURRENCY, Run, bodies_for, ceiling, daemon_rate, naive_rate
 from webhookd.logs import setup_logging
 
-SECTIONS = ("throughput", "naive", "latency", "backlog", "rows", "workers")
+SECTIONS = ("throughput", "naive", "latency", "backlog", "rows", "workers", "decode")
+# The sections measured in this process alone, on CPU: they need neither the broker nor Postgres.
+IN_PROCESS = frozenset({"decode"})
 DELAYS = (0.0, 0.05)
 
 
@@ -54,11 +57,16 @@ def _machine() -> str:
 class Bench:
     """The sections of the table, each printed as it is measured."""
 
-    def __init__(self, stack: Stack, args: argparse.Namespace) -> None:
-        self.stack = stack
+    def __init__(self, stack: Stack | None, args: argparse.Namespace) -> None:
+        self._stack = stack
         self.args = args
         self.lines: list[str] = []
         self.capacity: dict[float, float] = {}  # webhookd's measured rate, 1 webhook, per regime
+
+    @property
+    def stack(self) -> Stack:
+        assert self._stack is not None, "the stack is started for every section outside IN_PROCESS"
+        return self._stack
 
     def out(self, line: str = "") -> None:
         self.lines.append(line)
@@ -181,14 +189,41 @@ class Bench:
         self.out(f"| 2 | {two.rate:,.0f} | {two.rate / one.rate:.2f} | {two.cpu_us:.0f} |")
         self.out()
 
+    async def decode(self) -> None:
+        # Pure CPU in this process, run on the loop's own thread: nothing else is scheduled meanwhile, and a worker
+        # thread would only add its hand-off to what is measured.
+        cost = decode_cost(self.args.decode_events, self.args.repeats)
+        self.out("## Decode and match: Debezium change records against native events of the same record")
+        self.out()
+        self.out(f"{cost.events:,} updates of one field of a Twenty `person` ({cost.columns} columns, REPLICA "
+                 f"IDENTITY FULL), read as the consume loop reads them: the reader (decode, or read the change and "
+                 f"map it), the match ({cost.webhooks} webhooks want each) and the `docs` body; in this process, on "
+                 f"one core, no broker; medians of {cost.repeats} alternated runs. Every form is the same change, "
+                 f"checked to give the native event's body; bytes per record are the record's value as Kafka holds "
+                 f"it.")  # fmt: skip
+        self.out()
+        self.out("| input | bytes per record | events a second | CPU per event (µs) | CPU, ratio to native | target |")
+        self.out("| --- | --- | --- | --- | --- | --- |")
+        for i, row in enumerate(cost.rows):
+            verdict = "" if i == 0 else f"≤ {TARGET} {'met' if row.ratio <= TARGET else 'missed'}"
+            self.out(f"| {row.label} | {row.bytes_per_record:,.0f} | {row.rate:,.0f} | {row.cpu_us:.1f} | "
+                     f"{row.ratio:.2f} | {verdict} |")  # fmt: skip
+        self.out()
+
 
 async def main_async(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as tmp:
-        async with Stack.started(Path(tmp), args.profile) as stack:
+        async with contextlib.AsyncExitStack() as started:
+            # `--only decode` starts neither the broker nor Postgres: it uses neither, and servers left idle beside
+            # it would only share the CPU it measures.
+            stack = None
+            if set(args.only) - IN_PROCESS:
+                stack = await started.enter_async_context(Stack.started(Path(tmp), args.profile))
             bench = Bench(stack, args)
             bench.out(f"# webhookd benchmark, {datetime.date.today().isoformat()}")
             bench.out()
-            bench.out(f"Machine: {_machine()}. Broker: Tansu (embedded); Postgres: embedded; `make bench`.")
+            servers = "Broker: Tansu (embedded); Postgres: embedded" if stack else "No broker, no Postgres"
+            bench.out(f"Machine: {_machine()}. {servers}; `make bench`.")
             bench.out()
             for section in SECTIONS:
                 if section in args.only:
@@ -206,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog-events", type=int, default=100_000)
     parser.add_argument("--backlog-seconds", type=float, default=45.0)
     parser.add_argument("--no-nginx", action="store_true", help="use the multi-process aiohttp receiver")
+    parser.add_argument("--decode-events", type=int, default=20_000, help="records per form in a decode run")
     parser.add_argument("--only", type=lambda v: v.split(","), default=list(SECTIONS), help=",".join(SECTIONS))
     parser.add_argument(
         "--profile", type=Path, default=None, metavar="DIR", help="py-spy samples of every daemon run into DIR"
