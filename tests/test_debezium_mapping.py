@@ -13,7 +13,7 @@ import pytest
 
 from webhookd.body_formats import DocsBody, TwentyBody
 from webhookd.events import BadEvent, Event, Skip
-from webhookd.intake.debezium import Change, read_change
+from webhookd.intake.debezium import Change, WrappedSchemas, read_change
 from webhookd.intake.twenty_events import MappingSettings, Position, to_event
 from webhookd.intake.twenty_layout import (
     ColumnRow,
@@ -455,3 +455,26 @@ def test_the_docs_body_is_the_same_for_every_webhook() -> None:
 
     assert first is second
     assert list(orjson.loads(first)) == ["event", "data", "timestamp"]
+
+
+def test_a_wrapped_records_schema_is_read_once_and_never_stands_in_for_another() -> None:
+    def wrapped(scale: str, score: str) -> bytes:
+        column = {"field": "score", "type": "bytes", "name": "org.apache.kafka.connect.data.Decimal"}
+        schema = {"type": "struct", "fields": [{"field": "after", "type": "struct", "fields": [
+            {**column, "parameters": {"scale": scale}},
+        ]}]}  # fmt: skip
+        return orjson.dumps({"schema": schema, "payload": envelope("c", None, row(score=score))})
+
+    schemas = WrappedSchemas()
+    records = [wrapped("2", decimal_bytes(123450)), wrapped("2", decimal_bytes(99)), wrapped("3", decimal_bytes(99))]
+    scores = []
+    for value in records:
+        change = read_change(value, TOPIC, schemas)
+        assert isinstance(change, Change)
+        event = to_event(change, layout(), MappingSettings(), AT)
+        assert isinstance(event, Event)
+        scores.append(orjson.loads(event.data)["score"])
+
+    # The second record's schema is the first's, taken from what was read; the third's differs in one parameter.
+    assert scores == ["1234.50", "0.99", "0.099"]
+    assert schemas.known(records[1]) is not None

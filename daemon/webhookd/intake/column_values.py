@@ -23,6 +23,7 @@ import base64
 import binascii
 import datetime
 import decimal
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
@@ -46,6 +47,12 @@ _MICROS = ("io.debezium.time.MicroTimestamp",)
 _NANOS = ("io.debezium.time.NanoTimestamp",)
 _MILLIS = ("io.debezium.time.Timestamp", "org.apache.kafka.connect.data.Timestamp")
 _DECIMAL_BYTES = "org.apache.kafka.connect.data.Decimal"
+# Debezium's ZonedTimestamp of a timestamptz is always UTC: `2025-02-10T15:30:50.123456Z`, 0 to 9 fraction digits.
+# A day past the 28th goes the long way, where the calendar says whether it exists.
+_ZONED_UTC: Final = re.compile(
+    r"(?!0000)[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(?:\.[0-9]{1,9})?Z"
+)
 
 
 class Undecodable(ValueError):
@@ -76,8 +83,10 @@ def decoder_for(
         return _numeric_decoder(_scale(modifier, base, column_schema), name, _NUMERIC_SHAPES[numeric_as])
     if base in ("json", "jsonb"):
         return _json_document
-    if base in ("bigint", "double precision", "real"):
-        return _javascript_value  # beyond 2**53, or a double orjson writes differently from JavaScript
+    if base in ("double precision", "real"):
+        return _double
+    if base == "bigint":
+        return _javascript_value  # beyond 2**53, JavaScript reads the nearest double
     return None
 
 
@@ -96,7 +105,10 @@ def _array_of(element: Decoder) -> Decoder:
 
 
 def _timestamptz(value: Any) -> Any:
-    if isinstance(value, str):
+    if type(value) is str:
+        if _ZONED_UTC.fullmatch(value):
+            # Already JavaScript's form but for the fraction, which a Date truncates to milliseconds.
+            return f"{value[:19]}.{(value[20:-1] + '000')[:3]}Z"
         return _iso_timestamp(value)
     if type(value) is int:  # time.precision.mode=connect on a type Debezium otherwise sends as a string
         return js_iso_timestamp(value)
@@ -178,6 +190,13 @@ def _numeric_decoder(scale: int | None, schema_name: object, shape: Callable[[de
             # decimal.handling.mode=double: the exact value is already lost; the double is what there is.
             return shape(decimal.Decimal(value)) if kind is int else _from_double(value, shape)
         if kind is dict:
+            given = value.get("scale")
+            if type(given) is int and given == 0 and shape is not _as_float:
+                # An integer (a currency's micros, mostly): its digits, without a Decimal in between.
+                whole = _unscaled_integer(value.get("value"))
+                if shape is _as_text:
+                    return str(whole)
+                return whole if -_MAX_SAFE_INTEGER <= whole <= _MAX_SAFE_INTEGER else shape(decimal.Decimal(whole))
             return shape(_variable_scale(value))
         if kind is str:
             if schema_name != _DECIMAL_BYTES:
@@ -239,11 +258,17 @@ def _variable_scale(struct: dict[str, Any]) -> decimal.Decimal:
 
 
 def _unscaled(text: str, scale: int) -> decimal.Decimal:
+    return decimal.Decimal(_unscaled_integer(text)).scaleb(-scale)
+
+
+def _unscaled_integer(text: Any) -> int:
+    if not isinstance(text, str):
+        raise Undecodable("expected a variable-scale decimal {scale, value}")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise Undecodable(f"{text[:40]!r} is not the base64 bytes of a decimal") from None
-    return decimal.Decimal(int.from_bytes(raw, "big", signed=True)).scaleb(-scale)
+    return int.from_bytes(raw, "big", signed=True)
 
 
 def _number(exact: decimal.Decimal) -> Any:
@@ -263,6 +288,16 @@ def _json_document(value: Any) -> Any:
     except orjson.JSONDecodeError:
         raise Undecodable(f"{value[:40]!r} is not a JSON document") from None
     return _javascript_value(document)
+
+
+def _double(value: Any) -> Any:
+    if type(value) is float:
+        if value.is_integer():
+            if -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
+                return int(value)  # what JavaScript writes for an integral double, -0 included
+        elif 1e-5 <= abs(value) < 2.0**53:
+            return value  # orjson writes these digits as JavaScript does
+    return _javascript_value(value)
 
 
 def _javascript_value(value: Any) -> Any:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
 
 from webhookd.events import BadEvent, Skip, json_kind, parse_json
 
@@ -24,9 +26,16 @@ _OPS = frozenset("cudrtm")
 _FLAT_PREFIX = "__"
 # Event ids stay well inside the 256 characters a native event id may have.
 _MAX_READABLE_ID = 200
+# How a wrapped record starts, and what stands between its schema and its payload (see WrappedSchemas).
+_WRAPPED_START: Final = b'{"schema":'
+_PAYLOAD_KEY: Final = b',"payload":'
+_SCHEMA_TAIL: Final = 200  # the end of S, naming its table (`...person.Envelope`): what it is looked up by
+_MAX_SCHEMAS: Final = 1024
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, a microsecond of every record's
+# reading for a guard no caller needs (a Change lives only from its record to its event).
+@dataclass(slots=True)
 class Change:
     """One row change as Debezium saw it, before any of Twenty's meaning is given to it."""
 
@@ -41,22 +50,89 @@ class Change:
     column_schemas: Mapping[str, Mapping[str, Any]] | None = None
 
 
-def read_change(value: bytes | None, topic: str) -> Change | Skip | BadEvent:
-    """Read one record value; a tombstone, a truncate or a logical message is a Skip, never a bad event."""
+@dataclass(slots=True)
+class _ValueSchema:
+    """A wrapped record's schema, and Debezium's schema of each column of its rows, worked out once."""
+
+    doc: Any
+    prefix: bytes = b""  # the record's bytes up to its payload, where they were remembered
+    rows: dict[str | None, dict[str, Mapping[str, Any]] | None] = field(default_factory=dict)
+
+    def row(self, name: str | None) -> dict[str, Mapping[str, Any]] | None:
+        if name not in self.rows:
+            self.rows[name] = _row_schemas(self.doc, name)
+        return self.rows[name]
+
+
+class WrappedSchemas:
+    """The schemas of wrapped records seen so far, each parsed once, looked up by the bytes that spell it.
+
+    Kafka Connect's JsonConverter writes `{"schema":S,"payload":P}`, S the same bytes in every record of a table
+    until its columns change, and most of the record: a record whose S is known has only its P parsed. Held by the
+    reader that reads the records, at most `_MAX_SCHEMAS` of them (about 33 KiB each for a Twenty table).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, _ValueSchema] = {}
+
+    def known(self, value: bytes) -> tuple[_ValueSchema, Any] | None:
+        """Schema and payload of a wrapped record whose schema was seen before, its payload alone parsed; else None."""
+        if not value.startswith(_WRAPPED_START):
+            return None
+        end = value.find(_PAYLOAD_KEY)
+        known = self._entries.get(value[max(end - _SCHEMA_TAIL, 0) : end]) if end > 0 else None
+        if known is None or len(known.prefix) != end or not value.startswith(known.prefix) or value[-1:] != b"}":
+            return None
+        try:
+            return known, orjson.loads(memoryview(value)[end + len(_PAYLOAD_KEY) : -1])
+        except orjson.JSONDecodeError:
+            return None  # not `{"schema":S,"payload":P}` after all: read in full
+
+    def remember(self, value: bytes, schema: Any) -> _ValueSchema:
+        """The schema of a wrapped record read in full, kept by the bytes that spell it where those are certain."""
+        found = _ValueSchema(schema)
+        end = value.find(_PAYLOAD_KEY)
+        if value.startswith(_WRAPPED_START) and end > 0:
+            try:
+                # The bytes read alone as the schema only if the split is where the JSON says it is.
+                same = orjson.loads(memoryview(value)[len(_WRAPPED_START) : end]) == schema
+            except orjson.JSONDecodeError:
+                same = False
+            if same:
+                if len(self._entries) >= _MAX_SCHEMAS:
+                    # The oldest goes: a table per workspace makes many schemas; the busy ones come back soon.
+                    del self._entries[next(iter(self._entries))]
+                found.prefix = value[:end]
+                self._entries[value[max(end - _SCHEMA_TAIL, 0) : end]] = found
+        return found
+
+
+def read_change(value: bytes | None, topic: str, schemas: WrappedSchemas | None = None) -> Change | Skip | BadEvent:
+    """Read one record value; a tombstone, a truncate or a logical message is a Skip, never a bad event.
+
+    With `schemas`, the schema of a wrapped record is parsed once for all the records that repeat it.
+    """
     if value is None:
         return Skip("tombstone")
-    doc = parse_json(value)
-    if isinstance(doc, BadEvent):
-        return doc
-    if doc is None:
-        # JsonConverter without schemas writes a deleted row's tombstone (ExtractNewRecordState's default for a
-        # delete) as the JSON text `null` where the value has a schema: a tombstone all the same.
-        return Skip("tombstone")
-    if not isinstance(doc, dict):
-        return BadEvent("not_an_object", f"the change record is {json_kind(doc)}, not an object")
-    value_schema: Any = None
-    if "payload" in doc and "schema" in doc and len(doc) == 2:
-        value_schema, doc = doc["schema"], doc["payload"]
+    value_schema: _ValueSchema | None = None
+    known = schemas.known(value) if schemas is not None else None
+    if known is not None:
+        value_schema, doc = known
+    else:
+        doc = parse_json(value)
+        if isinstance(doc, BadEvent):
+            return doc
+        if doc is None:
+            # JsonConverter without schemas writes a deleted row's tombstone (ExtractNewRecordState's default for a
+            # delete) as the JSON text `null` where the value has a schema: a tombstone all the same.
+            return Skip("tombstone")
+        if not isinstance(doc, dict):
+            return BadEvent("not_an_object", f"the change record is {json_kind(doc)}, not an object")
+        if "payload" in doc and "schema" in doc and len(doc) == 2:
+            schema = doc["schema"]
+            value_schema = schemas.remember(value, schema) if schemas is not None else _ValueSchema(schema)
+            doc = doc["payload"]
+    if value_schema is not None:
         if doc is None:  # a tombstone written by the converter with its schema
             return Skip("tombstone")
         if not isinstance(doc, dict):
@@ -71,7 +147,7 @@ def read_change(value: bytes | None, topic: str) -> Change | Skip | BadEvent:
     )
 
 
-def _from_envelope(doc: dict[str, Any], value_schema: Any) -> Change | Skip | BadEvent:
+def _from_envelope(doc: dict[str, Any], value_schema: _ValueSchema | None) -> Change | Skip | BadEvent:
     op = doc["op"]
     if not isinstance(op, str) or op not in _OPS:  # in this order: an array or an object is unhashable
         return BadEvent("invalid_field", f"`op` is {str(op)[:20]!r}, not one of c, u, d, r, t, m")
@@ -99,11 +175,11 @@ def _from_envelope(doc: dict[str, Any], value_schema: Any) -> Change | Skip | Ba
         after=after,
         ts_ms=_integer(source.get("ts_ms")),
         lsn=_integer(source.get("lsn")),
-        column_schemas=_row_schemas(value_schema, "after" if after is not None else "before"),
+        column_schemas=None if value_schema is None else value_schema.row("after" if after is not None else "before"),
     )
 
 
-def _from_flattened(doc: dict[str, Any], value_schema: Any, topic: str) -> Change | Skip | BadEvent:
+def _from_flattened(doc: dict[str, Any], value_schema: _ValueSchema | None, topic: str) -> Change | Skip | BadEvent:
     row = {key: value for key, value in doc.items() if not key.startswith(_FLAT_PREFIX)}
     op = doc.get("__op")
     deleted = doc.get("__deleted") in ("true", True)
@@ -131,7 +207,7 @@ def _from_flattened(doc: dict[str, Any], value_schema: Any, topic: str) -> Chang
         after=None if op == "d" else row,
         ts_ms=_integer(doc.get("__source_ts_ms")),
         lsn=_integer(doc.get("__lsn")),
-        column_schemas=_row_schemas(value_schema, None),
+        column_schemas=None if value_schema is None else value_schema.row(None),
     )
 
 

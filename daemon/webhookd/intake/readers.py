@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from webhookd.events import BadEvent, Event, Skip, decode
-from webhookd.intake.debezium import Change, read_change
+from webhookd.intake.debezium import Change, WrappedSchemas, read_change
 from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
 from webhookd.intake.twenty_events import MappingSettings, Position, to_event
 from webhookd.intake.twenty_layout import schema_for_workspace
@@ -78,6 +78,7 @@ class DebeziumReader:
         self._max_bytes = max_bytes
         self._catalog = catalog
         self._settings = settings
+        self._schemas = WrappedSchemas()
 
     def read(
         self, value: bytes | None, topic: str, partition: int, offset: int, timestamp_ms: int | None
@@ -86,7 +87,7 @@ class DebeziumReader:
             return BadEvent(
                 "too_large", f"the record is {len(value)} bytes; delivery.max_event_bytes is {self._max_bytes}"
             )
-        change = read_change(value, topic)
+        change = read_change(value, topic, self._schemas)
         if not isinstance(change, Change):
             return change
         layout = self._catalog.cached(change.schema)

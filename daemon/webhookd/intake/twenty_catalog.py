@@ -136,7 +136,7 @@ class TwentyCatalog:
         if obj is None:
             return change.table not in layout.unknown_tables
         row = change.after if change.after is not None else change.before
-        if row is None or all(column in obj.columns for column in row):
+        if row is None or row.keys() <= obj.columns.keys():
             return False
         if change.ts_ms is not None and layout.read_at_ms is not None:
             return change.ts_ms >= layout.read_at_ms

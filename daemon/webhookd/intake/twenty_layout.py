@@ -33,6 +33,11 @@ _NUMERIC_SUB_FIELDS: Final[dict[str, NumericAs]] = {
     "addressLat": "float",
     "addressLng": "float",
 }
+# Types whose values Debezium sends as JSON strings, booleans or 32-bit integers: written as they came, they are
+# what JavaScript writes, so a record of them and of decoded values needs no rewriting (`payload`).
+_JAVASCRIPT_READY = frozenset(
+    {"text", "character varying", "character", "uuid", "boolean", "smallint", "integer", "tsvector", "bytea"}
+)
 # Postgres types whose Debezium encoding also depends on the connector's settings, which only a wrapped record's
 # schema tells: `timestamp` (time.precision.mode) and numerics with a fixed scale (decimal.handling.mode).
 _SETTING_DEPENDENT = ("timestamp without time zone", "numeric(", "money")
@@ -91,6 +96,8 @@ class ObjectLayout:
     object_id: str | None  # Twenty's objectMetadata.id; None where the metadata is not in this database
     table: str
     columns: dict[str, ColumnPlan]
+    # Columns whose values may need `payload`'s rewriting for JavaScript: neither decoded nor JavaScript-ready.
+    unready: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -175,12 +182,12 @@ def build_layout(
             other = obj.name_singular if obj.is_custom else f"_{obj.name_singular}"
             if table not in by_table and other in by_table:
                 table = other
-            layouts[table] = ObjectLayout(
-                obj.name_singular, obj.id, table, _plans(by_table.get(table, ()), by_object.get(obj.id, ()))
-            )
+            plans = _plans(by_table.get(table, ()), by_object.get(obj.id, ()))
+            layouts[table] = ObjectLayout(obj.name_singular, obj.id, table, plans, _unready(plans))
     else:
         for table, table_columns in by_table.items():
-            layouts[table] = ObjectLayout(table.removeprefix("_"), None, table, _plans(table_columns, ()))
+            plans = _plans(table_columns, ())
+            layouts[table] = ObjectLayout(table.removeprefix("_"), None, table, plans, _unready(plans))
     return WorkspaceLayout(workspace_id, schema, layouts, has_metadata=has_metadata)
 
 
@@ -211,6 +218,22 @@ def _plans(columns: Iterable[ColumnRow], fields: Iterable[FieldRow]) -> dict[str
             relation=joins.get(column.column),
         )
     return plans
+
+
+def _unready(plans: dict[str, ColumnPlan]) -> frozenset[str]:
+    """The columns whose values the record cannot be written with as they are (see `_JAVASCRIPT_READY`)."""
+    return frozenset(column for column, plan in plans.items() if not _javascript_ready(plan))
+
+
+def _javascript_ready(plan: ColumnPlan) -> bool:
+    # Every decoder returns what JavaScript writes; a key JavaScript would enumerate first (`"0"`) is reordered.
+    if plan.field.isdecimal() or (plan.sub is not None and plan.sub.isdecimal()):
+        return False
+    if plan.decode is not None or plan.setting_dependent:
+        return True
+    kind = plan.element_type if plan.element_type is not None else plan.pg_type
+    base = kind.partition("(")[0].strip()
+    return base in _JAVASCRIPT_READY or kind.endswith(('_enum"', "_enum"))  # enums are sent as their label
 
 
 def _null_equivalent(field_type: str | None, sub: str | None, pg_type: str) -> Any:
