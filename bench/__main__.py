@@ -202,12 +202,13 @@ class Bench:
                  f"checked to give the native event's body; bytes per record are the record's value as Kafka holds "
                  f"it.")  # fmt: skip
         self.out()
-        self.out("| input | bytes per record | events a second | CPU per event (µs) | CPU, ratio to native | target |")
-        self.out("| --- | --- | --- | --- | --- | --- |")
+        self.out("| input | bytes per record | events a second | CPU per event (µs) | CPU, ratio to native of the "
+                 "same record | ratio to native of the same size | ≤ 1.3 of the same size |")  # fmt: skip
+        self.out("| --- | --- | --- | --- | --- | --- | --- |")
         for i, row in enumerate(cost.rows):
-            verdict = "" if i == 0 else f"≤ {TARGET} {'met' if row.ratio <= TARGET else 'missed'}"
+            verdict = "" if i < 2 else ("met" if row.ratio_same_size <= TARGET else "missed")
             self.out(f"| {row.label} | {row.bytes_per_record:,.0f} | {row.rate:,.0f} | {row.cpu_us:.1f} | "
-                     f"{row.ratio:.2f} | {verdict} |")  # fmt: skip
+                     f"{row.ratio:.2f} | {row.ratio_same_size:.2f} | {verdict} |")  # fmt: skip
         self.out()
 
 
