@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CHAOS_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install run test test-kafka lint fmt clean chaos bench
+.PHONY: install run run-cdc test test-kafka lint fmt clean chaos bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ install: $(VENV)/.installed-test
 
 run: $(VENV)/.installed-run
 	$(BIN)/webhookd dev --config config/dev.yaml
+
+# `webhookd dev --cdc`: Apache Kafka, Kafka Connect with Debezium and a Twenty-shaped Postgres (needs Java and Maven).
+run-cdc: $(VENV)/.installed-run
+	$(BIN)/webhookd dev --cdc --config config/dev.yaml
 
 test: $(VENV)/.installed-test lint
 	$(BIN)/pytest $(PYTEST_ARGS)

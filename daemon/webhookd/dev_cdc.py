@@ -104,7 +104,7 @@ async def _dev_cdc(config: Path | None, rounds: int) -> int:
             "WEBHOOKD_KAFKA__TOPICS": "[]",
             "WEBHOOKD_KAFKA__TOPIC_PATTERN": r"twenty\.workspace_.*",
             "WEBHOOKD_KAFKA__INPUT_FORMAT": "debezium",
-            "WEBHOOKD_KAFKA__METADATA_MAX_AGE_MS": "2000",
+            "WEBHOOKD_KAFKA__METADATA_MAX_AGE_MS": "1000",  # a table's first change makes its topic
             "WEBHOOKD_DELIVERY__BODY_FORMAT": "twenty",
             "WEBHOOKD_POSTGRES__DSN": dsn,
             "WEBHOOKD_HTTP__LISTEN": f"127.0.0.1:{metrics_port}",
@@ -158,8 +158,6 @@ def _connector(postgres: EmbeddedPostgres) -> dict[str, Any]:
         "database.user": "postgres",
         "database.password": "unused",  # 127.0.0.1 is trusted; the connector insists on a value
         "database.dbname": "twenty",
-        # One worker of our own: no config provider to read a password from, and topics made as they come.
-        "topic.creation.default.replication.factor": "1",
         "heartbeat.interval.ms": "1000",
     }
 
