@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -166,13 +166,13 @@ class Consumer:
     async def _handle(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord) -> None:
         offsets.started(record.offset)
         self._metrics.events_consumed.labels(tp.topic).inc()
-        event = self._reader.read(record.value, tp.topic, tp.partition, record.offset, record.timestamp)
+        event = self._read(tp, record)
         if isinstance(event, NeedsLayout):
             # Rare: a workspace's first change, or a table or column added since its layout was read.
-            await self._reader.load(event, self._stopping)
-            event = self._reader.read(record.value, tp.topic, tp.partition, record.offset, record.timestamp)
-            if isinstance(event, NeedsLayout):
-                event = BadEvent("unknown_table", f"no layout could be read for schema {event.schema}")
+            await self._keeping_membership(self._reader.load(event, self._stopping))
+            event = self._read(tp, record)
+            if isinstance(event, NeedsLayout):  # the layout was read, and is already outdated again
+                event = BadEvent("layout_changing", f"the layout of schema {event.schema} changed while read")
         if isinstance(event, BadEvent):
             self._keep_bad(tp, offsets, record, event)
             return
@@ -181,6 +181,32 @@ class Consumer:
             offsets.finished(record.offset)
             return
         self._dispatch(tp, offsets, record, event)
+
+    def _read(self, tp: TopicPartition, record: ConsumerRecord) -> Event | Skip | BadEvent | NeedsLayout:
+        try:
+            return self._reader.read(record.value, tp.topic, tp.partition, record.offset, record.timestamp)
+        except Exception as exc:
+            # A reader's own defect must cost one record, kept for an operator, not the partition: raised out of
+            # here, it would stop the daemon, and the same record would stop it again after every restart.
+            log.exception("record_unreadable", topic=tp.topic, partition=tp.partition, offset=record.offset)
+            return BadEvent("unreadable", f"reading the record failed: {type(exc).__name__}: {exc}"[:500])
+
+    async def _keeping_membership(self, work: Awaitable[None]) -> None:
+        """Await `work` (a layout read from Postgres, which may be down) without leaving the group meanwhile."""
+        task = asyncio.ensure_future(work)
+        loop = asyncio.get_running_loop()
+        waited_since = loop.time()
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_ROOM_CHECK_SECONDS)
+            if done:
+                self._set_paused(False)
+                task.result()
+                return
+            self.last_poll = loop.time()  # alive, and waiting on purpose: /healthz must not restart the pod
+            if loop.time() - waited_since >= _MEMBERSHIP_POLL_SECONDS:
+                self._set_paused(True)
+                await self._kafka.getmany(timeout_ms=0)  # returns nothing: every partition is paused
+                waited_since = loop.time()
 
     def _dispatch(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord, event: Event) -> None:
         obj, action = event.object_and_action
