@@ -478,3 +478,53 @@ def test_a_wrapped_records_schema_is_read_once_and_never_stands_in_for_another()
     # The second record's schema is the first's, taken from what was read; the third's differs in one parameter.
     assert scores == ["1234.50", "0.99", "0.099"]
     assert schemas.known(records[1]) is not None
+
+
+@pytest.mark.parametrize(
+    "micros",
+    [
+        {"scale": 10**9, "value": "AQ=="},  # beyond any scale: decimal's InvalidOperation, once raised out
+        {"scale": -(10**6), "value": "AQ=="},  # decimal's Overflow
+        "1E+200000",  # an exponent no numeric holds, whose integral part would take seconds to compute
+    ],
+)
+def test_a_numeric_beyond_what_postgres_holds_is_a_bad_record_at_once(micros: Any) -> None:
+    bad = read(envelope("c", None, row(salaryAmountMicros=micros)))
+
+    assert isinstance(bad, BadEvent)
+    assert (bad.reason, "person.salaryAmountMicros" in bad.detail) == ("undecodable", True)
+
+
+def test_a_negative_scale_numeric_in_string_mode_is_its_text() -> None:
+    columns = [ColumnRow("person", "id", UUID, None), ColumnRow("person", "hundreds", "numeric(5,-2)", None)]
+    workspace = build_layout(WS, SCHEMA, [ObjectRow(PERSON_OBJECT, "person", False)], [], columns)
+    change = read_change(orjson.dumps(envelope("c", None, {"id": PERSON, "hundreds": "1200"})), TOPIC)
+    assert isinstance(change, Change)
+
+    event = to_event(change, workspace, MappingSettings(), AT)
+
+    assert isinstance(event, Event)
+    assert orjson.loads(event.data)["hundreds"] == "1200"
+
+
+@pytest.mark.parametrize("kafka_ms", [-1, 2**62])
+def test_a_kafka_timestamp_no_calendar_holds_is_not_the_events_time(kafka_ms: int) -> None:
+    change = read_change(orjson.dumps(envelope("c", None, row())), TOPIC)
+    flat = read_change(orjson.dumps({**row(), "__op": "c"}), TOPIC)
+    assert isinstance(change, Change)
+    assert isinstance(flat, Change)
+    at = Position(TOPIC, 0, 7, kafka_ms)
+
+    event = to_event(change, layout(), MappingSettings(), at)
+    undated = to_event(flat, layout(), MappingSettings(), at)
+
+    assert isinstance(event, Event)
+    assert event.kafka_timestamp_ms is None  # the commit time dates it; the Kafka one is dropped, not kept raw
+    assert isinstance(undated, BadEvent)
+    assert undated.reason == "missing_field"
+
+
+def test_a_null_text_that_became_empty_is_no_change_to_twenty() -> None:
+    assert read(envelope("u", row(city=None), row(city="", updatedAt="2025-02-11T00:00:00Z"))) == Skip("unchanged")
+    changed = event_of(envelope("u", row(emailsAdditionalEmails=None), row(emailsAdditionalEmails='["x@y.z"]')))
+    assert changed.updated_fields == ("emails",)

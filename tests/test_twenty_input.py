@@ -4,6 +4,7 @@ what the receiver gets in Twenty's body. (The suite under tests/kafka runs the s
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 import uuid
@@ -229,3 +230,34 @@ async def test_a_role_with_only_the_readmes_grants_migrates_again_and_reads_twen
         ]
     finally:
         await pool.close()
+
+
+async def test_a_layout_that_cannot_be_read_is_waited_for_and_read_once_it_can(postgres_admin: str) -> None:
+    dsn = await create_database(postgres_admin, f"t_{uuid.uuid4().hex[:12]}")
+    role = f"webhookd_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(dsn)
+    try:
+        await create_twenty_core(admin)
+        ws = await TwentyWorkspace.create(admin, "Acme")
+        await admin.execute(
+            f"""
+            CREATE ROLE {role} LOGIN;
+            GRANT USAGE ON SCHEMA core TO {role};
+            GRANT SELECT ON core.workspace, core."objectMetadata" TO {role};
+            """
+        )
+        pool = await asyncpg.create_pool(dsn.replace("postgres@", f"{role}@", 1), min_size=1, max_size=2)
+        assert pool is not None
+        try:
+            # A revoked grant, say: neither a crash of the consume loop nor a record given up, but a wait.
+            loading = asyncio.create_task(TwentyCatalog(pool, refresh_seconds=60).load(ws.schema))
+            await asyncio.sleep(2.5)
+            assert not loading.done()
+            await admin.execute(f'GRANT SELECT ON core."fieldMetadata" TO {role}')
+            layout = await asyncio.wait_for(loading, 10)
+        finally:
+            await pool.close()
+    finally:
+        await admin.close()
+    assert isinstance(layout, WorkspaceLayout)
+    assert layout.objects["person"].columns["nameFirstName"].sub == "firstName"

@@ -30,6 +30,7 @@ import orjson
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_SAFE_INTEGER",
     "TooDeep",
     "build_body",
     "javascript_compatible",
@@ -38,7 +39,7 @@ __all__ = [
     "js_iso_timestamp",
 ]
 
-_MAX_SAFE_INTEGER: Final = 2**53 - 1
+MAX_SAFE_INTEGER: Final = 2**53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER
 _MAX_ARRAY_INDEX: Final = 2**32 - 2
 
 # orjson.dumps refuses more than 254 nested containers, while orjson.loads accepts 1024.
@@ -154,7 +155,7 @@ def _needs_rewrite(data: Any) -> bool:
                 if kind is dict or kind is list:
                     below.append(value)
                 elif kind is int:
-                    if not -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
+                    if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
                         return True
                 elif kind is float and not _orjson_float_is_javascript(value):
                     return True
@@ -248,7 +249,7 @@ def _javascript_scalar(value: Any) -> Any:
         if _orjson_float_is_javascript(value):
             return value
         return orjson.Fragment(javascript_number(value).encode())
-    if kind is int and not -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
+    if kind is int and not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
         try:
             as_double = float(value)
         except OverflowError:

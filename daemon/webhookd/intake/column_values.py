@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 import orjson
 
 from webhookd.events import json_kind
-from webhookd.payload import TooDeep, javascript_compatible, javascript_number, js_iso_timestamp
+from webhookd.payload import MAX_SAFE_INTEGER, TooDeep, javascript_compatible, javascript_number, js_iso_timestamp
 
 Decoder = Callable[[Any], Any]
 # How a numeric column reaches the record: Postgres' exact text (Twenty passes `numeric` through as node-postgres
@@ -41,12 +41,14 @@ NumericAs = Literal["text", "integer", "float"]
 DEFAULT_PLACEHOLDER: Final = "__debezium_unavailable_value"
 
 _EPOCH_DATE: Final = datetime.date(1970, 1, 1)
-_MAX_SAFE_INTEGER: Final = 2**53 - 1
 # Debezium's names for the logical types whose unit is not the column's Postgres type alone.
 _MICROS = ("io.debezium.time.MicroTimestamp",)
 _NANOS = ("io.debezium.time.NanoTimestamp",)
 _MILLIS = ("io.debezium.time.Timestamp", "org.apache.kafka.connect.data.Timestamp")
 _DECIMAL_BYTES = "org.apache.kafka.connect.data.Decimal"
+# Postgres' numeric: up to 131072 digits before the point and 16383 after it.
+_MAX_SCALE: Final = 16383
+_MAX_DIGITS: Final = 131072
 # Debezium's ZonedTimestamp of a timestamptz is always UTC: `2025-02-10T15:30:50.123456Z`, 0 to 9 fraction digits.
 # A day past the 28th goes the long way, where the calendar says whether it exists.
 _ZONED_UTC: Final = re.compile(
@@ -185,6 +187,12 @@ def _scale(modifier: str, base: str, column_schema: Mapping[str, Any] | None) ->
 
 def _numeric_decoder(scale: int | None, schema_name: object, shape: Callable[[decimal.Decimal], Any]) -> Decoder:
     def decode(value: Any) -> Any:
+        try:
+            return read(value)
+        except ArithmeticError as exc:  # decimal's InvalidOperation and Overflow: no number Postgres could hold
+            raise Undecodable(f"not a decimal Postgres can hold ({type(exc).__name__})") from None
+
+    def read(value: Any) -> Any:
         kind = type(value)
         if kind is int or kind is float:
             # decimal.handling.mode=double: the exact value is already lost; the double is what there is.
@@ -196,13 +204,13 @@ def _numeric_decoder(scale: int | None, schema_name: object, shape: Callable[[de
                 whole = _unscaled_integer(value.get("value"))
                 if shape is _as_text:
                     return str(whole)
-                return whole if -_MAX_SAFE_INTEGER <= whole <= _MAX_SAFE_INTEGER else shape(decimal.Decimal(whole))
+                return whole if -MAX_SAFE_INTEGER <= whole <= MAX_SAFE_INTEGER else shape(decimal.Decimal(whole))
             return shape(_variable_scale(value))
         if kind is str:
             if schema_name != _DECIMAL_BYTES:
                 exact = _decimal_text(value)
-                # Debezium's string mode writes a fixed scale's point; precise bytes' base64 never has one.
-                if exact is not None and (scale is None or scale == 0 or "." in value):
+                # Debezium's string mode writes a positive scale's point; precise bytes' base64 never has one.
+                if exact is not None and (scale is None or scale <= 0 or "." in value):
                     return shape(exact)
             if scale is None:
                 raise Undecodable(f"{value[:40]!r} is neither a decimal nor bytes with a known scale")
@@ -246,7 +254,7 @@ def _decimal_text(text: str) -> decimal.Decimal | None:
         exact = decimal.Decimal(text)
     except decimal.InvalidOperation:
         return None
-    return exact if exact.is_finite() else None
+    return exact if exact.is_finite() and _holdable(exact) else None
 
 
 def _variable_scale(struct: dict[str, Any]) -> decimal.Decimal:
@@ -258,7 +266,14 @@ def _variable_scale(struct: dict[str, Any]) -> decimal.Decimal:
 
 
 def _unscaled(text: str, scale: int) -> decimal.Decimal:
+    if not -_MAX_SCALE <= scale <= _MAX_SCALE:
+        raise Undecodable(f"a scale of {scale} is beyond what a Postgres numeric has")
     return decimal.Decimal(_unscaled_integer(text)).scaleb(-scale)
+
+
+def _holdable(exact: decimal.Decimal) -> bool:
+    """Within what a Postgres numeric holds, so that no arithmetic on it can take long."""
+    return -_MAX_SCALE <= exact.as_tuple().exponent <= _MAX_DIGITS  # type: ignore[operator]  # finite: an int
 
 
 def _unscaled_integer(text: Any) -> int:
@@ -275,7 +290,7 @@ def _number(exact: decimal.Decimal) -> Any:
     """A decimal as the JSON number a JavaScript receiver reads: exact where a double holds it."""
     if exact == exact.to_integral_value():
         whole = int(exact)
-        if -_MAX_SAFE_INTEGER <= whole <= _MAX_SAFE_INTEGER:
+        if -MAX_SAFE_INTEGER <= whole <= MAX_SAFE_INTEGER:
             return whole
     return orjson.Fragment(javascript_number(float(exact)).encode())
 
@@ -293,7 +308,7 @@ def _json_document(value: Any) -> Any:
 def _double(value: Any) -> Any:
     if type(value) is float:
         if value.is_integer():
-            if -_MAX_SAFE_INTEGER <= value <= _MAX_SAFE_INTEGER:
+            if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
                 return int(value)  # what JavaScript writes for an integral double, -0 included
         elif 1e-5 <= abs(value) < 2.0**53:
             return value  # orjson writes these digits as JavaScript does

@@ -25,7 +25,8 @@ class NeedsLayout:
     """The record can be read once this workspace schema's layout is loaded."""
 
     schema: str
-    table: str | None = None  # the table the record changed, where it is one the layout does not know
+    table: str | None = None  # the table the record changed
+    columns: frozenset[str] = frozenset()  # the columns of the row it carries
 
 
 class RecordReader(Protocol):
@@ -96,8 +97,10 @@ class DebeziumReader:
         if isinstance(layout, NotTwenty):
             return Skip("not_twenty")
         if self._catalog.outdated(layout, change):
-            return NeedsLayout(change.schema, change.table)  # a custom object or field added since it was read
+            # A custom object or field added since it was read.
+            row = change.after if change.after is not None else change.before
+            return NeedsLayout(change.schema, change.table, frozenset(row or ()))
         return to_event(change, layout, self._settings, Position(topic, partition, offset, timestamp_ms))
 
     async def load(self, needs: NeedsLayout, stopping: asyncio.Event) -> None:
-        await self._catalog.load(needs.schema, stopping, for_table=needs.table)
+        await self._catalog.load(needs.schema, stopping, for_table=needs.table, for_columns=needs.columns)

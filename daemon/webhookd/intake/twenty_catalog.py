@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Final
 
@@ -36,6 +37,9 @@ log = structlog.get_logger("webhookd.intake.twenty_catalog")
 # second, not one per change.
 _MISS_RELOAD_SECONDS: Final = 1.0
 _RETRY_SECONDS: Final = 1.0
+# A connection or a catalog query that takes longer is given up and tried again, never waited on for ever.
+_QUERY_SECONDS: Final = 10.0
+_LOAD_SECONDS: Final = 30.0
 
 # From pg_catalog, which every role may read: a table of Twenty's that this role may not read must be named in the
 # startup check's message, not be mistaken for a missing one.
@@ -136,32 +140,48 @@ class TwentyCatalog:
         if obj is None:
             return change.table not in layout.unknown_tables
         row = change.after if change.after is not None else change.before
-        if row is None or row.keys() <= obj.columns.keys():
+        if row is None or row.keys() <= obj.columns.keys() or row.keys() <= obj.columns.keys() | obj.unknown_columns:
             return False
         if change.ts_ms is not None and layout.read_at_ms is not None:
             return change.ts_ms >= layout.read_at_ms
         return time.monotonic() - layout.loaded_at >= _MISS_RELOAD_SECONDS
 
     async def load(
-        self, schema: str, stopping: asyncio.Event | None = None, *, for_table: str | None = None
+        self,
+        schema: str,
+        stopping: asyncio.Event | None = None,
+        *,
+        for_table: str | None = None,
+        for_columns: Collection[str] = (),
     ) -> WorkspaceLayout | NotTwenty:
-        """Read one schema's layout, waiting out Postgres outages (until `stopping`).
+        """Read one schema's layout, waiting out Postgres' outages and errors (until `stopping`).
 
-        `for_table` is a table a change named: if the layout read has no object for it either, it is remembered as
-        none, so its further changes cost no query each (the periodic check still sees an object added later).
+        `for_table` and `for_columns` are what a change named: those the layout read does not know either are
+        remembered as not Twenty's, so their further changes cost no query each (the periodic check still sees an
+        object or field added later).
+
+        Every error is waited out, not only an outage: a revoked grant or a statement timeout would otherwise cost
+        the record (or, raised, the partition), while the log says what to mend and nothing is lost meanwhile.
         """
         while True:
             try:
                 async with self._lock:
-                    layout = await self._load(schema)
-                if for_table is not None and isinstance(layout, WorkspaceLayout) and for_table not in layout.objects:
-                    layout.unknown_tables.add(for_table)
-                return layout
-            except TRANSIENT as exc:
-                log.warning("twenty_metadata_unavailable", schema=schema, error=str(exc))
+                    layout = await asyncio.wait_for(self._load(schema), _LOAD_SECONDS)
+            except (*TRANSIENT, asyncpg.PostgresError, TimeoutError) as exc:
+                log.warning("twenty_metadata_unavailable", schema=schema, error=str(exc), kind=type(exc).__name__)
+                if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.UndefinedColumnError):
+                    self._inspected = False  # Twenty moved its tables (an upgrade): look for them again
                 if stopping is not None and stopping.is_set():
                     raise
                 await asyncio.sleep(_RETRY_SECONDS)
+                continue
+            if isinstance(layout, WorkspaceLayout) and for_table is not None:
+                obj = layout.objects.get(for_table)
+                if obj is None:
+                    layout.unknown_tables.add(for_table)
+                else:
+                    obj.unknown_columns.update(c for c in for_columns if c not in obj.columns)
+            return layout
 
     async def check(self) -> list[str]:
         """What this role lacks to read Twenty's tables that are here: GRANT statements, none when it lacks nothing.
@@ -199,7 +219,11 @@ class TwentyCatalog:
         log.info("twenty_metadata_found", metadata_schema=self._metadata_schema, workspaces_table=self._has_workspaces)
 
     async def _load(self, schema: str) -> WorkspaceLayout | NotTwenty:
-        async with self._pool.acquire() as conn:
+        # One snapshot: a field added between two of these reads would leave a layout that no digest ever flags.
+        async with (
+            self._pool.acquire(timeout=_QUERY_SECONDS) as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
             await self._inspect(conn)
             read_at_ms = await conn.fetchval(_NOW_MS)
             workspace_id = await self._workspace_of(conn, schema)
@@ -247,13 +271,15 @@ class TwentyCatalog:
             if not loaded:
                 continue
             try:
-                async with self._pool.acquire() as conn:
+                async with self._pool.acquire(timeout=_QUERY_SECONDS) as conn:
                     digests = await _digests(conn, loaded, self._metadata_schema)
-                for schema in [s for s, d in digests.items() if self._digests.get(s) != d]:
-                    # The old layout serves until the new one is read: a change is never held up by the check.
-                    await self.load(schema)
-            except TRANSIENT as exc:
-                log.warning("twenty_metadata_check_failed", error=str(exc))
+            except (*TRANSIENT, asyncpg.PostgresError, TimeoutError) as exc:
+                # The layouts in hand keep serving; the next check tries again.
+                log.warning("twenty_metadata_check_failed", error=str(exc), kind=type(exc).__name__)
+                continue
+            for schema in [s for s, d in digests.items() if self._digests.get(s) != d]:
+                # The old layout serves until the new one is read: a change is never held up by the check.
+                await self.load(schema)
 
 
 async def _digests(

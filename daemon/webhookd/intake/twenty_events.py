@@ -24,10 +24,10 @@ from typing import Any, Final
 
 import orjson
 
-from webhookd.events import BadEvent, Event, Skip
+from webhookd.events import BadEvent, Event, Skip, usable_timestamp
 from webhookd.intake.column_values import DEFAULT_PLACEHOLDER, Undecodable, is_unavailable, placeholder_base64
 from webhookd.intake.debezium import Change, change_id
-from webhookd.intake.twenty_layout import ObjectLayout, WorkspaceLayout
+from webhookd.intake.twenty_layout import ColumnPlan, ObjectLayout, WorkspaceLayout
 from webhookd.payload import TooDeep, javascript_json, js_iso_timestamp
 
 # Objects whose changes Twenty's server never sends to webhooks (its entity-events listener drops their batches).
@@ -100,7 +100,8 @@ def to_event(
     except (ValueError, TypeError) as exc:
         where = f"{change.schema}.{change.table}"
         return BadEvent("unserializable", f"{where}: the record cannot be written as JSON: {exc}")
-    timestamp_ms = change.ts_ms if change.ts_ms is not None else at.timestamp_ms
+    kafka_ms = usable_timestamp(at.timestamp_ms)  # a producer's CreateTime can be anything, -1 included
+    timestamp_ms = change.ts_ms if change.ts_ms is not None else kafka_ms
     if timestamp_ms is None:
         where = f"{change.schema}.{change.table}"
         return BadEvent("missing_field", f"{where}: neither `source.ts_ms` nor a Kafka timestamp says when")
@@ -115,7 +116,7 @@ def to_event(
         workspace_id=workspace.workspace_id,
         timestamp=timestamp,
         data=data,
-        kafka_timestamp_ms=at.timestamp_ms,
+        kafka_timestamp_ms=kafka_ms,
         updated_fields=updated,
         object_id=layout.object_id,
     )
@@ -162,11 +163,26 @@ def _updated_fields(
         plan = plans.get(column)
         if plan is None:
             changed[column] = None
+        elif plan.if_null is not None and _same_for_twenty(plan, old, new):
+            continue
         elif plan.field not in _BOOKKEEPING_FIELDS:
             if plan.relation is not None:
                 changed[plan.relation] = None  # Twenty names both the relation and its join column
             changed[plan.field] = None
     return tuple(changed)
+
+
+def _same_for_twenty(plan: ColumnPlan, old: Any, new: Any) -> bool:
+    """Whether a null and a value are one to Twenty, which compares records after formatting: a null text is ""
+    and a null list is [], so a null that became "" (or the reverse) changed nothing a receiver sees."""
+    if old is not None and new is not None:
+        return False
+    value = new if old is None else old
+    try:
+        decoded = plan.decode(value) if plan.decode is not None else value
+    except Undecodable:
+        return False
+    return bool(decoded == plan.if_null)
 
 
 class _BadColumn(Exception):

@@ -98,6 +98,9 @@ class ObjectLayout:
     columns: dict[str, ColumnPlan]
     # Columns whose values may need `payload`'s rewriting for JavaScript: neither decoded nor JavaScript-ready.
     unready: frozenset[str] = frozenset()
+    # Columns that changes carry but Postgres' catalog does not list (added by a transform, say), even when read
+    # again for them: passed on as they come, and no reason to read the layout again.
+    unknown_columns: set[str] = field(default_factory=set)
 
 
 @dataclass
