@@ -345,3 +345,33 @@ def test_settings_are_frozen() -> None:
 
     with pytest.raises(ValueError, match="frozen"):
         settings.delivery.concurrency = 1  # type: ignore[misc]  # the assignment is what must fail
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "names", "says"),
+    [
+        ("kafka: {topic_pattern: '(?i)twenty\\..*'}", "kafka.topic_pattern", "scope them"),
+        ("kafka: {topic_pattern: 'twenty.('}", "kafka.topic_pattern", "not a valid regular expression"),
+        ("kafka: {topics: []}", "kafka.topics", "at least one topic unless kafka.topic_pattern"),
+        ("kafka: {input_format: avro}", "kafka.input_format", "native, debezium"),
+        ("delivery: {body_format: svix}", "delivery.body_format", "docs, twenty"),
+        ("twenty: {snapshot_events: maybe}", "twenty.snapshot_events", "skip, created"),
+    ],
+)
+def test_each_key_of_the_debezium_input_is_checked_with_a_message_naming_it(
+    tmp_path: Path, yaml_text: str, names: str, says: str
+) -> None:
+    problems = problems_of(write(tmp_path, f"postgres: {{dsn: 'postgresql://db/twenty'}}\n{yaml_text}\n"))
+
+    assert any(names in p and says in p for p in problems), problems
+
+
+def test_a_topic_pattern_may_stand_alone() -> None:
+    settings = Settings.model_validate(
+        {
+            "postgres": {"dsn": "postgresql://db/twenty"},
+            "kafka": {"topics": [], "topic_pattern": r"twenty\.workspace_.*"},
+        }
+    )
+
+    assert (settings.kafka.topics, settings.kafka.topic_pattern) == ((), r"twenty\.workspace_.*")

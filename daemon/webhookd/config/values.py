@@ -162,6 +162,12 @@ def _pattern(value: object) -> str:
         re.compile(value)
     except re.error as exc:
         raise ValueError(f"is not a valid regular expression: {exc}") from None
+    try:
+        # The daemon matches it whole, inside a group of its own: a flag for the whole expression, such as a
+        # leading (?i), cannot stand there.
+        re.compile(f"(?:{value})\\Z")
+    except re.error:
+        raise ValueError("must not set flags for the whole expression; scope them, as in '(?i:twenty)\\..*'") from None
     return value
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import os
 import re
@@ -47,7 +46,6 @@ def java_executable() -> str:
     return candidate
 
 
-@functools.cache  # asked once per `java`, not at every JVM start
 def _java_major_version(java: str) -> int:
     result = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60, check=False)
     # `java -version` writes to stderr: 'openjdk version "17.0.15" 2025-04-15', or "1.8.0_392" before Java 9.
