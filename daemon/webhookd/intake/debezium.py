@@ -30,7 +30,7 @@ _MAX_READABLE_ID = 200
 _WRAPPED_START: Final = b'{"schema":'
 _PAYLOAD_KEY: Final = b',"payload":'
 _SCHEMA_TAIL: Final = 200  # the end of S, naming its table (`...person.Envelope`): what it is looked up by
-_MAX_SCHEMAS: Final = 1024
+_MAX_SCHEMAS: Final = 256
 
 
 # Not frozen: a frozen dataclass sets each field through object.__setattr__, a microsecond of every record's
@@ -69,7 +69,8 @@ class WrappedSchemas:
 
     Kafka Connect's JsonConverter writes `{"schema":S,"payload":P}`, S the same bytes in every record of a table
     until its columns change, and most of the record: a record whose S is known has only its P parsed. Held by the
-    reader that reads the records, at most `_MAX_SCHEMAS` of them (about 33 KiB each for a Twenty table).
+    reader that reads the records, at most `_MAX_SCHEMAS` of them: a Twenty table's parsed schema takes about
+    160 KiB, so the cache stays near 40 MiB however many tables there are.
     """
 
     def __init__(self) -> None:
@@ -80,9 +81,11 @@ class WrappedSchemas:
         if not value.startswith(_WRAPPED_START):
             return None
         end = value.find(_PAYLOAD_KEY)
-        known = self._entries.get(value[max(end - _SCHEMA_TAIL, 0) : end]) if end > 0 else None
+        key = value[max(end - _SCHEMA_TAIL, 0) : end]
+        known = self._entries.get(key) if end > 0 else None
         if known is None or len(known.prefix) != end or not value.startswith(known.prefix) or value[-1:] != b"}":
             return None
+        self._entries[key] = self._entries.pop(key)  # the most recently used goes last, the least first
         try:
             return known, orjson.loads(memoryview(value)[end + len(_PAYLOAD_KEY) : -1])
         except orjson.JSONDecodeError:
@@ -100,7 +103,7 @@ class WrappedSchemas:
                 same = False
             if same:
                 if len(self._entries) >= _MAX_SCHEMAS:
-                    # The oldest goes: a table per workspace makes many schemas; the busy ones come back soon.
+                    # The least recently used goes: a table per workspace makes many schemas, few of them busy.
                     del self._entries[next(iter(self._entries))]
                 found.prefix = value[:end]
                 self._entries[value[max(end - _SCHEMA_TAIL, 0) : end]] = found
