@@ -115,16 +115,8 @@ class ApacheKafka(_ChildServer):
 
     def stop(self) -> None:
         """Stop the node (SIGTERM, SIGKILL after 15 s) and delete its data; calling it again does nothing."""
-        with self._lock:
-            if self._stopped:
-                return
-            if self._proc is not None:
-                # A controlled shutdown takes well under a second here; SIGKILL only for one that hangs.
-                _terminate(self._proc, signal.SIGTERM, 15.0)
-            self._proc = None
-            self._stopped = True
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-            atexit.unregister(self.stop)
+        # A controlled shutdown takes well under a second here; SIGKILL only for one that hangs.
+        self._stop_and_remove(15.0, self.work_dir)
 
     def __repr__(self) -> str:
         return f"ApacheKafka(bootstrap={self.bootstrap!r}, pid={self.pid})"

@@ -99,15 +99,7 @@ class KafkaBroker(_ChildServer):
 
     def stop(self) -> None:
         """Stop the broker (SIGTERM, SIGKILL after 5 s) and delete its log; calling it again does nothing."""
-        with self._lock:
-            if self._stopped:
-                return
-            if self._proc is not None:
-                _terminate(self._proc, signal.SIGTERM, 5.0)
-            self._proc = None
-            self._stopped = True
-            shutil.rmtree(self._log_dir, ignore_errors=True)
-            atexit.unregister(self.stop)
+        self._stop_and_remove(5.0, self._log_dir)
 
     def __repr__(self) -> str:
         return f"KafkaBroker(bootstrap={self.bootstrap!r}, pid={self.pid})"

@@ -13,7 +13,6 @@ import atexit
 import contextlib
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -27,7 +26,7 @@ from urllib.parse import quote
 
 from webhookd.children import free_port
 from webhookd.embedded.jars import jvm_argv, resolve_jars, write_log_config
-from webhookd.embedded.processes import _ChildServer, _log_tail, _spawn, _terminate
+from webhookd.embedded.processes import _ChildServer, _log_tail, _spawn
 
 _START_ATTEMPTS = 3  # the REST port from free_port() may be taken by someone else before Connect binds it
 _JSON_CONVERTER = "org.apache.kafka.connect.json.JsonConverter"
@@ -173,15 +172,7 @@ class KafkaConnect(_ChildServer):
 
     def stop(self) -> None:
         """Stop the worker (SIGTERM, SIGKILL after 15 s) and delete its temp dir; calling it again does nothing."""
-        with self._lock:
-            if self._stopped:
-                return
-            if self._proc is not None:
-                _terminate(self._proc, signal.SIGTERM, 15.0)
-            self._proc = None
-            self._stopped = True
-            shutil.rmtree(self.work_dir, ignore_errors=True)
-            atexit.unregister(self.stop)
+        self._stop_and_remove(15.0, self.work_dir)
 
     def __repr__(self) -> str:
         return f"KafkaConnect(rest_url={self.rest_url!r}, connector={self.connector_name!r}, pid={self.pid})"

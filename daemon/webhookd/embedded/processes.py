@@ -9,9 +9,11 @@ decide the order of shutdown). Graceful stops still happen through `stop()`, con
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import threading
@@ -127,9 +129,11 @@ def _log_tail(path: Path) -> str:
 
 
 class _ChildServer:
-    """What the broker and Postgres share: one child process, its pid while it runs, and `with` stopping it."""
+    """What the servers here share: one child process, its pid while it runs, its stopping, and `with` for it."""
 
     _proc: subprocess.Popen[bytes] | None
+    _stopped: bool
+    _lock: threading.Lock | threading.RLock
 
     @property
     def pid(self) -> int | None:
@@ -139,6 +143,18 @@ class _ChildServer:
 
     def stop(self) -> None:
         raise NotImplementedError
+
+    def _stop_and_remove(self, grace: float, work_dir: Path) -> None:
+        """Stop the process (SIGTERM, SIGKILL after `grace` s) and delete `work_dir`; calling it again does nothing."""
+        with self._lock:
+            if self._stopped:
+                return
+            if self._proc is not None:
+                _terminate(self._proc, signal.SIGTERM, grace)
+            self._proc = None
+            self._stopped = True
+            shutil.rmtree(work_dir, ignore_errors=True)
+            atexit.unregister(self.stop)
 
     def __enter__(self) -> Self:
         return self
