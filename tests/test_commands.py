@@ -96,6 +96,16 @@ async def test_dev_shows_verified_deliveries_and_leaves_no_process_behind() -> N
         assert not _running(pid), f"webhookd dev left process {pid} running"
 
 
+async def test_dev_cdc_without_java_says_what_is_missing_and_exits_2(tmp_path: Path) -> None:
+    # An empty JAVA_HOME stands for a machine without Java: what `make run-cdc` then tells a newcomer.
+    status, out = await webhookd_cli("dev", "--cdc", "--events", "1", env={"JAVA_HOME": str(tmp_path)}, timeout=60)
+
+    assert status == 2, out[-2000:]
+    assert "Java 17+ and Maven" in out
+    assert f"JAVA_HOME={tmp_path} has no bin/java" in out
+    assert "apt-get install" in out
+
+
 def _running(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

@@ -19,7 +19,7 @@ import shutil
 import signal
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +72,7 @@ DEV_DEFAULTS = {
     "WEBHOOKD_EGRESS__ALLOW_PRIVATE": "true",
     "WEBHOOKD_LOGGING__FORMAT": "console",
 }
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 EVENTS = ("person.created", "person.updated", "company.created", "opportunity.updated", "note.deleted")
 
 
@@ -176,28 +177,54 @@ async def _prepare_database(settings: Settings, receiver_port: int) -> None:
         await conn.close()
 
 
+class DemoRun:
+    """A demo's receiver on loopback and the daemon beside it, with Ctrl-C caught; `finish` stops both."""
+
+    def __init__(self, settings: Settings, handle: Handler, path: str, port: int) -> None:
+        self._settings, self._handle, self._path, self._port = settings, handle, path, port
+        self.service = Service(settings)
+        self.interrupted = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.serving: asyncio.Task[int] | None = None
+
+    async def start(self, startup_timeout: float) -> None:
+        app = web.Application()
+        app.router.add_post(self._path, self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self._port).start()
+        self.serving = asyncio.create_task(self.service.serve(install_signal_handlers=False))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.interrupted.set)
+        await asyncio.wait_for(self.service.started.wait(), timeout=startup_timeout)
+
+    @property
+    def going(self) -> bool:
+        return not self.interrupted.is_set() and self.serving is not None and not self.serving.done()
+
+    async def finish(self, status: int) -> int:
+        """Stop the daemon and the receiver; the worse of `status` and the daemon's own."""
+        if self.serving is not None:
+            if not self.service.stopping.is_set():  # a daemon that stopped on its own must not be asked twice
+                self.service.request_stop()
+            status = max(status, await self.serving)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        return status
+
+
 async def _demo(settings: Settings, receiver_port: int, events: int) -> int:
     receiver = DemoReceiver(SAMPLES)
-    app = web.Application()
-    app.router.add_post("/hooks/{name}", receiver.handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", receiver_port).start()
-
-    service = Service(settings)
-    serving = asyncio.create_task(service.serve(install_signal_handlers=False))
-    loop = asyncio.get_running_loop()
-    interrupted = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupted.set)
+    run = DemoRun(settings, receiver.handle, "/hooks/{name}", receiver_port)
     producer = AIOKafkaProducer(bootstrap_servers=list(settings.kafka.bootstrap_servers), enable_idempotence=False)
     await producer.start()
     status = 0
     try:
-        await asyncio.wait_for(service.started.wait(), timeout=60)
+        await run.start(startup_timeout=60)
         print(f"webhookd dev: daemon up; metrics on http://{settings.http.listen}/metrics. Ctrl-C stops everything.")
         for n in itertools.count(1):
-            if interrupted.is_set() or serving.done() or (events and n > events):
+            if not run.going or (events and n > events):
                 break
             workspace = WORKSPACE_A if random.random() < 0.8 else WORKSPACE_B
             name = random.choice(EVENTS)
@@ -213,7 +240,7 @@ async def _demo(settings: Settings, receiver_port: int, events: int) -> int:
             await producer.send_and_wait(TOPIC, orjson.dumps(record))
             print(f"  producer  {name:<20} {event_id} for workspace {workspace[:8]}")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(interrupted.wait(), timeout=0.5)
+                await asyncio.wait_for(run.interrupted.wait(), timeout=0.5)
         if events:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(receiver.all_seen.wait(), timeout=60)
@@ -226,7 +253,5 @@ async def _demo(settings: Settings, receiver_port: int, events: int) -> int:
             status = 0 if missing == 0 and receiver.failures == 0 else 1
     finally:
         await producer.stop()
-        service.request_stop()
-        status = max(status, await serving)
-        await runner.cleanup()
+        status = await run.finish(status)
     return status

@@ -17,7 +17,6 @@ import decimal
 import json
 import os
 import shutil
-import signal
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,14 +29,13 @@ from aiohttp import web
 
 from webhookd.children import free_port
 from webhookd.config import ConfigError, Settings, load_settings
-from webhookd.dev import DEV_DEFAULTS, signature_matches
+from webhookd.dev import DEV_DEFAULTS, DemoRun, signature_matches
 from webhookd.embedded import EmbeddedPostgres, create_database
 from webhookd.embedded.apache_kafka import ApacheKafka
 from webhookd.embedded.jars import JavaMissing, java_executable, maven_executable, resolve_jars
 from webhookd.embedded.kafka_connect import KafkaConnect
 from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
 from webhookd.logs import setup_logging
-from webhookd.service import Service
 from webhookd.store.migrate import migrate
 
 # The connector a team deploys; the demo changes only where it connects.
@@ -185,31 +183,21 @@ async def _prepare(settings: Settings, url: str, secret: str) -> TwentyWorkspace
 
 
 async def _demo(settings: Settings, ws: TwentyWorkspace, receiver: CdcReceiver, port: int, rounds: int) -> int:
-    app = web.Application()
-    app.router.add_post("/hooks/crm", receiver.handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    service = Service(settings)
-    serving = asyncio.create_task(service.serve(install_signal_handlers=False))
-    interrupted = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, interrupted.set)
+    run = DemoRun(settings, receiver.handle, "/hooks/crm", port)
     conn = await asyncpg.connect(settings.postgres.dsn)
     status = 0
     try:
-        await asyncio.wait_for(service.started.wait(), timeout=120)
+        await run.start(startup_timeout=120)
         print(f"webhookd dev --cdc: daemon up; metrics on http://{settings.http.listen}/metrics. Ctrl-C stops it.")
         round_number = 0
-        while not interrupted.is_set() and not serving.done() and (not rounds or round_number < rounds):
+        while run.going and (not rounds or round_number < rounds):
             round_number += 1
             for what, step in _round(conn, ws, round_number):
                 print(f"  twenty    {what}")
                 await step()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(interrupted.wait(), timeout=_STEP_SECONDS)
-                if interrupted.is_set():
+                    await asyncio.wait_for(run.interrupted.wait(), timeout=_STEP_SECONDS)
+                if run.interrupted.is_set():
                     break
         if rounds:
             await asyncio.sleep(3)  # the last deliveries
@@ -217,10 +205,7 @@ async def _demo(settings: Settings, ws: TwentyWorkspace, receiver: CdcReceiver, 
             print(f"webhookd dev --cdc: {receiver.arrived.qsize()} deliveries, {receiver.failures} failed verification")
     finally:
         await conn.close()
-        if not service.stopping.is_set():  # a daemon that stopped on its own must not be asked twice
-            service.request_stop()
-        status = max(status, await serving)
-        await runner.cleanup()
+        status = await run.finish(status)
     return status
 
 
