@@ -163,6 +163,10 @@ async def test_twenty_bodies_from_change_records_with_a_custom_field_added_while
     assert metric(text, "webhookd_events_skipped_total", reason="unchanged") == 1
     assert metric(text, "webhookd_events_skipped_total", reason="not_twenty") == 1
     assert metric(text, "webhookd_events_skipped_total", reason="tombstone") == 1
+    # Topics named after workspaces are counted under the pattern that found them, never one series each.
+    pattern = f"{prefix}\\..*"
+    assert metric(text, "webhookd_events_consumed_total", topic=pattern) == 9
+    assert ws.schema not in text
     assert metric(text, "webhookd_events_invalid_total", reason="unknown_table") == 1
     assert metric(text, "webhookd_events_invalid_total", reason="not_an_object") == 1
 

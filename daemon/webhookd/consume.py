@@ -35,6 +35,8 @@ log = structlog.get_logger("webhookd.consume")
 _COMMIT_TIMEOUT = 10.0
 # The group counts a member that has not polled for max_poll_interval_ms (5 minutes) as gone.
 _MEMBERSHIP_POLL_SECONDS = 30.0
+# The `partition` label of the one lag series of all the topics that only kafka.topic_pattern names.
+_ALL_PARTITIONS = "all"
 # How often a full pipeline looks again without being woken (for room freed by bad-event writes, and for `stopping`).
 _ROOM_CHECK_SECONDS = 0.2
 
@@ -165,7 +167,7 @@ class Consumer:
 
     async def _handle(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord) -> None:
         offsets.started(record.offset)
-        self._metrics.events_consumed.labels(tp.topic).inc()
+        self._metrics.events_consumed.labels(self._subscription.label(tp.topic)).inc()
         event = self._read(tp, record)
         if isinstance(event, NeedsLayout):
             # Rare: a workspace's first change, or a table or column added since its layout was read.
@@ -280,13 +282,20 @@ class Consumer:
         # A topic_pattern that matches a new topic replaces aiokafka's assignment before our revocation callback
         # runs; until then a partition we still track may no longer be assigned, and has no high watermark.
         assigned = self._kafka.assignment()
+        matched = 0  # the lag of the topics only the pattern names, one series for all of them
         for tp, offsets in self._partitions.items():
             if tp not in assigned:
                 continue
             highwater = self._kafka.highwater(tp)
             position = offsets.committed if offsets.committed is not None else offsets.commit_position()
             if highwater is not None and position is not None:
-                self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(highwater - position, 0))
+                lag = max(highwater - position, 0)
+                if tp.topic in self._subscription.topics:
+                    self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
+                else:
+                    matched += lag
+        if self._subscription.topic_pattern is not None:
+            self._metrics.consumer_lag.labels(self._subscription.topic_pattern, _ALL_PARTITIONS).set(matched)
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """Partitions are leaving us: let their deliveries settle (within the timeout), commit, forget them."""
@@ -300,7 +309,8 @@ class Consumer:
         await self.commit(ours)
         for tp in ours:
             self._partitions.pop(tp).revoked = True
-            self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
+            if tp.topic in self._subscription.topics:
+                self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in ours))
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
@@ -325,6 +335,16 @@ class Subscription:
 
     topics: tuple[str, ...]
     topic_pattern: str | None = None
+
+    def label(self, topic: str) -> str:
+        """The `topic` label of a record's metrics: the pattern, for a topic only the pattern names.
+
+        Debezium's topics are one per table of each workspace, named after the workspace's schema: as labels they
+        would be as many series as workspaces, and carry workspace ids, which no label may.
+        """
+        if self.topic_pattern is None or topic in self.topics:
+            return topic
+        return self.topic_pattern
 
     def pattern(self) -> str | None:
         """One regular expression for aiokafka, which takes a list of topics or a pattern but not both."""
