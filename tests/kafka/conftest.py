@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -83,3 +84,31 @@ async def debezium(kafka: str, cdc_postgres: EmbeddedPostgres) -> AsyncIterator[
         yield connectors
     finally:
         await connectors.stop_all()
+
+
+class _WhatTheySaw:
+    """Shows, after the run, what the tests printed (each Twenty operation and its delivery, the pairs and
+    duplicates of each crash), without the daemons' logs that pytest captured with it."""
+
+    _LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d[ T]|\{")
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" and report.passed:
+            printed = [
+                line for line in report.capstdout.splitlines() if line.strip() and not self._LOG_LINE.match(line)
+            ]
+            if printed:
+                self.lines += [report.nodeid, *printed]
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if self.lines:
+            terminalreporter.section("what the suites on Apache Kafka and Debezium saw")
+            for line in self.lines:
+                terminalreporter.write_line(line)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_WhatTheySaw(), "webhookd-what-they-saw")
