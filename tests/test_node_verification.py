@@ -10,6 +10,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,18 +193,38 @@ async def collect(stream: asyncio.StreamReader, into: list[Verdict]) -> None:
         into.append(Verdict(report["path"], report["eventId"], report["valid"], report))
 
 
-async def test_the_documented_node_check_verifies_every_delivery_of_hostile_data(
-    kafka: str, dsn: str, topic: str, tmp_path: Path
-) -> None:
-    script = tmp_path / "receiver.js"
-    script.write_text(_RECEIVER_JS)
+@contextlib.asynccontextmanager
+async def node_receiver(tmp_path: Path, *, with_body: bool = False) -> AsyncIterator[tuple[int, list[Verdict]]]:
+    """The documented check in real `node` on a port of its own, and the verdicts it reports, one per request.
+
+    `with_body`: each verdict's `detail["body"]` is the body as Node parsed it, for tests that read what arrived.
+    """
     node = shutil.which("node")
-    assert node is not None
+    assert node is not None, "this test checks signatures with the documented Node.js code: install nodejs"
+    script = tmp_path / "receiver.js"
+    script.write_text(
+        _RECEIVER_JS.replace("const report = {", "const report = { body: req.body,") if with_body else _RECEIVER_JS
+    )
     proc, port = await start_node_receiver(node, script)
     verdicts: list[Verdict] = []
     assert proc.stdout is not None
     reader = asyncio.create_task(collect(proc.stdout, verdicts))
     try:
+        yield port, verdicts
+        assert proc.returncode is None, f"the node receiver exited with {proc.returncode}"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+async def test_the_documented_node_check_verifies_every_delivery_of_hostile_data(
+    kafka: str, dsn: str, topic: str, tmp_path: Path
+) -> None:
+    async with node_receiver(tmp_path) as (port, verdicts):
         ws = new_workspace()
         for path, secret in SECRETS.items():
             await add_webhook(dsn, ws, f"http://127.0.0.1:{port}{path}", ["*.*"], secret=secret)
@@ -217,17 +238,9 @@ async def test_the_documented_node_check_verifies_every_delivery_of_hostile_data
                 assert asyncio.get_running_loop().time() < deadline, (
                     f"node saw {len({(v.event_id, v.path) for v in verdicts})} of {len(expected)} deliveries"
                 )
-                assert proc.returncode is None, f"the node receiver exited with {proc.returncode}"
                 await asyncio.sleep(0.1)
             # A failed check is retried; give a retry time to show up so that it is counted too.
             await asyncio.sleep(0.5)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
 
     failures = [v.detail for v in verdicts if not v.valid]
     assert failures == [], f"{len(failures)} deliveries failed the documented check; first: {failures[:3]}"

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import datetime
 import decimal
 import json
-import shutil
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from tests.support import (
     settings_for,
     write_config,
 )
-from tests.test_node_verification import _RECEIVER_JS, SECRETS, Verdict, collect, start_node_receiver
+from tests.test_node_verification import SECRETS, Verdict, node_receiver
 from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
 from webhookd.store.migrate import migrate
 
@@ -67,28 +65,6 @@ class Step:
     updated_fields: list[str] | None = None
     # Other rows the database changed on its own (a foreign key's ON DELETE SET NULL): events Twenty would not send.
     also: tuple[str, ...] = ()
-
-
-@contextlib.asynccontextmanager
-async def node_receiver(tmp_path: Path) -> AsyncIterator[tuple[int, list[Verdict]]]:
-    node = shutil.which("node")
-    assert node is not None, "these tests check signatures with the documented Node.js code: install nodejs"
-    script = tmp_path / "receiver.js"
-    # The documented check, reporting the parsed body as well, so the test reads what Node read.
-    script.write_text(_RECEIVER_JS.replace("const report = {", "const report = { body: req.body,"))
-    proc, port = await start_node_receiver(node, script)
-    verdicts: list[Verdict] = []
-    assert proc.stdout is not None
-    reader = asyncio.create_task(collect(proc.stdout, verdicts))
-    try:
-        yield port, verdicts
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
 
 
 async def wait_for(verdicts: list[Verdict], count: int, timeout: float, what: str) -> None:
@@ -245,7 +221,7 @@ async def test_each_twenty_write_arrives_as_twentys_event_in_both_body_formats_a
     ]
     by_step: list[list[Verdict]] = []
     try:
-        async with node_receiver(tmp_path) as (port, verdicts):
+        async with node_receiver(tmp_path, with_body=True) as (port, verdicts):
             await add_webhook(dsn, acme.workspace_id, f"http://127.0.0.1:{port}/ascii", ["*.*"], SECRETS["/ascii"])
             await add_webhook(dsn, other.workspace_id, f"http://127.0.0.1:{port}/astral", ["*.*"], SECRETS["/astral"])
             await add_docs_webhook(dsn, acme.workspace_id, f"http://127.0.0.1:{port}/latin", SECRETS["/latin"])
