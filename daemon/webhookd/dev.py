@@ -115,6 +115,21 @@ def signature_matches(secret: str, headers: Mapping[str, str], body: bytes) -> b
     return hmac.compare_digest(expected, headers.get("X-Twenty-Webhook-Signature", ""))
 
 
+def dev_settings(config: Path | None, overrides: Mapping[str, str]) -> Settings | None:
+    """A demo's settings, logging set up by them; None (after saying why) when the file or an override is bad."""
+    if config is None:
+        # Without a file, the same settings as config/dev.yaml: the demo receiver is on loopback, and retries must
+        # show within a minute.
+        overrides = {**DEV_DEFAULTS, **overrides}
+    try:
+        settings = load_settings(config, {**os.environ, **overrides})
+    except ConfigError as exc:
+        print(f"webhookd: {exc}")
+        return None
+    setup_logging(settings.logging.level, settings.logging.format)
+    return settings
+
+
 def run_dev(config: Path | None, events: int) -> int:
     """Entry point of `webhookd dev`; returns the exit status."""
     return asyncio.run(_dev(config, events))
@@ -136,16 +151,9 @@ async def _dev(config: Path | None, events: int) -> int:
             "WEBHOOKD_POSTGRES__DSN": postgres.dsn,
             "WEBHOOKD_HTTP__LISTEN": f"127.0.0.1:{metrics_port}",
         }
-        if config is None:
-            # Without a file, the same settings as config/dev.yaml: the demo receiver is on loopback, and retries
-            # must show within a minute.
-            overrides = {**DEV_DEFAULTS, **overrides}
-        try:
-            settings = load_settings(config, {**os.environ, **overrides})
-        except ConfigError as exc:
-            print(f"webhookd: {exc}")
+        settings = dev_settings(config, overrides)
+        if settings is None:
             return 2
-        setup_logging(settings.logging.level, settings.logging.format)
         await create_topic(broker.bootstrap, TOPIC, 3)
         await _prepare_database(settings, receiver_port)
         return await _demo(settings, receiver_port, events)

@@ -28,14 +28,13 @@ import orjson
 from aiohttp import web
 
 from webhookd.children import free_port
-from webhookd.config import ConfigError, Settings, load_settings
-from webhookd.dev import DEV_DEFAULTS, DemoRun, signature_matches
+from webhookd.config import Settings
+from webhookd.dev import DemoRun, dev_settings, signature_matches
 from webhookd.embedded import EmbeddedPostgres, create_database
 from webhookd.embedded.apache_kafka import ApacheKafka
 from webhookd.embedded.jars import JavaMissing, java_executable, maven_executable, resolve_jars
 from webhookd.embedded.kafka_connect import KafkaConnect
 from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
-from webhookd.logs import setup_logging
 from webhookd.store.migrate import migrate
 
 # The connector a team deploys; the demo changes only where it connects.
@@ -107,14 +106,9 @@ async def _dev_cdc(config: Path | None, rounds: int) -> int:
             "WEBHOOKD_POSTGRES__DSN": dsn,
             "WEBHOOKD_HTTP__LISTEN": f"127.0.0.1:{metrics_port}",
         }
-        if config is None:
-            overrides = {**DEV_DEFAULTS, **overrides}
-        try:
-            settings = load_settings(config, {**os.environ, **overrides})
-        except ConfigError as exc:
-            print(f"webhookd: {exc}")
+        settings = dev_settings(config, overrides)
+        if settings is None:
             return 2
-        setup_logging(settings.logging.level, settings.logging.format)
         secret = os.urandom(16).hex()
         workspace = await _prepare(settings, f"http://127.0.0.1:{receiver_port}/hooks/crm", secret)
         print(f"webhookd dev --cdc: Apache Kafka on {kafka.bootstrap}; starting Kafka Connect with Debezium ...")

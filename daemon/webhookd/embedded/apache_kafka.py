@@ -9,7 +9,6 @@ quick and small: no initial rebalance delay, few internal partitions, a small cl
 
 from __future__ import annotations
 
-import atexit
 import base64
 import contextlib
 import shutil
@@ -18,7 +17,6 @@ import socket
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -76,10 +74,7 @@ class ApacheKafka(_ChildServer):
         self.bootstrap = f"127.0.0.1:{port}"
         self.work_dir = work_dir
         self.log_path = work_dir / "kafka.log"
-        self._proc: subprocess.Popen[bytes] | None = proc
-        self._stopped = False
-        self._lock = threading.Lock()
-        atexit.register(self.stop)
+        self._watch(proc)
 
     @classmethod
     def start(cls, *, timeout: float = 120.0, heap: str = "512m") -> ApacheKafka:

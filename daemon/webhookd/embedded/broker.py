@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -54,10 +52,7 @@ class KafkaBroker(_ChildServer):
         self.bootstrap = f"127.0.0.1:{advertised_port or port}"
         self.log_path = log_dir / "tansu.log"
         self._log_dir = log_dir
-        self._proc: subprocess.Popen[bytes] | None = proc
-        self._stopped = False
-        self._lock = threading.Lock()
-        atexit.register(self.stop)
+        self._watch(proc)
 
     @classmethod
     def start(

@@ -9,13 +9,11 @@ failed. Like every server here it is a child process that dies with us (`webhook
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -57,10 +55,7 @@ class KafkaConnect(_ChildServer):
         self.connector_name = connector_name
         self.work_dir = work_dir
         self.log_path = work_dir / "connect.log"
-        self._proc: subprocess.Popen[bytes] | None = proc
-        self._stopped = False
-        self._lock = threading.Lock()
-        atexit.register(self.stop)
+        self._watch(proc)
 
     @classmethod
     def start(

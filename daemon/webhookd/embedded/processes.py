@@ -144,6 +144,13 @@ class _ChildServer:
     def stop(self) -> None:
         raise NotImplementedError
 
+    def _watch(self, proc: subprocess.Popen[bytes]) -> None:
+        """Take `proc` as this server's process, to be stopped by `stop`, at the latest when we exit."""
+        self._proc = proc
+        self._stopped = False
+        self._lock = threading.Lock()
+        atexit.register(self.stop)
+
     def _stop_and_remove(self, grace: float, work_dir: Path) -> None:
         """Stop the process (SIGTERM, SIGKILL after `grace` s) and delete `work_dir`; calling it again does nothing."""
         with self._lock:
