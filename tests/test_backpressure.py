@@ -1,6 +1,6 @@
 """A receiver that never answers, behind a large backlog: the daemon keeps its memory bounded (it reads only as fast
-as it settles deliveries, here by deferring them to the retry table once the host's share is cut, and pauses
-fetching otherwise) and never has more requests in flight than `delivery.concurrency`."""
+as it settles deliveries, here by deferring them to the retry table once their endpoints are found stalled, and
+pauses fetching otherwise) and never has more requests in flight than `delivery.concurrency`."""
 
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ from tests.support import (
     produce,
     write_config,
 )
+from webhookd.scheduler import INITIAL_LIMIT
 
 BACKLOG = 50_000
 CONCURRENCY = 40
+# Endpoints on the hung receiver: each starts with a few slots, so it takes this many to fill the budget.
+HUNG_ENDPOINTS = 2 * CONCURRENCY // INITIAL_LIMIT
 
 
 async def never_answer(_request: web.Request, _body: bytes) -> web.StreamResponse:
@@ -38,8 +41,9 @@ async def test_a_backlog_behind_a_hung_receiver_keeps_memory_and_inflight_bounde
     kafka: str, dsn: str, topic: str, receiver: Receiver
 ) -> None:
     ws = new_workspace()
-    await add_webhook(dsn, ws, receiver.url("/hung"), ["*.*"])
-    receiver.behaviours["/hung"] = never_answer
+    for n in range(HUNG_ENDPOINTS):
+        await add_webhook(dsn, ws, receiver.url(f"/hung/{n}"), ["*.*"])
+        receiver.behaviours[f"/hung/{n}"] = never_answer
     padding = "x" * 400  # records of a realistic size, so that reading ahead would show in memory
     await produce(kafka, topic, [event("person.updated", ws, {"note": padding, "n": i}) for i in range(BACKLOG)])
     config = config_for(

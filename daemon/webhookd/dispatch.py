@@ -1,4 +1,4 @@
-"""Fan-out under limits: every delivery of an event is attempted at once, within the global and per-host budgets.
+"""Fan-out under limits: every delivery of an event is attempted as soon as the scheduler gives its endpoint a slot.
 
 Each attempt ends in exactly one settled state: delivered, durably scheduled for a retry, or dead-lettered. The
 first attempt of a record's deliveries is tracked per record, and the record is done (its offset committable) only
@@ -20,13 +20,13 @@ import structlog
 from webhookd.attempts import AttemptLog
 from webhookd.deliver import AttemptResult, Delivery, Sender
 from webhookd.health import EndpointHealth, Hold
-from webhookd.hosts import HostBudgets, HostLimits
 from webhookd.metrics import Metrics
 from webhookd.record import Recorder
+from webhookd.scheduler import Scheduler
 
 log = structlog.get_logger("webhookd.dispatch")
 
-_BUSY = "deferred: the receiving host is at its concurrency limit"
+_BUSY = "deferred: the endpoint has answered nothing for a while"
 
 
 class RecordJob:
@@ -71,8 +71,8 @@ class Dispatcher:
         recorder: Recorder,
         metrics: Metrics,
         policy: RetryPolicy,
-        concurrency: int,
-        hosts: HostLimits,
+        scheduler: Scheduler,
+        busy_retry_seconds: float,
         health: EndpointHealth,
         attempts: AttemptLog,
         on_fatal: Callable[[BaseException], None],
@@ -83,15 +83,15 @@ class Dispatcher:
         self._recorder = recorder
         self._metrics = metrics
         self._policy = policy
-        self._global = asyncio.Semaphore(concurrency)
-        self._in_flight = 0
+        self._scheduler = scheduler
         # Read at scrape time: counting in the gauge itself would take its lock twice per attempt.
-        metrics.inflight.set_function(lambda: self._in_flight)
-        self._host_limits = hosts
-        self._hosts = HostBudgets(hosts)
-        self._busy_until: dict[str, float] = {}  # webhook id -> until when its host was found saturated
+        metrics.inflight.set_function(lambda: scheduler.in_flight)
+        self._busy_retry_seconds = busy_retry_seconds
+        self._busy_until: dict[str, float] = {}  # webhook id -> until when its endpoint was found stalled
         self._first: dict[asyncio.Task[None], tuple[Delivery, RecordJob]] = {}
         self._retries: dict[asyncio.Task[None], Delivery] = {}
+        # Set whenever a retried delivery is settled: the retry poller claims again as soon as room frees.
+        self.retry_settled = asyncio.Event()
         self._interrupted: list[tuple[Delivery, RecordJob]] = []
         self._on_fatal = on_fatal
         # Checked once: a debug line per success is affordable only when someone asked for it.
@@ -107,7 +107,7 @@ class Dispatcher:
         return len(self._retries)
 
     def busy_webhooks(self) -> list[str]:
-        """Webhooks whose host was saturated a moment ago: claiming their retries now would only defer them again."""
+        """Webhooks whose endpoint was stalled a moment ago: claiming their retries now would only defer them again."""
         now = time.monotonic()
         for webhook_id in [w for w, until in self._busy_until.items() if until <= now]:
             del self._busy_until[webhook_id]
@@ -142,6 +142,7 @@ class Dispatcher:
 
     def _retry_finished(self, task: asyncio.Task[None]) -> None:
         self._retries.pop(task, None)
+        self.retry_settled.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._on_fatal(exc)
 
@@ -152,26 +153,22 @@ class Dispatcher:
             return verdict
         if verdict.wait > 0:
             await asyncio.sleep(verdict.wait)  # a slot reserved within the rate limit, a short way off
-        key = delivery.webhook.host_key
-        # The host's share is taken first, so deliveries queued for one slow host never hold global slots.
-        # A hung receiver would hold its share until the timeout, and deliveries queued behind it their records'
-        # offsets (and, through backpressure, every other receiver's events): a short wait, then the durable retry
-        # path, lets the partition move on while that host gets only what it can take.
-        if not await self._hosts.acquire(key):
+        webhook = delivery.webhook
+        # A delivery waits for its endpoint's turn however long the budget stays busy: only an endpoint (or a host)
+        # that answers nothing sends its deliveries to the durable retry path, so that they do not hold their
+        # records' offsets (and, through backpressure, every other receiver's events) until its timeout.
+        lane = await self._scheduler.acquire(webhook.target_url, webhook.host_key)
+        if lane is None:
             self._health.abandon(delivery, verdict)
-            retry_in = self._host_limits.busy_retry_seconds
-            self._busy_until[delivery.webhook.id] = time.monotonic() + retry_in
+            retry_in = self._busy_retry_seconds
+            self._busy_until[webhook.id] = time.monotonic() + retry_in
             return Hold("endpoint_busy", retry_in, _BUSY)
         result: AttemptResult | None = None
         try:
-            async with self._global:
-                self._in_flight += 1
-                try:
-                    result = await self._sender.attempt(delivery)
-                finally:
-                    self._in_flight -= 1
+            result = await self._sender.attempt(delivery)
         finally:
-            self._hosts.release(key, result.result if result is not None else None)
+            outcome = result.result if result is not None and result.result != "blocked" else None
+            self._scheduler.release(lane, outcome)
         self._metrics.attempts_by_result[result.result].inc()
         self._attempts.add(delivery, delivery.attempts + 1, result)
         if result.result != "blocked":

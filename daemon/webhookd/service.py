@@ -30,7 +30,6 @@ from webhookd.dispatch import Dispatcher, RetryPolicy
 from webhookd.egress import EgressPolicy, GuardedResolver
 from webhookd.endpoints import EndpointBook
 from webhookd.health import EndpointHealth
-from webhookd.hosts import HostLimits
 from webhookd.intake.readers import DebeziumReader, NativeReader, RecordReader
 from webhookd.intake.twenty_catalog import TwentyCatalog
 from webhookd.intake.twenty_events import MappingSettings
@@ -38,6 +37,7 @@ from webhookd.metrics import Metrics
 from webhookd.pgerrors import TRANSIENT
 from webhookd.record import Recorder
 from webhookd.retries import RetryPoller, RetrySettings
+from webhookd.scheduler import Scheduler, SchedulerLimits
 from webhookd.signing import Signer
 from webhookd.subscriptions import SubscriptionStore
 from webhookd.tls import TLSError, Transport, transport
@@ -236,12 +236,14 @@ class Service:
             recorder,
             self.metrics,
             RetryPolicy(tuple(s.delivery.retry_schedule), s.delivery.retry_jitter),
-            s.delivery.concurrency,
-            HostLimits(
-                concurrency=s.delivery.per_host_concurrency,
-                wait_seconds=s.delivery.host_wait_seconds,
-                busy_retry_seconds=s.delivery.host_busy_retry_seconds,
+            Scheduler(
+                SchedulerLimits(
+                    concurrency=s.delivery.concurrency,
+                    host_concurrency=s.delivery.per_host_concurrency,
+                    wait_seconds=s.delivery.host_wait_seconds,
+                )
             ),
+            busy_retry_seconds=s.delivery.host_busy_retry_seconds,
             health=health,
             attempts=attempts,
             on_fatal=self._on_fatal,
