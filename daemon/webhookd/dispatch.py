@@ -151,7 +151,12 @@ class Dispatcher:
         verdict = self._health.admit(delivery)
         if isinstance(verdict, Hold):
             return verdict
-        if verdict.wait > 0:
+        if verdict.paced:
+            # The cluster's pace for an endpoint with a rate limit: a slot now (perhaps after a short sleep), or later.
+            verdict = await self._health.pace(delivery, verdict)
+            if isinstance(verdict, Hold):
+                return verdict
+        elif verdict.wait > 0:
             await asyncio.sleep(verdict.wait)  # a slot reserved within the rate limit, a short way off
         webhook = delivery.webhook
         # A delivery waits for its endpoint's turn however long the budget stays busy: only an endpoint (or a host)

@@ -5,6 +5,13 @@ start of a failing streak, new disables, circuit and pause state) in one transac
 have failed without a success for too long, and reads back the rows that changed: an operator's enable, disable or
 rate limit, and other replicas' disables. Disabling an endpoint dead-letters its pending deliveries, which stay
 listable and can be replayed once it is enabled again.
+
+Pauses cannot wait for the next sync: when a receiver's `Retry-After` pauses an endpoint, the health wakes the book,
+which writes the pause at once and, in the same transaction, NOTIFYs every process on `PAUSE_CHANNEL` with the
+webhook id and the seconds left. Every process LISTENs on a connection of its own (`follow_pauses`) and applies the
+pause to the webhook's endpoint as the notification arrives, a few milliseconds later; after each (re)connect it
+reads the pauses in force, and every sync reads them too, so a notification missed meanwhile costs at most a sync
+interval. Times cross processes only as time left, added to Postgres's own clock, so that no wall clock is trusted.
 """
 
 from __future__ import annotations
@@ -22,13 +29,19 @@ from asyncpg.pool import PoolConnectionProxy
 from yarl import URL
 
 from webhookd.health import Changes, EndpointHealth
+from webhookd.listening import Listening
 from webhookd.pgerrors import TRANSIENT
 from webhookd.record import clean_text
+from webhookd.subscriptions import SubscriptionIndex
+from webhookd.tls import PostgresConnect
 
 log = structlog.get_logger("webhookd.endpoints")
 
 # The operator commands hold a plain connection, the daemon one from its pool.
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+# Notifications of pauses: '<webhook id> <seconds left>'.
+PAUSE_CHANNEL = "webhookd_endpoint_pauses"
 
 # Failures merge across replicas: the streak starts at the earliest failure after the latest success (or enable).
 _WRITE_DELTA = """
@@ -52,12 +65,20 @@ ON CONFLICT (webhook_id) DO UPDATE SET
     last_error = EXCLUDED.last_error,
     updated_at = now()
 """
+# States are given as seconds left (NULL: none), measured from Postgres's clock.
 _WRITE_STATE = """
 INSERT INTO webhookd.endpoints AS e (webhook_id, circuit_open_until, rate_limited_until)
-VALUES ($1::uuid, to_timestamp($2), to_timestamp($3))
+VALUES ($1::uuid, clock_timestamp() + make_interval(secs => $2), clock_timestamp() + make_interval(secs => $3))
 ON CONFLICT (webhook_id) DO UPDATE SET
     circuit_open_until = EXCLUDED.circuit_open_until, rate_limited_until = EXCLUDED.rate_limited_until,
     updated_at = now()
+"""
+# Delivered when the transaction commits, so a pause is announced only once it is written.
+_ANNOUNCE = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS p (payload)"
+_PAUSED_FOR = "extract(epoch FROM e.rate_limited_until - clock_timestamp())::float8 AS paused_for"
+_PAUSES_IN_FORCE = f"""
+SELECT e.webhook_id::text AS webhook_id, {_PAUSED_FOR} FROM webhookd.endpoints e
+WHERE e.rate_limited_until > clock_timestamp()
 """
 # An operator's enable after the moment the disable was decided wins: a 410 seen before it must not undo it.
 _DISABLE = """
@@ -95,14 +116,14 @@ _FAILING_TOO_LONG = """
 SELECT webhook_id::text AS webhook_id, failing_since FROM webhookd.endpoints
 WHERE disabled_at IS NULL AND last_failure_at - failing_since >= make_interval(secs => $1)
 """
-_ALL = """
-SELECT webhook_id::text AS webhook_id, disabled_reason, disabled_at IS NOT NULL AS disabled, rate_limit_per_second,
-       extract(epoch FROM enabled_at)::float8 AS enabled_at, updated_at
-FROM webhookd.endpoints
+_ALL = f"""
+SELECT e.webhook_id::text AS webhook_id, e.disabled_reason, e.disabled_at IS NOT NULL AS disabled,
+       e.rate_limit_per_second, extract(epoch FROM e.enabled_at)::float8 AS enabled_at, e.updated_at, {_PAUSED_FOR}
+FROM webhookd.endpoints e
 """
 # A transaction that began before the last read commits rows with an older updated_at: read a margin back. Reading
 # a row again is harmless; its values are the current ones.
-_CHANGED_SINCE = _ALL + "WHERE updated_at >= $1::timestamptz - interval '30 seconds'"
+_CHANGED_SINCE = _ALL + "WHERE e.updated_at >= $1::timestamptz - interval '30 seconds'"
 
 
 async def disable(conn: Connection, webhook_ids: Sequence[str], reason: str, decided_at: float | None = None) -> None:
@@ -134,37 +155,71 @@ async def set_rate_limit(conn: Connection, webhook_id: str, rate: float | None) 
 
 
 class EndpointBook:
-    """Syncs `EndpointHealth` with Postgres every `interval` seconds."""
+    """Syncs `EndpointHealth` with Postgres every `interval` seconds, and at once when it has a pause to announce.
 
-    def __init__(self, pool: asyncpg.Pool, health: EndpointHealth, interval: float, disable_after: float) -> None:
+    `postgres` connects the pause listener; `index` gives the URL of a webhook this process has not sent to yet, so
+    that an announced pause holds its endpoint from its first delivery here.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        health: EndpointHealth,
+        interval: float,
+        disable_after: float,
+        postgres: PostgresConnect,
+        index: SubscriptionIndex | None = None,
+    ) -> None:
         self._pool = pool
         self._health = health
         self._interval = interval
         self._disable_after = disable_after
+        self._index = index
         self._read_from: datetime | None = None
+        self._listening = Listening(
+            postgres, PAUSE_CHANNEL, self._on_pause, self._read_pauses, self._keep_alive, "pause_listener_lost"
+        )
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.listening
 
     async def load(self) -> None:
         """Read every endpoint row once, so disables and limits hold from the first delivery."""
         await self._refresh()
 
     async def run(self) -> None:
+        """Sync every interval; between syncs, publish at once whatever the health marks urgent."""
+        loop = asyncio.get_running_loop()
+        urgent = self._health.urgent
+        due = loop.time() + self._interval
         while True:
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(urgent.wait(), max(due - loop.time(), 0.0))
+            urgent.clear()
             try:
-                await self.sync()
+                if loop.time() >= due:
+                    due = loop.time() + self._interval
+                    await self.sync()
+                else:
+                    await self.publish()
             except TRANSIENT as exc:
                 log.warning("endpoint_sync_retrying", error=str(exc) or type(exc).__name__)
 
     async def sync(self) -> None:
+        await self.publish()
+        if self._disable_after > 0:
+            await self._disable_failing()
+        await self._refresh()
+
+    async def publish(self) -> None:
+        """Write what this process learned since the last write, announcing the pauses among it."""
         changes = self._health.take_changes()
         try:
             await self._write(changes)
         except BaseException:
             self._health.restore(changes)
             raise
-        if self._disable_after > 0:
-            await self._disable_failing()
-        await self._refresh()
 
     async def _write(self, changes: Changes) -> None:
         if not (changes.deltas or changes.disables or changes.states):
@@ -192,9 +247,14 @@ class EndpointBook:
                     ],
                 )
             if changes.states:
-                await conn.executemany(
-                    _WRITE_STATE, [(webhook_id, *state) for webhook_id, state in sorted(changes.states.items())]
-                )
+                states = [
+                    (webhook_id, changes.seconds_left(open_until), changes.seconds_left(paused_until))
+                    for webhook_id, (open_until, paused_until) in sorted(changes.states.items())
+                ]
+                await conn.executemany(_WRITE_STATE, states)
+                pauses = [f"{webhook_id} {left:.3f}" for webhook_id, _, left in states if left]
+                if pauses:
+                    await conn.execute(_ANNOUNCE, PAUSE_CHANNEL, pauses)
             for webhook_id, (reason, decided_at) in sorted(changes.disables.items()):
                 await disable(conn, [webhook_id], reason, decided_at)
 
@@ -217,8 +277,38 @@ class EndpointBook:
                 row["enabled_at"],
             )
             self._health.apply_rate(row["webhook_id"], row["rate_limit_per_second"])
+            self._apply_pause(row["webhook_id"], row["paused_for"])
             if self._read_from is None or row["updated_at"] > self._read_from:
                 self._read_from = row["updated_at"]
+
+    def _apply_pause(self, webhook_id: str, paused_for: float | None) -> None:
+        if paused_for is not None and paused_for > 0:
+            webhook = self._index.get(webhook_id) if self._index is not None else None
+            self._health.apply_pause(webhook_id, paused_for, webhook.target_url if webhook else None)
+
+    async def follow_pauses(self) -> None:
+        """Apply the pauses other processes announce, until cancelled; reconnects on its own, and reads the pauses in
+        force after every (re)connect, for those announced while it was away."""
+        await self._listening.run()
+
+    async def _read_pauses(self, conn: asyncpg.Connection) -> None:
+        for row in await conn.fetch(_PAUSES_IN_FORCE):
+            self._apply_pause(row["webhook_id"], row["paused_for"])
+
+    async def _keep_alive(self, conn: asyncpg.Connection) -> None:
+        while True:
+            # A connection lost without a word shows only when used; meanwhile the syncs read the pauses.
+            await asyncio.sleep(self._interval)
+            await conn.fetchval("SELECT 1", timeout=5)
+
+    def _on_pause(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        webhook_id, _, seconds = str(payload).partition(" ")
+        try:
+            paused_for = float(seconds)
+        except ValueError:
+            log.warning("pause_notification_unreadable", payload=str(payload)[:100])
+            return
+        self._apply_pause(webhook_id, paused_for)
 
 
 def display_url(url: str) -> str:

@@ -3,10 +3,16 @@
 An endpoint is one target URL; the webhooks that share it share its circuit breaker and its pace, since they reach
 the same receiver. Disabling and rate-limit overrides are set per webhook (that is what operators name) and come
 from Postgres through `webhookd.endpoints`, which also receives what is learned here, in batches.
+
+A receiver's `Retry-After` pauses its endpoint for the whole cluster: a pause that starts here sets `urgent`, on
+which the endpoint book writes and announces it at once, and pauses announced by other processes come back through
+`apply_pause`. The rate limit is paced either here alone (`admit`, without a pacer) or for the whole cluster by a
+`Pacer` (`admit` says so, `pace` waits for the slot).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -17,6 +23,7 @@ import structlog
 from webhookd.circuit import Breaker, BreakerSettings, State
 from webhookd.deliver import AttemptResult, Delivery
 from webhookd.metrics import Metrics
+from webhookd.pacing import Pacer
 from webhookd.throttle import Throttle
 
 log = structlog.get_logger("webhookd.health")
@@ -25,14 +32,20 @@ log = structlog.get_logger("webhookd.health")
 _SICK = frozenset({"timeout", "connection_error", "5xx"})
 _SLOW_DOWN = frozenset({429, 503})
 _UNREACHABLE = frozenset({"timeout", "connection_error"})
+# A pause that starts, or grows by at least this much, is written to Postgres and announced at once rather than at
+# the next sync: the other processes must stop sending within moments. Smaller growth (429s of requests that were in
+# flight together) waits for the sync.
+_URGENT_PAUSE_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
 class Go:
-    """Send, after `wait` seconds; `probe` when this attempt tests an open circuit."""
+    """Send, after `wait` seconds; `probe` when this attempt tests an open circuit; `paced` when the endpoint has a
+    rate limit that the cluster keeps together: `EndpointHealth.pace` must give it a slot first."""
 
     probe: bool = False
     wait: float = 0.0
+    paced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +82,13 @@ class Changes:
 
     deltas: dict[str, Delta] = field(default_factory=dict)
     disables: dict[str, tuple[str, float]] = field(default_factory=dict)  # webhook id -> (reason, wall time)
-    # webhook id -> (circuit open until, rate limited until), wall-clock seconds or None
+    # webhook id -> (circuit open until, paused until) on the health's clock, or None. Written to Postgres as time
+    # left, which Postgres adds to its own now, so that no process's wall clock is trusted with them.
     states: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    at: float = 0.0  # the health's clock when these changes were taken
+
+    def seconds_left(self, until: float | None) -> float | None:
+        return None if until is None else max(until - self.at, 0.0)
 
 
 class _Endpoint:
@@ -93,12 +111,14 @@ class EndpointHealth:
         max_wait: float,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        pacer: Pacer | None = None,
     ) -> None:
         self._breaker_settings = breaker
         self._default_rate = default_rate
         self._max_wait = max_wait
         self._metrics = metrics
         self._clock = clock
+        self._pacer = pacer
         self._endpoints: dict[str, _Endpoint] = {}
         self._url_of: dict[str, str] = {}  # webhook id -> the endpoint it was last sent to
         self._open: set[str] = set()  # urls whose circuit is not closed
@@ -107,11 +127,35 @@ class EndpointHealth:
         self._disabled: dict[str, str] = {}  # webhook id -> reason
         self._rates: dict[str, float] = {}  # webhook id -> its own limit
         self._enabled_at: dict[str, float] = {}  # webhook id -> when an operator last enabled it (epoch)
+        # Pauses announced for webhooks whose endpoint is not known here yet: webhook id -> until (health's clock).
+        self._pending_pauses: dict[str, float] = {}
         self._changes = Changes()
+        # Set when a change must reach Postgres (and the other processes) before the next periodic sync.
+        self.urgent = asyncio.Event()
 
     # --- the delivery path -------------------------------------------------------------------------------------
 
     def admit(self, delivery: Delivery) -> Go | Hold:
+        """May the delivery go: not disabled, past the breaker, not paused; within the rate as paced here, or (with
+        a pacer) a Go that says the cluster's pace must be asked (`pace`). Synchronous, so that the many deliveries
+        to endpoints without a limit cost no coroutine."""
+        return self._admit(delivery, pace_here=self._pacer is None)
+
+    async def pace(self, delivery: Delivery, go: Go) -> Go | Hold:
+        """Wait (at most `max_wait`) for the endpoint's slot in the cluster's pace: `go` means send now."""
+        assert self._pacer is not None, "only a pacer's admit asks for pacing"
+        url = delivery.webhook.target_url
+        endpoint = self._endpoint(delivery.webhook.id, url)
+        come_back = await self._pacer.reserve(url, endpoint.throttle.rate, self._max_wait)
+        now = self._clock()
+        if come_back is None and endpoint.throttle.paused_until <= now:
+            return go
+        self.abandon(delivery, go)
+        if come_back is None:  # the receiver asked to wait while this delivery waited for its slot
+            return self._paused(endpoint.throttle.paused_until - now)
+        return Hold("rate_limited", come_back, "deferred: over the endpoint's rate limit")
+
+    def _admit(self, delivery: Delivery, pace_here: bool) -> Go | Hold:
         webhook = delivery.webhook
         reason = self._disabled.get(webhook.id)
         if reason is not None:
@@ -123,17 +167,28 @@ class EndpointHealth:
             # Spread what was held together, so that a reopening endpoint is not handed the whole backlog at once.
             return Hold("circuit_open", wait * random.uniform(1.0, 1.5), "deferred: the endpoint's circuit is open")
         probe = endpoint.breaker.probing
-        allowed, wait = endpoint.throttle.reserve(now, self._max_wait)
+        if pace_here:
+            allowed, wait = endpoint.throttle.reserve(now, self._max_wait)
+        else:
+            wait = max(endpoint.throttle.paused_until - now, 0.0)
+            allowed = wait == 0.0
         if not allowed:
             if probe:
                 endpoint.breaker.abandon_probe(now)
             if endpoint.throttle.paused_until > now:
-                return Hold("rate_limited", wait * random.uniform(1.0, 1.5), "deferred: the receiver asked to wait")
+                return self._paused(wait)
             return Hold("rate_limited", wait, "deferred: over the endpoint's rate limit")
+        if not pace_here and endpoint.throttle.rate is not None:
+            return Go(probe, paced=True)
         return Go(probe, wait) if probe or wait > 0 else SEND_NOW
 
+    @staticmethod
+    def _paused(seconds: float) -> Hold:
+        # Spread what was held together, so that the receiver is not handed the whole backlog the moment it asked for.
+        return Hold("rate_limited", seconds * random.uniform(1.0, 1.5), "deferred: the receiver asked to wait")
+
     def abandon(self, delivery: Delivery, go: Go) -> None:
-        """An admitted delivery was not sent (its host was busy)."""
+        """An admitted delivery was not sent (no slot in the pace, or its endpoint stalled)."""
         if go.probe:
             self._endpoint(delivery.webhook.id, delivery.webhook.target_url).breaker.abandon_probe(self._clock())
 
@@ -146,10 +201,14 @@ class EndpointHealth:
         was_open = endpoint.breaker.state is not State.CLOSED
         endpoint.breaker.record(now, sick, probe=go.probe, unreachable=result.result in _UNREACHABLE)
         if was_open or endpoint.breaker.state is not State.CLOSED:
-            self._circuit_moved(webhook.target_url, endpoint, now, wall)
-        if result.status in _SLOW_DOWN and result.retry_after and endpoint.throttle.pause(now, result.retry_after):
-            log.info("endpoint_paused", webhook_id=webhook.id, status=result.status, seconds=result.retry_after)
-            self._publish(endpoint, now, wall)
+            self._circuit_moved(webhook.target_url, endpoint, now)
+        if result.status in _SLOW_DOWN and result.retry_after:
+            before = max(endpoint.throttle.paused_until, now)
+            if endpoint.throttle.pause(now, result.retry_after):
+                log.info("endpoint_paused", webhook_id=webhook.id, status=result.status, seconds=result.retry_after)
+                self._publish(endpoint, now)
+                if endpoint.throttle.paused_until - before >= _URGENT_PAUSE_SECONDS:
+                    self.urgent.set()
         self._learn(webhook.id, webhook.target_url, result, wall)
         if result.status == 410:
             self.disable(webhook.id, "the receiver answered 410 Gone")
@@ -175,7 +234,7 @@ class EndpointHealth:
                 delta.failing_since = wall
             delta.last_error = result.describe()
 
-    def _circuit_moved(self, url: str, endpoint: _Endpoint, now: float, wall: float) -> None:
+    def _circuit_moved(self, url: str, endpoint: _Endpoint, now: float) -> None:
         opened = endpoint.breaker.state is not State.CLOSED
         if opened and url not in self._open:
             self._open.add(url)
@@ -188,12 +247,12 @@ class EndpointHealth:
             self._open.discard(url)
             log.info("circuit_closed", webhooks=sorted(endpoint.webhooks))
         self._metrics.endpoint_circuit_open.set(len(self._open))
-        self._publish(endpoint, now, wall)
+        self._publish(endpoint, now)
 
-    def _publish(self, endpoint: _Endpoint, now: float, wall: float) -> None:
+    def _publish(self, endpoint: _Endpoint, now: float) -> None:
         breaker, throttle = endpoint.breaker, endpoint.throttle
-        open_until = wall + max(breaker.open_until - now, 0.0) if breaker.state is not State.CLOSED else None
-        paused_until = wall + throttle.paused_until - now if throttle.paused_until > now else None
+        open_until = max(breaker.open_until, now) if breaker.state is not State.CLOSED else None
+        paused_until = throttle.paused_until if throttle.paused_until > now else None
         for webhook_id in endpoint.webhooks:
             self._changes.states[webhook_id] = (open_until, paused_until)
 
@@ -211,6 +270,10 @@ class EndpointHealth:
             self._url_of[webhook_id] = url
             endpoint.webhooks.add(webhook_id)
             endpoint.throttle.rate = self._rate_of(endpoint)
+            paused_until = self._pending_pauses.pop(webhook_id, None)
+            if paused_until is not None:
+                now = self._clock()
+                endpoint.throttle.pause(now, paused_until - now)
         endpoint.last_used = self._clock()
         return endpoint
 
@@ -268,6 +331,24 @@ class EndpointHealth:
             if webhook_id in endpoint.webhooks:
                 endpoint.throttle.rate = self._rate_of(endpoint)
 
+    def apply_pause(self, webhook_id: str, seconds: float, target_url: str | None = None) -> None:
+        """Take a pause Postgres holds (announced by another process, or read at a sync): the webhook's endpoint
+        sends nothing for `seconds`. `target_url` is the webhook's URL where the caller knows it; a webhook this
+        process has not used and whose URL is not given keeps the pause until its first delivery. Not published
+        again: Postgres has it already.
+        """
+        if seconds <= 0:
+            return
+        now = self._clock()
+        url = target_url or self._url_of.get(webhook_id)
+        if url is None:
+            self._pending_pauses[webhook_id] = max(self._pending_pauses.get(webhook_id, now), now + seconds)
+            return
+        throttle = self._endpoint(webhook_id, url).throttle
+        was_paused = throttle.paused_until > now
+        if throttle.pause(now, seconds) and not was_paused:
+            log.info("endpoint_paused", webhook_id=webhook_id, seconds=round(seconds, 1), by="another process")
+
     def disabled_reason(self, webhook_id: str) -> str | None:
         return self._disabled.get(webhook_id)
 
@@ -294,6 +375,7 @@ class EndpointHealth:
         """What the next sync must write; also the moment to forget endpoints nobody has used for a while."""
         self._forget_idle()
         changes, self._changes = self._changes, Changes()
+        changes.at = self._clock()
         return changes
 
     def _forget_idle(self) -> None:
@@ -310,6 +392,8 @@ class EndpointHealth:
             self._open.discard(url)
         if idle:
             self._metrics.endpoint_circuit_open.set(len(self._open))
+        for webhook_id in [w for w, until in self._pending_pauses.items() if until <= now]:
+            del self._pending_pauses[webhook_id]
 
     def restore(self, changes: Changes) -> None:
         """Put back changes a sync could not write, under anything learned since."""

@@ -33,7 +33,9 @@ from webhookd.health import EndpointHealth
 from webhookd.intake.readers import DebeziumReader, NativeReader, RecordReader
 from webhookd.intake.twenty_catalog import TwentyCatalog
 from webhookd.intake.twenty_events import MappingSettings
+from webhookd.members import Membership
 from webhookd.metrics import Metrics
+from webhookd.pacing import Pacer, PostgresLedger
 from webhookd.pgerrors import TRANSIENT
 from webhookd.record import Recorder
 from webhookd.retries import RetryPoller, RetrySettings
@@ -55,7 +57,8 @@ _FINAL_COMMIT_SECONDS = 10.0
 # The newest migration's tables: present, the schema is current.
 _SCHEMA_CURRENT = (
     "SELECT to_regclass('webhookd.deliveries') IS NOT NULL AND to_regclass('webhookd.endpoints') IS NOT NULL "
-    "AND to_regclass('webhookd.attempts') IS NOT NULL"
+    "AND to_regclass('webhookd.attempts') IS NOT NULL AND to_regclass('webhookd.pacing') IS NOT NULL "
+    "AND to_regclass('webhookd.members') IS NOT NULL"
 )
 
 
@@ -76,6 +79,8 @@ class _Resources:
     book: EndpointBook
     attempts: AttemptLog
     catalog: TwentyCatalog
+    membership: Membership
+    pacer: Pacer
     web: Any  # aiohttp.web.AppRunner
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -148,7 +153,15 @@ class Service:
             await res.book.load()
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise StartupError(f"cannot read endpoint health (webhookd.endpoints): {exc}") from exc
+        try:
+            # Before the first delivery, so that this process takes its share of the cluster's caps from the start.
+            await res.membership.beat()
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise StartupError(f"cannot join the cluster's members (webhookd.members): {exc}") from exc
         res.tasks["endpoints"] = asyncio.create_task(res.book.run(), name="endpoints")
+        res.tasks["endpoint_pauses"] = asyncio.create_task(res.book.follow_pauses(), name="endpoint_pauses")
+        res.tasks["members"] = asyncio.create_task(res.membership.run(), name="members")
+        res.tasks["pacing"] = asyncio.create_task(res.pacer.run(), name="pacing")
         res.tasks["attempts"] = asyncio.create_task(res.attempts.run(), name="attempts")
         res.tasks["subscriptions"] = asyncio.create_task(res.store.run(), name="subscriptions")
         if s.kafka.input_format == "debezium" or s.delivery.body_format == "twenty":
@@ -206,6 +219,8 @@ class Service:
         )
         recorder = Recorder(pool)
         e = s.endpoints
+        membership = Membership(pool, e.sync_interval_seconds)
+        pacer = Pacer(PostgresLedger(pool), members=lambda: membership.live)
         health = EndpointHealth(
             BreakerSettings(
                 failure_ratio=e.circuit_failure_ratio,
@@ -220,8 +235,8 @@ class Service:
             default_rate=e.rate_limit_per_second,
             max_wait=s.delivery.host_wait_seconds,
             metrics=self.metrics,
+            pacer=pacer,
         )
-        book = EndpointBook(pool, health, e.sync_interval_seconds, e.disable_after_seconds)
         attempts = AttemptLog(pool, e.attempt_log_retention_seconds)
         store = SubscriptionStore(
             links.postgres,
@@ -231,18 +246,24 @@ class Service:
             rotation_overlap=s.delivery.secret_rotation_overlap_seconds,
             on_count=self.metrics.subscriptions.set,
         )
+        book = EndpointBook(pool, health, e.sync_interval_seconds, e.disable_after_seconds, links.postgres, store.index)
+        scheduler = Scheduler(
+            SchedulerLimits(
+                concurrency=s.delivery.concurrency,
+                host_concurrency=s.delivery.per_host_concurrency,
+                wait_seconds=s.delivery.host_wait_seconds,
+            )
+        )
+        # per_host_concurrency holds for the cluster: each process takes its share of it, again whenever the number
+        # of processes changes.
+        cap = s.delivery.per_host_concurrency
+        membership.follow(lambda _live: scheduler.set_host_concurrency(membership.share(cap)))
         dispatcher = Dispatcher(
             sender,
             recorder,
             self.metrics,
             RetryPolicy(tuple(s.delivery.retry_schedule), s.delivery.retry_jitter),
-            Scheduler(
-                SchedulerLimits(
-                    concurrency=s.delivery.concurrency,
-                    host_concurrency=s.delivery.per_host_concurrency,
-                    wait_seconds=s.delivery.host_wait_seconds,
-                )
-            ),
+            scheduler,
             busy_retry_seconds=s.delivery.host_busy_retry_seconds,
             health=health,
             attempts=attempts,
@@ -307,7 +328,20 @@ class Service:
             ),
         )
         return _Resources(
-            pool, session, recorder, store, dispatcher, consumer, poller, health, book, attempts, catalog, web=None
+            pool,
+            session,
+            recorder,
+            store,
+            dispatcher,
+            consumer,
+            poller,
+            health,
+            book,
+            attempts,
+            catalog,
+            membership=membership,
+            pacer=pacer,
+            web=None,
         )
 
     async def _wait_or_fail(self, aw: Any, task: asyncio.Task[None], what: str) -> None:
@@ -364,6 +398,14 @@ class Service:
         await res.attempts.close(timeout=5)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(res.book.sync(), 5)
+        # Heartbeats stop first, so that none puts the row back; without the row the others take this process's
+        # share back at their next heartbeat, not a few missed ones later.
+        heartbeat = res.tasks.pop("members", None)
+        if heartbeat is not None:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(res.membership.leave(), 5)
         with contextlib.suppress(Exception):  # a broker that is down cannot take the commit; replay covers it
             await asyncio.wait_for(res.consumer.commit(), _FINAL_COMMIT_SECONDS)
         for task in res.tasks.values():

@@ -20,7 +20,7 @@ import asyncpg
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
-from webhookd.pgerrors import TRANSIENT
+from webhookd.listening import Listening
 from webhookd.signing import standard_key
 from webhookd.tls import PostgresConnect
 
@@ -211,7 +211,6 @@ class SubscriptionStore:
         on_count: Callable[[int], object] = lambda _: None,
     ) -> None:
         self.index = SubscriptionIndex()
-        self._postgres = postgres  # the pool's own connect arguments, TLS included
         self._pool = pool
         self._select = (
             'SELECT w.id::text AS id, w."workspaceId"::text AS "workspaceId", w."targetUrl", w.operations, '
@@ -234,7 +233,13 @@ class SubscriptionStore:
         self._changed: set[str] = set()
         self._wake = asyncio.Event()
         self.loaded = asyncio.Event()
-        self.listening = False
+        self._listening = Listening(
+            postgres, NOTIFY_CHANNEL, self._on_notify, self._reload_on, self._follow, "subscriptions_listener_lost"
+        )
+
+    @property
+    def listening(self) -> bool:
+        return self._listening.listening
 
     async def _prune(self) -> None:
         # Old secrets are kept only as long as they may still sign; past that they are just a liability. Once per
@@ -297,25 +302,10 @@ class SubscriptionStore:
 
     async def run(self) -> None:
         """Follow changes forever: reconnects on its own, reloading in full after every reconnect."""
-        backoff = 0.5
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._postgres.dsn, ssl=self._postgres.ssl)
-                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                self.listening = True
-                await self.reload()
-                backoff = 0.5
-                await self._follow(conn)
-            except (*TRANSIENT, asyncpg.PostgresError) as exc:
-                log.warning("subscriptions_listener_lost", error=str(exc), retry_in=backoff)
-            finally:
-                self.listening = False
-                if conn is not None:
-                    with contextlib.suppress(Exception):  # the connection may already be gone; nothing to save
-                        await conn.close(timeout=1)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+        await self._listening.run()
+
+    async def _reload_on(self, _conn: asyncpg.Connection) -> None:
+        await self.reload()
 
     async def _follow(self, conn: asyncpg.Connection) -> None:
         loop = asyncio.get_running_loop()

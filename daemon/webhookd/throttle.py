@@ -8,6 +8,12 @@ durable retry path and it is sent later, never dropped.
 from __future__ import annotations
 
 
+def burst_seconds(rate: float) -> float:
+    """How far behind the present an idle endpoint's schedule may start: a second's worth of slots at once."""
+    interval = 1.0 / rate
+    return max(1.0, interval) - interval
+
+
 class Throttle:
     """One endpoint's pace; every method takes the current (monotonic) time."""
 
@@ -27,9 +33,8 @@ class Throttle:
         if self.rate is None:
             return True, 0.0
         interval = 1.0 / self.rate
-        burst = max(1.0, interval) - interval
         start = max(self._tat, now)
-        wait = max(0.0, start - burst - now)
+        wait = max(0.0, start - burst_seconds(self.rate) - now)
         if wait > max_wait:
             self._deferred_tat = max(self._deferred_tat, start) + interval
             return False, self._deferred_tat - now

@@ -269,7 +269,8 @@ class EndpointSettings(_Section):
     # Open for this long, then one probe; each failed probe doubles it, up to the maximum.
     circuit_cooldown_seconds: _Timeout = 30.0
     circuit_max_cooldown_seconds: _Timeout = 600.0
-    # Deliveries a second to one endpoint; unset is unlimited. `webhookd endpoints limit` overrides it per webhook.
+    # Deliveries a second to one endpoint from the whole cluster (webhookd.pacing); unset is unlimited.
+    # `webhookd endpoints limit` overrides it per webhook.
     rate_limit_per_second: Annotated[float | None, BeforeValidator(_optional(_rate))] = None
     # Disabled after failing this long without one success (410 Gone disables at once); 0 never disables.
     disable_after_seconds: _Delay = 432000.0
