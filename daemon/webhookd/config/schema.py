@@ -238,6 +238,7 @@ class DeliverySettings(_Section):
     response_body_limit_bytes: _Size = 4096
     retry_poll_interval_seconds: _Timeout = 1.0
     drain_timeout_seconds: _Delay = 20.0
+    # An endpoint that answers nothing this long while it has requests in flight has its queue deferred (scheduler).
     host_wait_seconds: _Delay = 1.0
     host_busy_retry_seconds: _Timeout = 10.0
     signature_scheme: Annotated[Literal["twenty", "standard-webhooks", "both"], BeforeValidator(_choice(*_SCHEMES))] = (
