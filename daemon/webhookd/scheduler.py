@@ -211,6 +211,8 @@ class Scheduler:
             lane.last_progress = host.last_progress = now
             lane.stalled = False
             self._adapt(lane, result)
+        elif not lane.in_flight:
+            lane.stalled = False  # its last request was called off: nothing is left to show that it hangs
         if host.blocked:
             self._unblock(host, 1)
         if lane.queue:
