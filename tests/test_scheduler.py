@@ -31,6 +31,15 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def earn(s: Scheduler, endpoint: str, host: str, rounds: int) -> None:
+    """Rounds of requests that use the endpoint's whole limit, all answered."""
+    for _ in range(rounds):
+        lanes = [await s.acquire(endpoint, host) for _ in range(int(s.limit_of(endpoint) or 1))]
+        for lane in lanes:
+            assert lane is not None
+            s.release(lane, "2xx")
+
+
 async def test_an_endpoint_that_never_answers_holds_only_its_first_slots_while_its_sibling_keeps_going() -> None:
     s, _ = scheduler()
     hung = [ask(s, "http://h/hung") for _ in range(10)]
@@ -45,22 +54,19 @@ async def test_an_endpoint_that_never_answers_holds_only_its_first_slots_while_i
 
 async def test_answers_grow_the_limit_while_it_is_used_and_timeouts_halve_it_without_touching_siblings() -> None:
     s, _ = scheduler(concurrency=64, host=64)
-    for _ in range(20):
-        lanes = [await s.acquire("http://h/a", "h:443") for _ in range(int(s.limit_of("http://h/a") or 1))]
-        for lane in lanes:
-            assert lane is not None
-            s.release(lane, "2xx")
+    await earn(s, "http://h/a", "h:443", rounds=20)
     grown = s.limit_of("http://h/a")
     assert grown is not None
     assert grown >= 32, "slow start did not grow an endpoint that used its slots"
     sibling = await s.acquire("http://h/b", "h:443")
     assert sibling is not None
     s.release(sibling, "2xx")
+    sibling_limit = s.limit_of("http://h/b")
     lane = await s.acquire("http://h/a", "h:443")
     assert lane is not None
     s.release(lane, "timeout")
     assert s.limit_of("http://h/a") == grown / 2
-    assert s.limit_of("http://h/b") == INITIAL_LIMIT, "one endpoint's timeout cut its sibling"
+    assert s.limit_of("http://h/b") == sibling_limit, "one endpoint's timeout cut its sibling"
 
 
 async def test_an_endpoint_that_does_not_use_its_slots_does_not_earn_more() -> None:
@@ -69,7 +75,9 @@ async def test_an_endpoint_that_does_not_use_its_slots_does_not_earn_more() -> N
         lane = await s.acquire("http://h/one-at-a-time", "h:443")
         assert lane is not None
         s.release(lane, "2xx")
-    assert s.limit_of("http://h/one-at-a-time") == INITIAL_LIMIT
+    limit = s.limit_of("http://h/one-at-a-time")
+    assert limit is not None
+    assert limit <= 3, "an endpoint that never had more than one request in flight earned a large share"
 
 
 async def test_freed_slots_go_round_the_waiting_endpoints_in_turn() -> None:
@@ -93,11 +101,8 @@ async def test_freed_slots_go_round_the_waiting_endpoints_in_turn() -> None:
 async def test_an_endpoint_over_its_fair_share_waits_while_one_under_it_waits() -> None:
     s, _ = scheduler(concurrency=4, host=4)
     # "big" earns a large limit alone, then holds 3 of the 4 slots when "small" arrives.
-    for _ in range(10):
-        lanes = [await s.acquire("http://big/x", "big:80") for _ in range(4)]
-        for lane in lanes:
-            assert lane is not None
-            s.release(lane, "2xx")
+    await earn(s, "http://big/x", "big:80", rounds=10)
+    await earn(s, "http://small/x", "small:80", rounds=3)
     big = [await s.acquire("http://big/x", "big:80") for _ in range(3)]
     small = await s.acquire("http://small/x", "small:80")
     more_big = ask(s, "http://big/x", "big:80")
@@ -137,7 +142,7 @@ async def test_an_endpoint_that_answers_nothing_is_stalled_and_its_queue_deferre
 
 async def test_a_delivery_waiting_on_the_budget_is_never_deferred_however_long_it_waits() -> None:
     s, clock = scheduler(concurrency=2, host=2, wait=1.0)
-    busy = [await s.acquire("http://a/x", "a:80") for _ in range(2)]
+    busy = [await s.acquire(f"http://a/{i}", "a:80") for i in range(2)]
     waiting = ask(s, "http://b/x", "b:80")
     await settle()
     for _ in range(20):

@@ -1,10 +1,10 @@
 """Who may send now: the in-flight budget shared fairly across endpoints, each endpoint's own adaptive limit, and a
 cap per receiving host.
 
-An endpoint (one target URL) starts with a few requests in flight and earns more with every answer while it uses
-what it has (slow start, as TCP does: one more per answer until its first loss, then one more per round of answers),
-and loses half at each timeout or connection error. A receiver that hangs from its first request never holds more
-than its first few slots; one that answers fast soon has what its pace needs.
+An endpoint (one target URL) starts with one request in flight and earns more with every answer while it uses what
+it has (slow start, as TCP does: one more per answer until its first loss, then one more per round of answers), and
+loses half at each timeout or connection error. A receiver that hangs from its first request never holds more than
+its first slot; one that answers fast soon has what its pace needs.
 
 When more endpoints want slots than there are, freed slots go round the waiting endpoints in turn, and one that
 already holds its fair share (the budget divided among the endpoints in use) is served only when no endpoint under
@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 # Outcomes that say the endpoint cannot take what it was given: its limit is halved.
 _OVERLOADED = frozenset({"timeout", "connection_error"})
-# Every endpoint starts with this many slots (or its host's cap, if smaller): the most a receiver that never answers
-# holds before it is found stalled.
-INITIAL_LIMIT = 4
+# Every endpoint starts with one slot, as TCP's slow start would with a window of one: a receiver that never answers
+# holds no more than that while it is found stalled, so five of them beside fifty healthy endpoints take under 5% of
+# a budget of 128. One that answers doubles its limit with every round trip.
+INITIAL_LIMIT = 1
 # An endpoint idle this long starts again from the initial limit: what it earned says little about it now.
 _IDLE_RESET_SECONDS = 10.0
 # Idle endpoints are forgotten once this many are known.
