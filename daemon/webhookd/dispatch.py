@@ -89,6 +89,10 @@ class Dispatcher:
         self._busy_retry_seconds = busy_retry_seconds
         self._busy_until: dict[str, float] = {}  # webhook id -> until when its endpoint was found stalled
         self._first: dict[asyncio.Task[None], tuple[Delivery, RecordJob]] = {}
+        # Deliveries to endpoints found stalled, on their way to the retry table together, one task per record.
+        self._held_back: dict[asyncio.Task[None], tuple[list[Delivery], RecordJob]] = {}
+        self._held_back_count = 0
+        self._busy_deferrals = metrics.deliveries_deferred.labels("endpoint_busy")
         self._retries: dict[asyncio.Task[None], Delivery] = {}
         # Set whenever a retried delivery is settled: the retry poller claims again as soon as room frees.
         self.retry_settled = asyncio.Event()
@@ -100,7 +104,7 @@ class Dispatcher:
     @property
     def pending(self) -> int:
         """First attempts not yet settled: what the consumer's backpressure counts."""
-        return len(self._first)
+        return len(self._first) + self._held_back_count
 
     @property
     def retries_in_flight(self) -> int:
@@ -120,10 +124,23 @@ class Dispatcher:
     def submit(self, deliveries: list[Delivery], on_done: Callable[[], None]) -> None:
         """Start the first attempt of each of a record's deliveries; `on_done` runs once all are settled."""
         job = RecordJob(len(deliveries), on_done)
+        held: list[Delivery] | None = None
         for delivery in deliveries:
+            webhook = delivery.webhook
+            if self._scheduler.stalled(webhook.target_url) and self._health.disabled_reason(webhook.id) is None:
+                # Its endpoint answers nothing: straight to the retry table, without a task and an admission each,
+                # which would cost the healthy endpoints' deliveries their CPU.
+                held = held or []
+                held.append(delivery)
+                continue
             task = asyncio.create_task(self._first_attempt(delivery))
             self._first[task] = (delivery, job)
             task.add_done_callback(self._first_finished)
+        if held:
+            task = asyncio.create_task(self._hold_back(held))
+            self._held_back[task] = (held, job)
+            self._held_back_count += len(held)
+            task.add_done_callback(self._held_back_finished)
 
     def submit_retry(self, delivery: Delivery) -> None:
         """Attempt a delivery claimed from the durable retry queue."""
@@ -139,6 +156,25 @@ class Dispatcher:
             self._on_fatal(exc)
         else:
             job.one_done()
+
+    def _held_back_finished(self, task: asyncio.Task[None]) -> None:
+        deliveries, job = self._held_back.pop(task)
+        self._held_back_count -= len(deliveries)
+        if task.cancelled():
+            self._interrupted.extend((delivery, job) for delivery in deliveries)
+        elif (exc := task.exception()) is not None:
+            self._on_fatal(exc)
+        else:
+            for _ in deliveries:
+                job.one_done()
+
+    async def _hold_back(self, deliveries: list[Delivery]) -> None:
+        retry_in = self._busy_retry_seconds
+        until = time.monotonic() + retry_in
+        for delivery in deliveries:
+            self._busy_until[delivery.webhook.id] = until
+        self._busy_deferrals.inc(len(deliveries))
+        await self._recorder.hold_back(deliveries, retry_in=retry_in, error=_BUSY)
 
     def _retry_finished(self, task: asyncio.Task[None]) -> None:
         self._retries.pop(task, None)
@@ -298,13 +334,13 @@ class Dispatcher:
         """Wait up to `timeout` for every first attempt to settle; True if they all did."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._first and loop.time() < deadline:
-            await asyncio.wait(list(self._first), timeout=deadline - loop.time())
-        return not self._first
+        while (self._first or self._held_back) and loop.time() < deadline:
+            await asyncio.wait([*self._first, *self._held_back], timeout=deadline - loop.time())
+        return not (self._first or self._held_back)
 
     async def hand_off(self) -> int:
         """Move every unsettled first attempt to the durable retry path, then settle it; returns how many."""
-        tasks = list(self._first)
+        tasks = [*self._first, *self._held_back]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -86,26 +87,20 @@ class Recorder:
         self, delivery: Delivery, *, status: str, retry_in: float, last_status: int | None, error: str | None
     ) -> None:
         """Write a delivery that failed its first attempt (pending retry or dead) as its durable row."""
-        event_time = (
-            datetime.fromtimestamp(delivery.kafka_timestamp_ms / 1000, UTC)
-            if delivery.kafka_timestamp_ms is not None
-            else None
-        )
-        await self._write(
-            _INSERT_DELIVERY,
-            delivery.event_id,
-            delivery.webhook.id,
-            delivery.workspace_id,
-            delivery.event_name,
-            delivery.body,
-            event_time,
-            delivery.source,
-            status,
-            delivery.attempts,
-            retry_in,
-            last_status,
-            clean_text(error),
-        )
+        await self._write(_INSERT_DELIVERY, *_row(delivery, status, retry_in, last_status, clean_text(error)))
+
+    async def hold_back(self, deliveries: Sequence[Delivery], *, retry_in: float, error: str) -> None:
+        """Write deliveries that were never attempted as pending rows, due in `retry_in` seconds; returns once all are
+        on disk. One wait for all of them: an endpoint that stopped answering sends every one of its deliveries here."""
+        loop = asyncio.get_running_loop()
+        text = clean_text(error)
+        written: list[asyncio.Future[None]] = []
+        for delivery in deliveries:
+            done: asyncio.Future[None] = loop.create_future()
+            self._queue.put_nowait(_Write(_INSERT_DELIVERY, _row(delivery, "pending", retry_in, None, text), done))
+            written.append(done)
+        for done in written:
+            await done
 
     async def update(
         self, row_id: int, *, status: str, attempts: int, retry_in: float, last_status: int | None, error: str | None
@@ -183,6 +178,31 @@ class Recorder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def _row(
+    delivery: Delivery, status: str, retry_in: float, last_status: int | None, error: str | None
+) -> tuple[Any, ...]:
+    """The parameters of `_INSERT_DELIVERY` for one delivery."""
+    event_time = (
+        datetime.fromtimestamp(delivery.kafka_timestamp_ms / 1000, UTC)
+        if delivery.kafka_timestamp_ms is not None
+        else None
+    )
+    return (
+        delivery.event_id,
+        delivery.webhook.id,
+        delivery.workspace_id,
+        delivery.event_name,
+        delivery.body,
+        event_time,
+        delivery.source,
+        status,
+        delivery.attempts,
+        retry_in,
+        last_status,
+        error,
+    )
 
 
 def clean_text(text: str | None) -> str | None:
