@@ -73,7 +73,7 @@ async def ceiling(url: str, bodies: list[bytes], concurrency: int = CONCURRENCY)
         return Run.of(len(bodies), time.monotonic() - started, time.process_time() - cpu)
 
 
-async def _until_count(count: Callable[[], int], target: int, started: float) -> None:
+async def until_count(count: Callable[[], int], target: int, started: float) -> None:
     while count() < target:
         if time.monotonic() - started > _TIMEOUT:
             raise TimeoutError(f"only {count()} of {target} deliveries arrived within {_TIMEOUT:.0f} s")
@@ -99,7 +99,7 @@ async def daemon_rate(stack: Stack, receiver: Receiver, events: int, webhooks: i
     async with DaemonRun(stack, topic, workers, delivery=delivery) as daemon:
         # Counted from here: with several workers, the first to join delivers while the others are still starting.
         started, cpu, before = time.monotonic(), daemon.cpu_seconds(), receiver.count
-        await _until_count(lambda: receiver.count, target, started)
+        await until_count(lambda: receiver.count, target, started)
         return Run.of(target - before, time.monotonic() - started, daemon.cpu_seconds() - cpu)
 
 

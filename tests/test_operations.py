@@ -103,10 +103,12 @@ async def _shutdown_then_restart(
     kafka: str, dsn: str, topic: str, receiver: Receiver, *, drain: float, hang: float, second_signal: bool
 ) -> tuple[int, float, int]:
     ws = new_workspace()
-    await add_webhook(dsn, ws, receiver.url("/slow"), ["*.*"])
     slow = _SlowUntilHealed(hang)
-    receiver.behaviours["/slow"] = slow
-    total = 60
+    # Twenty endpoints: each one, slow from its first request, is given one slot until it answers.
+    for n in range(20):
+        await add_webhook(dsn, ws, receiver.url(f"/slow/{n}"), ["*.*"])
+        receiver.behaviours[f"/slow/{n}"] = slow
+    total = 20
     config = config_for(
         kafka, dsn, topic,
         delivery={"concurrency": 20, "drain_timeout_seconds": drain, "timeout_seconds": 30, "retry_schedule": ["1s"]},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,14 +33,19 @@ INSERT INTO webhookd.deliveries
 VALUES ($1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10), $11, $12)
 ON CONFLICT (event_id, webhook_id, source) DO NOTHING
 """
-_UPDATE_DELIVERY = """
-UPDATE webhookd.deliveries
-SET status = $2, attempts = $3, next_attempt_at = now() + make_interval(secs => $4), last_status = $5,
-    last_error = $6, locked_until = NULL, updated_at = now(),
-    delivered_at = CASE WHEN $2 = 'delivered' THEN now() ELSE delivered_at END
+# Column-wise, one array per parameter: the outcomes of a whole batch in one statement, which Postgres plans and runs
+# once rather than once per row (a backlog of retries settles thousands of rows a second).
+_UPDATE_DELIVERIES = """
+UPDATE webhookd.deliveries d
+SET status = v.status, attempts = v.attempts, next_attempt_at = now() + make_interval(secs => v.retry_in),
+    last_status = v.last_status, last_error = v.last_error, locked_until = NULL, updated_at = now(),
+    delivered_at = CASE WHEN v.status = 'delivered' THEN now() ELSE d.delivered_at END
+FROM unnest($1::bigint[], $2::text[], $3::integer[], $4::float8[], $5::integer[], $6::text[])
+    AS v (id, status, attempts, retry_in, last_status, last_error)
 -- A claim whose lease ran out may have been taken and settled by another replica; never undo its result.
-WHERE id = $1 AND status = 'pending'
+WHERE d.id = v.id AND d.status = 'pending'
 """
+_COLUMNWISE = frozenset({_UPDATE_DELIVERIES})
 _DEFER_DELIVERY = """
 UPDATE webhookd.deliveries
 SET next_attempt_at = now() + make_interval(secs => $2), locked_until = NULL, updated_at = now()
@@ -64,6 +69,37 @@ class BadRecord:
     raw: bytes
 
 
+class HeldConnection:
+    """A pool connection that one long-running task keeps between its queries, until a query fails or the task ends.
+
+    Taken from the pool and given back around every query, a connection costs the pool's reset, a round trip, each
+    time; on an event loop busy with deliveries a round trip is a turn of the loop, which the retry path would pay
+    twice per claim and twice per batch of outcomes.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """The connection for a query or a transaction; given back if it fails, so the next use gets another."""
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        try:
+            yield self._conn
+        except BaseException:
+            await self.drop()
+            raise
+
+    async def drop(self) -> None:
+        """Give the connection back to the pool, which replaces it if it broke; at the latest when the task ends."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(*TRANSIENT, asyncpg.PostgresError):
+                await self._pool.release(conn)
+
+
 @dataclass(slots=True)
 class _Write:
     sql: str
@@ -75,7 +111,7 @@ class Recorder:
     """Gathers writes from every delivery and commits them together; `close` flushes what is queued."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+        self._conn = HeldConnection(pool)
         self._queue: asyncio.Queue[_Write] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -106,7 +142,14 @@ class Recorder:
         self, row_id: int, *, status: str, attempts: int, retry_in: float, last_status: int | None, error: str | None
     ) -> None:
         """Record the outcome of an attempt on a delivery that already has its durable row."""
-        await self._write(_UPDATE_DELIVERY, row_id, status, attempts, retry_in, last_status, clean_text(error))
+        await self._write(_UPDATE_DELIVERIES, row_id, status, attempts, retry_in, last_status, clean_text(error))
+
+    async def dead_letters(self, rows: Sequence[tuple[int, int]], *, error: str) -> None:
+        """Dead-letter claimed deliveries that will not be attempted, given as (row id, attempts so far), together."""
+        text = clean_text(error)
+        await asyncio.gather(
+            *(self._write(_UPDATE_DELIVERIES, row_id, "dead", attempts, 0.0, None, text) for row_id, attempts in rows)
+        )
 
     async def defer(self, row_id: int, *, retry_in: float) -> None:
         """Put a claimed delivery back for later without an attempt, keeping its last status and error."""
@@ -126,8 +169,9 @@ class Recorder:
     async def _write(self, sql: str, *args: Any) -> None:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Write(sql, args, done))
-        # The write belongs to the batch now; a cancelled caller must not unqueue it, so only the wait is cancelled.
-        await asyncio.shield(done)
+        # The write belongs to the batch now: cancelling the caller cancels only its wait (`done`), which the commit
+        # then leaves alone. (A shield would cost a second future and callbacks on every write.)
+        await done
 
     async def _run(self) -> None:
         batch: list[_Write] = []
@@ -150,6 +194,8 @@ class Recorder:
                     write.done.set_exception(failure)
                     write.done.exception()  # marks it retrieved: the caller may be gone (cancelled) by now
             raise
+        finally:
+            await self._conn.drop()
 
     async def _commit(self, batch: list[_Write]) -> None:
         by_sql: dict[str, list[tuple[Any, ...]]] = {}
@@ -158,9 +204,14 @@ class Recorder:
         backoff = 0.2
         while True:
             try:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    for sql, rows in by_sql.items():
-                        await conn.executemany(sql, rows)
+                async with self._conn.use() as conn:
+                    if len(by_sql) == 1:
+                        # One statement is a transaction of its own: BEGIN and COMMIT would be two more round trips.
+                        await _apply(conn, *next(iter(by_sql.items())))
+                    else:
+                        async with conn.transaction():
+                            for sql, rows in by_sql.items():
+                                await _apply(conn, sql, rows)
                 break
             except TRANSIENT as exc:
                 log.warning("record_write_retrying", error=str(exc), writes=len(batch), retry_in=backoff)
@@ -178,6 +229,13 @@ class Recorder:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+async def _apply(conn: asyncpg.pool.PoolConnectionProxy, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    if sql in _COLUMNWISE:
+        await conn.execute(sql, *(list(column) for column in zip(*rows, strict=True)))
+    else:
+        await conn.executemany(sql, rows)
 
 
 def _row(

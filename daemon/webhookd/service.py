@@ -321,7 +321,9 @@ class Service:
             self.metrics,
             RetrySettings(
                 poll_interval=s.delivery.retry_poll_interval_seconds,
-                max_in_flight=s.delivery.concurrency,
+                # Twice what may be sent at once: while as many retries as that are sent, as many again are being
+                # claimed or are writing their outcomes, so that a backlog keeps every slot busy.
+                max_in_flight=2 * s.delivery.concurrency,
                 # Long enough to cover waiting for a slot, the attempt and writing its outcome; expiry only risks a
                 # duplicate, while a killed replica's claims wait this long before another replica takes them.
                 lease_seconds=3 * s.delivery.timeout_seconds + s.delivery.host_wait_seconds + 5,
