@@ -135,7 +135,8 @@ async def _shutdown_then_restart(
                 60,
                 "every event after the restart",
             )
-            daemon.terminate()
+            # In a thread: the receiver runs on this loop, and must answer what the daemon still has in flight.
+            await asyncio.to_thread(daemon.terminate)
         finally:
             daemon.kill()
     return status, took, total
