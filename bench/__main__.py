@@ -1,6 +1,8 @@
 """`make bench`: one table, measured in one run on one machine, of what webhookd costs and sustains.
 
-    python -m bench [--deliveries 20000] [--repeats 3] [--only throughput,naive,latency,backlog,rows,workers,decode]
+    python -m bench [--deliveries N] [--repeats 3] [--only SECTION,...]
+
+Sections: throughput, naive, latency, backlog, rows, workers, decode, retries, isolation, cluster.
 
 Runs that are compared are alternated (ceiling, daemon, ceiling, daemon, ...) and their medians reported, because
 a shared machine is noisy. See BENCHMARKS.md for the latest table and what it says.
@@ -23,18 +25,23 @@ from pathlib import Path
 
 import uvloop
 
+from bench import cluster, isolation
 from bench.decode import TARGET, decode_cost
 from bench.latency import latency_at
 from bench.memory import backlog_peak_rss, table_cost
 from bench.receivers import Receiver, capacity, receiver_for, running
+from bench.retry_drain import drain_rate
 from bench.stack import Stack
 from bench.throughput import CONCURRENCY, Run, bodies_for, ceiling, daemon_rate, naive_rate
 from webhookd.logs import setup_logging
 
-SECTIONS = ("throughput", "naive", "latency", "backlog", "rows", "workers", "decode")
+SECTIONS = ("throughput", "naive", "latency", "backlog", "rows", "workers", "decode", "retries", "isolation", "cluster")
 # The sections measured in this process alone, on CPU: they need neither the broker nor Postgres.
 IN_PROCESS = frozenset({"decode"})
 DELAYS = (0.0, 0.05)
+# Deliveries a run when `--deliveries` is not given: the retry drain's target is set for a backlog of 100,000.
+DELIVERIES = 20_000
+RETRY_BACKLOG = 100_000
 
 
 def _regime(delay: float) -> str:
@@ -62,6 +69,7 @@ class Bench:
         self.args = args
         self.lines: list[str] = []
         self.capacity: dict[float, float] = {}  # webhookd's measured rate, 1 webhook, per regime
+        self.deliveries: int = args.deliveries or DELIVERIES
 
     @property
     def stack(self) -> Stack:
@@ -88,7 +96,7 @@ class Bench:
     async def throughput(self) -> None:
         self.out("## Deliveries a second, end to end, against the raw aiohttp ceiling")
         self.out()
-        self.out(f"Concurrency {CONCURRENCY} on both sides; {self.args.deliveries} deliveries a run; medians of "
+        self.out(f"Concurrency {CONCURRENCY} on both sides; {self.deliveries} deliveries a run; medians of "
                  f"{self.args.repeats} alternated runs.")  # fmt: skip
         self.out()
         self.out("| receiver | webhooks per event | receiver's own capacity (/s) | raw ceiling (/s) | webhookd (/s) "
@@ -98,7 +106,7 @@ class Bench:
             with self.receiver(delay) as receiver:
                 own = await asyncio.to_thread(capacity, receiver, bodies_for(1, 1)[0], CONCURRENCY)
                 for webhooks in (1, 5):
-                    events = self.args.deliveries // webhooks
+                    events = self.deliveries // webhooks
                     bodies = bodies_for(events, webhooks)
                     url = f"http://127.0.0.1:{receiver.port}/ceiling"
                     raw, daemon = await self.side_by_side(
@@ -118,7 +126,7 @@ class Bench:
     async def naive(self) -> None:
         delay = 0.05
         with self.receiver(delay) as receiver:
-            bodies = bodies_for(self.args.deliveries // 4, 1)
+            bodies = bodies_for(self.deliveries // 4, 1)
             url = f"http://127.0.0.1:{receiver.port}/ceiling"
             raw, naive = await self.side_by_side(
                 functools.partial(ceiling, url, bodies),
@@ -178,8 +186,8 @@ class Bench:
         delay = 0.0
         with self.receiver(delay) as receiver:
             one, two = await self.side_by_side(
-                functools.partial(daemon_rate, self.stack, receiver, self.args.deliveries, 1, workers=1),
-                functools.partial(daemon_rate, self.stack, receiver, self.args.deliveries, 1, workers=2),
+                functools.partial(daemon_rate, self.stack, receiver, self.deliveries, 1, workers=1),
+                functools.partial(daemon_rate, self.stack, receiver, self.deliveries, 1, workers=2),
             )
         self.out(f"## `--workers N` ({_regime(delay)}, 1 webhook, 4 partitions)")
         self.out()
@@ -211,6 +219,87 @@ class Bench:
                      f"{row.ratio:.2f} | {row.ratio_same_size:.2f} | {verdict} |")  # fmt: skip
         self.out()
 
+    async def retries(self) -> None:
+        rows = self.args.deliveries or RETRY_BACKLOG
+        self.out("## A backlog of due retries, drained from Postgres, against the same deliveries made live")
+        self.out()
+        self.out(f"{rows:,} deliveries to 1 webhook at concurrency {CONCURRENCY}, either produced to Kafka (live) "
+                 f"or written to the retry table as due rows (drain); medians of {self.args.repeats} alternated "
+                 f"runs.")  # fmt: skip
+        self.out()
+        self.out("| receiver | live (/s) | retry drain (/s) | ratio | target | CPU per delivery, live / drain (µs) |")
+        self.out("| --- | --- | --- | --- | --- | --- |")
+        for delay in DELAYS:
+            with self.receiver(delay) as receiver:
+                live, drain = await self.side_by_side(
+                    functools.partial(daemon_rate, self.stack, receiver, rows, 1),
+                    functools.partial(drain_rate, self.stack, receiver, rows),
+                )
+            ratio = drain.rate / live.rate
+            verdict = "met" if ratio >= 0.8 else "missed"
+            self.out(f"| {receiver.name}, {_regime(delay)} | {live.rate:,.0f} | {drain.rate:,.0f} | {ratio:.2f} | "
+                     f"≥ 0.8 {verdict} | {live.cpu_us:.0f} / {drain.cpu_us:.0f} |")  # fmt: skip
+        self.out()
+
+    async def isolation(self) -> None:
+        healthy, hung = isolation.HEALTHY, isolation.HUNG
+        self.out(f"## Isolation: {healthy} healthy endpoints beside {hung} hung from the first event, in both layouts")
+        self.out()
+        self.out(f"{healthy} endpoints that answer after {isolation.ANSWER_AFTER * 1000:.0f} ms, alone (a workspace "
+                 f"of their {healthy} webhooks) or beside {hung} that hang until the {isolation.HUNG_TIMEOUT} s "
+                 f"timeout (a workspace of the same {healthy} and {hung} hung ones, new for every run and healed once "
+                 f"it is measured); `delivery.concurrency` and `delivery.per_host_concurrency` {isolation.BUDGET}; "
+                 f"{isolation.EVENTS} events a run; the healthy endpoints' deliveries a second, medians (best) of "
+                 f"{self.args.repeats} alternated runs on one daemon; the receivers are one aiohttp process of their "
+                 f"own.")  # fmt: skip
+        self.out()
+        self.out(f"| layout | alone (/s) | beside {hung} hung (/s) | ratio of medians (of bests) | target | healthy "
+                 f"deliveries deferred | target | CPU per healthy delivery, alone / beside (µs) |")  # fmt: skip
+        self.out("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for one_host in (True, False):
+            result = await isolation.isolation(self.stack, one_host, self.args.repeats)
+            runs = [[round(r.rate) for r in rs] for rs in (result.alone, result.beside)]
+            print(f"  .. rates {runs}", file=sys.stderr, flush=True)
+            alone, beside = isolation.Isolation.median(result.alone), isolation.Isolation.median(result.beside)
+            best_alone, best_beside = max(r.rate for r in result.alone), max(r.rate for r in result.beside)
+            ratio = beside.rate / alone.rate
+            verdict = "met" if ratio >= 0.9 else "missed"
+            self.out(f"| {result.layout} | {alone.rate:,.0f} ({best_alone:,.0f}) | {beside.rate:,.0f} "
+                     f"({best_beside:,.0f}) | {ratio:.2f} ({best_beside / best_alone:.2f}) | ≥ 0.9 {verdict} | "
+                     f"{result.deferred:,} | 0 {'met' if not result.deferred else 'missed'} | "
+                     f"{alone.cpu_us:.0f} / {beside.cpu_us:.0f} |")  # fmt: skip
+        self.out()
+
+    async def cluster(self) -> None:
+        limit, grace = cluster.LIMIT, cluster.GRACE_SECONDS
+        self.out(f"## Limits kept cluster-wide: {cluster.DAEMONS} daemons x {cluster.WORKERS} workers, one consumer "
+                 f"group, {cluster.PARTITIONS} partitions")  # fmt: skip
+        self.out()
+        self.out(f"One webhook limited to {limit}/s with `webhookd endpoints limit`, behind a backlog far above that "
+                 f"in every partition: its receiver's arrivals over {cluster.WINDOW_SECONDS:.0f} s, from "
+                 f"{cluster.SETTLE_SECONDS:.0f} s after the first delivery (the group's rebalances are over by then). "
+                 f"Then another webhook, unlimited, fed {cluster.STREAM_RATE} events a second over every partition: "
+                 f"once every process has delivered, its receiver answers one request 429 with `Retry-After: "
+                 f"{cluster.RETRY_AFTER}`. Default delivery settings; the receiver is a process of its "
+                 f"own.")  # fmt: skip
+        self.out()
+        self.out("| check | measured | target | detail |")
+        self.out("| --- | --- | --- | --- |")
+        for _ in range(self.args.repeats):
+            limited = await cluster.limit_accuracy(self.stack)
+            verdict = "met" if abs(limited.error) <= 0.1 else "missed"
+            shares = ", ".join(f"{process} {n:,}" for process, n in limited.by_process.items())
+            self.out(f"| rate limit {limit}/s | {limited.rate:.1f}/s ({limited.error:+.1%}) | ± 10% {verdict} | "
+                     f"{limited.arrivals:,} arrivals in {limited.seconds:.0f} s, busiest second {limited.busiest}; "
+                     f"deliveries in the window by daemon/worker: {shares} |")  # fmt: skip
+            paused = await cluster.pause_kept(self.stack)
+            verdict = "met" if not paused.during else "missed"
+            first = "none" if paused.first_after is None else f"{paused.first_after:.2f} s after the 429"
+            self.out(f"| `Retry-After: {paused.retry_after}` | {paused.during} requests from {grace} s after the 429 "
+                     f"to the pause's end | 0 {verdict} | first request after it: {first}; {paused.in_flight} within "
+                     f"{grace} s of the 429 (already on their way) |")  # fmt: skip
+        self.out()
+
 
 async def main_async(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as tmp:
@@ -234,7 +323,12 @@ async def main_async(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--deliveries", type=int, default=20_000, help="deliveries per throughput run")
+    parser.add_argument(
+        "--deliveries",
+        type=int,
+        default=None,
+        help=f"deliveries per run ({DELIVERIES:,}; a backlog of {RETRY_BACKLOG:,} for the retry drain)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-events", type=int, default=300)
     parser.add_argument("--latency-seconds", type=float, default=15.0)

@@ -5,12 +5,14 @@ it costs the machine least, so most of the two cores go to what is measured. Oth
 sharing one port. Either answers at once or after a delay, and counts the requests it received.
 
 Two more for single measurements: one that records each delivery's latency from the `sent_ms` its event carries,
-and one that accepts connections and never answers (the backlog case).
+and one that accepts connections and never answers (the backlog case). And one whose paths behave differently side
+by side, on one port or many: healthy, hung until healed, or noting each arrival (the isolation and cluster cases).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import multiprocessing
 import os
@@ -22,11 +24,13 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
+import uvloop
 from aiohttp import web
 
 from webhookd.children import free_port
@@ -348,3 +352,131 @@ def _silent(port: int) -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     asyncio.run(serve())
+
+
+@dataclass(frozen=True)
+class ScriptedState:
+    """What a ScriptedReceiver has seen, its times on the machine's monotonic clock (`time.monotonic()` in any
+    process): `/ok/` answers and when the last was given, every `/log/` arrival, and when it refused one."""
+
+    answered: int
+    last_answer: float
+    arrivals: list[float]
+    refused_at: float | None
+
+
+class _Script:
+    """The behaviour of a ScriptedReceiver's paths, inside its process."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.answered = 0
+        self.last_answer = 0.0
+        self.arrivals: list[float] = []
+        self.retry_after: int | None = None  # the next `/log/` request is answered 429 with this Retry-After
+        self.refused_at: float | None = None
+        self.heals: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+
+    async def ok(self, request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(self.delay)
+        self.answered += 1
+        self.last_answer = time.monotonic()
+        return web.Response(text="ok")
+
+    async def hung(self, request: web.Request) -> web.Response:
+        await self.heals[request.match_info["run"]].wait()
+        return web.Response(text="ok")
+
+    async def log(self, request: web.Request) -> web.Response:
+        self.arrivals.append(time.monotonic())
+        await request.read()
+        if self.retry_after is not None:
+            seconds, self.retry_after, self.refused_at = self.retry_after, None, self.arrivals[-1]
+            return web.Response(status=429, headers={"Retry-After": str(seconds)})
+        return web.Response(text="ok")
+
+    async def heal(self, request: web.Request) -> web.Response:
+        self.heals[request.match_info["run"]].set()
+        return web.Response(status=204)
+
+    async def refuse(self, request: web.Request) -> web.Response:
+        self.retry_after = int(request.match_info["seconds"])
+        return web.Response(status=204)
+
+    async def state(self, _request: web.Request) -> web.Response:
+        fields = {"answered": self.answered, "last_answer": self.last_answer, "arrivals": self.arrivals}
+        return web.Response(body=orjson.dumps({**fields, "refused_at": self.refused_at}))
+
+
+def _scripted(socks: list[socket.socket], delay: float) -> None:
+    async def serve() -> None:
+        script = _Script(delay)
+        app = web.Application()
+        app.router.add_post("/ok/{tail:.*}", script.ok)
+        app.router.add_post("/hung/{run}/{tail:.*}", script.hung)
+        app.router.add_post("/log/{tail:.*}", script.log)
+        app.router.add_post("/__heal/{run}", script.heal)
+        app.router.add_post("/__refuse/{seconds}", script.refuse)
+        app.router.add_get("/__state", script.state)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        for sock in socks:
+            await web.SockSite(runner, sock, backlog=4096).start()
+        await asyncio.Event().wait()
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # uvloop, as the daemon has: the receiver's CPU per request is the least the two cores can give it.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve())
+
+
+class ScriptedReceiver:
+    """One aiohttp process listening on `ports` ports, whose paths behave as the isolation and cluster sections need.
+
+    - `/ok/...` answers after `delay`, counted;
+    - `/hung/RUN/...` hangs until `heal(RUN)`, then answers at once;
+    - `/log/...` answers at once, its arrival noted; after `refuse_once(seconds)`, the next one is answered 429 with
+      that `Retry-After`.
+
+    Its own process, so that the bench's CPU never delays an answer; the sockets are bound here before it starts,
+    so that their ports are known and cannot be taken meanwhile.
+    """
+
+    def __init__(self, ports: int = 1, delay: float = 0.0) -> None:
+        self._socks = [socket.create_server(("127.0.0.1", 0), backlog=4096) for _ in range(ports)]
+        self.ports = [sock.getsockname()[1] for sock in self._socks]
+        self._proc = multiprocessing.Process(target=_scripted, args=(self._socks, delay), daemon=True)
+        self._http: aiohttp.ClientSession | None = None
+
+    def url(self, index: int, path: str) -> str:
+        return f"http://127.0.0.1:{self.ports[index]}{path}"
+
+    async def __aenter__(self) -> ScriptedReceiver:
+        self._proc.start()
+        for sock in self._socks:  # the child has them now
+            sock.close()
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._http is not None:
+            await self._http.close()
+        if self._proc.pid is not None:  # started
+            self._proc.terminate()
+            await asyncio.to_thread(self._proc.join, 5)
+
+    async def _call(self, method: str, path: str) -> bytes:
+        assert self._http is not None, "used inside `async with`"
+        async with self._http.request(method, self.url(0, path)) as response:
+            response.raise_for_status()
+            return await response.read()
+
+    async def state(self) -> ScriptedState:
+        return ScriptedState(**orjson.loads(await self._call("GET", "/__state")))
+
+    async def heal(self, run: str) -> None:
+        await self._call("POST", f"/__heal/{run}")
+
+    async def refuse_once(self, retry_after: int) -> None:
+        await self._call("POST", f"/__refuse/{retry_after}")

@@ -21,6 +21,7 @@ import psutil
 import yaml
 from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from webhookd.children import free_port
 from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic
@@ -73,6 +74,20 @@ class Stack:
             )
         finally:
             await conn.close()
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        """The first value of `query`'s first row, on a connection of its own."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            return await conn.fetchval(query, *args)
+        finally:
+            await conn.close()
+
+    async def forget_deliveries(self, workspaces: Iterable[str]) -> None:
+        """Drops the retry table's rows of `workspaces`: a later daemon of the bench would otherwise spend its time
+        retrying them against receivers that are gone."""
+        ids = [uuid.UUID(w) for w in workspaces]
+        await self.fetchval("DELETE FROM webhookd.deliveries WHERE workspace_id = ANY($1::uuid[])", ids)
 
     async def clear_webhooks(self) -> None:
         conn = await asyncpg.connect(self.dsn)
@@ -203,8 +218,12 @@ class DaemonRun:
         assert self.proc is not None
         return _status_kib(self.proc.pid, "VmHWM") / 1024
 
-    async def metric(self, name: str) -> float:
-        """The sum of every sample called `name` on /metrics."""
+    async def samples(self, name: str) -> list[Sample]:
+        """Every sample called `name` on /metrics (with `--workers N`, one per worker)."""
         async with aiohttp.ClientSession() as http, http.get(f"http://{self.listen}/metrics") as response:
             text = await response.text()
-        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+        return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+
+    async def metric(self, name: str) -> float:
+        """The sum of every sample called `name` on /metrics."""
+        return sum(s.value for s in await self.samples(name))
