@@ -33,8 +33,8 @@ DAEMONS = 2
 WORKERS = 2
 LIMIT = 50.0
 # Measured once every process has joined the group and settled in: the first seconds hold rebalances and the burst.
-SETTLE_SECONDS = 8.0
-WINDOW_SECONDS = 15.0
+SETTLE_SECONDS = 6.0
+WINDOW_SECONDS = 10.0
 
 
 async def _delivered_by_worker(listen: str) -> dict[str, float]:
@@ -113,7 +113,7 @@ async def test_a_retry_after_from_one_process_pauses_the_endpoint_in_every_proce
     topic = await fresh_topic(kafka, partitions=DAEMONS * WORKERS)
     ws = new_workspace()
     await add_webhook(dsn, ws, receiver.url("/pausing"), ["*.*"])
-    pause = 6.0
+    pause = 4.0
     asked_at: list[float] = []
 
     async def pause_once(_request: web.Request, _body: bytes) -> web.StreamResponse:
