@@ -134,11 +134,6 @@ class Scheduler:
         """Deliveries waiting for a slot."""
         return sum(len(lane.queue) for lane in self._lanes.values())
 
-    @property
-    def tracked(self) -> int:
-        """Endpoints known."""
-        return len(self._lanes)
-
     def limit_of(self, endpoint: str) -> float | None:
         """The endpoint's current limit, None if it is not known."""
         lane = self._lanes.get(endpoint)
