@@ -267,6 +267,16 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def by_worker(text: str, name: str, **labels: str) -> dict[str, float]:
+    """The samples of `name` whose labels include `labels`, by the `worker` label of a pod's /metrics."""
+    return {
+        sample.labels["worker"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    }
+
+
 def new_workspace() -> str:
     return str(uuid.uuid4())
 

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon_tools import fresh_topic, wait_ready
 from tests.support import (
     DaemonProcess,
     Receiver,
     add_webhook,
+    by_worker,
     config_for,
     event,
     get_text,
@@ -35,16 +35,6 @@ LIMIT = 50.0
 # Measured once every process has joined the group and settled in: the first seconds hold rebalances and the burst.
 SETTLE_SECONDS = 6.0
 WINDOW_SECONDS = 10.0
-
-
-async def _delivered_by_worker(listen: str) -> dict[str, float]:
-    _, text = await get_text(f"http://{listen}/metrics")
-    return {
-        sample.labels["worker"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "webhookd_deliveries_total" and sample.labels.get("outcome") == "delivered"
-    }
 
 
 @contextlib.asynccontextmanager
@@ -92,18 +82,22 @@ async def test_an_endpoint_limited_to_fifty_a_second_gets_fifty_a_second_from_tw
         start = receiver.requests[0].at + SETTLE_SECONDS
         await asyncio.sleep(max(0.0, start + WINDOW_SECONDS - time.monotonic()) + 0.5)
         arrived = [r.at for r in receiver.requests if start <= r.at < start + WINDOW_SECONDS]
-        by_worker = {
+        per_process = {
             f"{n}/{worker}": count
             for n, config in enumerate(configs)
-            for worker, count in (await _delivered_by_worker(config["http"]["listen"])).items()
+            for worker, count in by_worker(
+                (await get_text(f"http://{config['http']['listen']}/metrics"))[1],
+                "webhookd_deliveries_total",
+                outcome="delivered",
+            ).items()
         }
     rate = len(arrived) / WINDOW_SECONDS
     busiest = max(sum(1 for t in arrived if s <= t < s + 1) for s in arrived)
     print(
         f"\nlimit {LIMIT:.0f}/s, {DAEMONS} daemons x {WORKERS} workers: {rate:.1f}/s over {WINDOW_SECONDS:.0f} s "
-        f"(busiest second {busiest}); delivered by each process: {by_worker}"
+        f"(busiest second {busiest}); delivered by each process: {per_process}"
     )
-    assert sum(1 for count in by_worker.values() if count > 0) >= 3, "the processes did not all share the endpoint"
+    assert sum(1 for count in per_process.values() if count > 0) >= 3, "the processes did not all share the endpoint"
     assert abs(rate - LIMIT) <= 0.1 * LIMIT, f"{rate:.1f}/s against a limit of {LIMIT:.0f}/s"
 
 

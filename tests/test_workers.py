@@ -8,13 +8,13 @@ import tempfile
 from pathlib import Path
 
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon_tools import fresh_topic, wait_ready
 from tests.support import (
     DaemonProcess,
     Receiver,
     add_webhook,
+    by_worker,
     config_for,
     event,
     get_text,
@@ -23,15 +23,6 @@ from tests.support import (
     until,
     write_config,
 )
-
-
-def _by_worker(text: str, name: str, **labels: str) -> dict[str, float]:
-    return {
-        sample.labels["worker"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    }
 
 
 async def test_two_workers_split_the_partitions_answer_as_one_and_survive_a_killed_worker(
@@ -56,7 +47,7 @@ async def test_two_workers_split_the_partitions_answer_as_one_and_survive_a_kill
             )
 
             async def both_counted() -> bool:
-                delivered = _by_worker(
+                delivered = by_worker(
                     (await get_text(f"http://{listen}/metrics"))[1], "webhookd_deliveries_total", outcome="delivered"
                 )
                 return sum(delivered.values()) == 40 and len(delivered) == 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +19,7 @@ import asyncpg
 import structlog
 
 from webhookd.deliver import Delivery
+from webhookd.held_connection import HeldConnection
 from webhookd.pgerrors import TRANSIENT
 
 log = structlog.get_logger("webhookd.record")
@@ -67,37 +68,6 @@ class BadRecord:
     offset: int
     reason: str
     raw: bytes
-
-
-class HeldConnection:
-    """A pool connection that one long-running task keeps between its queries, until a query fails or the task ends.
-
-    Taken from the pool and given back around every query, a connection costs the pool's reset, a round trip, each
-    time; on an event loop busy with deliveries a round trip is a turn of the loop, which the retry path would pay
-    twice per claim and twice per batch of outcomes.
-    """
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
-        self._conn: asyncpg.pool.PoolConnectionProxy | None = None
-
-    @contextlib.asynccontextmanager
-    async def use(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        """The connection for a query or a transaction; given back if it fails, so the next use gets another."""
-        if self._conn is None:
-            self._conn = await self._pool.acquire()
-        try:
-            yield self._conn
-        except BaseException:
-            await self.drop()
-            raise
-
-    async def drop(self) -> None:
-        """Give the connection back to the pool, which replaces it if it broke; at the latest when the task ends."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(*TRANSIENT, asyncpg.PostgresError):
-                await self._pool.release(conn)
 
 
 @dataclass(slots=True)

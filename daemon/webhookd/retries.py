@@ -19,9 +19,10 @@ import structlog
 from webhookd.deliver import Delivery
 from webhookd.dispatch import Dispatcher
 from webhookd.health import EndpointHealth
+from webhookd.held_connection import HeldConnection
 from webhookd.metrics import Metrics
 from webhookd.pgerrors import TRANSIENT
-from webhookd.record import HeldConnection, Recorder
+from webhookd.record import Recorder
 from webhookd.subscriptions import SubscriptionIndex, Webhook
 
 log = structlog.get_logger("webhookd.retries")

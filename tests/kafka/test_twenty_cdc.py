@@ -104,14 +104,7 @@ async def add_docs_webhook(dsn: str, workspace: str, url: str, secret: str) -> N
 
 
 def person(company: str) -> dict[str, Any]:
-    return {
-        "nameFirstName": "Ada",
-        "nameLastName": "Lovelace",
-        "emailsPrimaryEmail": "ada@example.com",
-        "emailsAdditionalEmails": '["ada@analytical.engine"]',
-        "city": "London",
-        "companyId": company,
-    }
+    return {**person_row_values(), "companyId": company}
 
 
 def deal(company: str, contact: str) -> dict[str, Any]:
