@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 
 from webhookd.deliver import AttemptResult, Delivery
+from webhookd.events import Event
 from webhookd.pgerrors import TRANSIENT
 from webhookd.record import clean_text
 
@@ -33,6 +34,7 @@ _COLUMNS = (
     "result",
     "status",
     "error",
+    "source",
 )
 _EXCERPT = 300  # characters of an error or response body kept per attempt
 _PRUNE = """
@@ -75,6 +77,27 @@ class AttemptLog:
                 result.result,
                 result.status,
                 clean_text(error[:_EXCERPT]) if error else None,
+                delivery.source,
+            )
+        )
+        self._trim()
+
+    def add_filtered(self, event: Event, webhook_id: str, source: str, why: str) -> None:
+        """A pair that a webhook's filter kept from being sent: attempt 0, result `filtered`, never a failure; it is
+        here so that `deliveries show --event` can say why nothing went out."""
+        self._rows.append(
+            (
+                event.id,
+                webhook_id,
+                event.workspace_id,
+                event.name,
+                0,
+                datetime.now(UTC),
+                0.0,
+                "filtered",
+                None,
+                clean_text(why[:_EXCERPT]),
+                source,
             )
         )
         self._trim()

@@ -28,7 +28,7 @@ from webhookd.intake.readers import NeedsLayout, RecordReader
 from webhookd.metrics import Metrics
 from webhookd.offsets import PartitionOffsets
 from webhookd.record import BadRecord, Recorder
-from webhookd.subscriptions import SubscriptionIndex
+from webhookd.routing import Router
 
 log = structlog.get_logger("webhookd.consume")
 
@@ -62,7 +62,7 @@ class Consumer:
         reader: RecordReader,
         body_format: BodyFormat,
         dispatcher: Dispatcher,
-        index: SubscriptionIndex,
+        router: Router,
         recorder: Recorder,
         metrics: Metrics,
         settings: ConsumeSettings,
@@ -72,7 +72,7 @@ class Consumer:
         self._reader = reader
         self._body_format = body_format
         self._dispatcher = dispatcher
-        self._index = index
+        self._router = router
         self._recorder = recorder
         self._metrics = metrics
         self._settings = settings
@@ -211,12 +211,11 @@ class Consumer:
                 waited_since = loop.time()
 
     def _dispatch(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord, event: Event) -> None:
-        obj, action = event.object_and_action
-        webhooks = self._index.match(event.workspace_id, obj, action)
+        source = f"{tp.topic}:{tp.partition}:{record.offset}"
+        webhooks, order_keys = self._router.route(event, source)
         if not webhooks:
             offsets.finished(record.offset)
             return
-        source = f"{tp.topic}:{tp.partition}:{record.offset}"
         deliveries = [
             Delivery(
                 event_id=event.id,
@@ -229,6 +228,9 @@ class Consumer:
             )
             for webhook, body in zip(webhooks, self._body_format.bodies(event, webhooks), strict=True)
         ]
+        if order_keys is not None:
+            for delivery, key in zip(deliveries, order_keys, strict=True):
+                delivery.order_key = key
         self._dispatcher.submit(deliveries, self._settled(offsets, record.offset))
 
     def _skipped(self, skip: Skip) -> None:

@@ -34,6 +34,9 @@ class Delivery:
     source: str  # topic:partition:offset, for operators
     attempts: int = 0
     row_id: int | None = None  # the durable row, once the delivery is on the retry path
+    # For a webhook that keeps each record's order: "<object>:<record id>"; deliveries with the same key to the same
+    # webhook leave one after the other, in Kafka order.
+    order_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,9 @@ class Sender:
     def headers(self, delivery: Delivery, now: float) -> dict[str, str]:
         webhook = delivery.webhook
         headers = {"Content-Type": "application/json", "User-Agent": self._user_agent}
+        if webhook.options.headers:
+            # The webhook's own headers (`webhooks set --header`), which never name one of the signature's.
+            headers.update(webhook.options.headers)
         headers.update(
             self._signer.headers(delivery.event_id, delivery.body, webhook.secret, webhook.previous_secret_at(now), now)
         )

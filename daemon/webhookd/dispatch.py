@@ -21,12 +21,14 @@ from webhookd.attempts import AttemptLog
 from webhookd.deliver import AttemptResult, Delivery, Sender
 from webhookd.health import EndpointHealth, Hold
 from webhookd.metrics import Metrics
+from webhookd.ordering import PendingCheck, RecordLines
 from webhookd.record import Recorder
 from webhookd.scheduler import Scheduler
 
 log = structlog.get_logger("webhookd.dispatch")
 
 _BUSY = "deferred: the endpoint has answered nothing for a while"
+_BEHIND = "waiting for an earlier delivery of the same record"
 
 
 class RecordJob:
@@ -76,8 +78,12 @@ class Dispatcher:
         health: EndpointHealth,
         attempts: AttemptLog,
         on_fatal: Callable[[BaseException], None],
+        pending_check: PendingCheck | None = None,
     ) -> None:
         self._sender = sender
+        self._pending_check = pending_check
+        self._lines = RecordLines()
+        self._behind = metrics.deliveries_deferred.labels("record_order")
         self._health = health
         self._attempts = attempts
         self._recorder = recorder
@@ -110,6 +116,11 @@ class Dispatcher:
     def retries_in_flight(self) -> int:
         return len(self._retries)
 
+    def ordered_retries_in_flight(self) -> bool:
+        """Whether a retried delivery of an ordered webhook is under way: its record's next may fall due when it
+        settles."""
+        return any(d.order_key is not None for d in self._retries.values())
+
     def busy_webhooks(self) -> list[str]:
         """Webhooks whose endpoint was stalled a moment ago: claiming their retries now would only defer them again."""
         now = time.monotonic()
@@ -127,7 +138,11 @@ class Dispatcher:
         held: list[Delivery] | None = None
         for delivery in deliveries:
             webhook = delivery.webhook
-            if self._scheduler.stalled(webhook.target_url) and self._health.disabled_reason(webhook.id) is None:
+            if (
+                delivery.order_key is None
+                and self._scheduler.stalled(webhook.target_url)
+                and self._health.disabled_reason(webhook.id) is None
+            ):
                 # Its endpoint answers nothing: straight to the retry table, without a task and an admission each,
                 # which would cost the healthy endpoints' deliveries their CPU.
                 held = held or []
@@ -233,6 +248,28 @@ class Dispatcher:
         return "pending", hold.retry_in
 
     async def _first_attempt(self, delivery: Delivery) -> None:
+        if delivery.order_key is None:
+            await self._attempt_first(delivery)
+            return
+        ahead, mine = self._lines.join(delivery)
+        # Until it is known to have reached its end, a delivery holds the ones behind it: they wait in the table.
+        held = True
+        try:
+            if ahead is not None:
+                must_wait = await ahead
+            else:
+                assert self._pending_check is not None, "ordered deliveries need the pending check"
+                must_wait = await self._pending_check.pending(delivery.webhook.id, delivery.order_key)
+            if must_wait:
+                self._behind.inc()
+                await self._recorder.behind(delivery, error=_BEHIND)
+            else:
+                held = await self._attempt_first(delivery) == "pending"
+        finally:
+            self._lines.leave(delivery, mine, held=held)
+
+    async def _attempt_first(self, delivery: Delivery) -> str:
+        """The first attempt and its settling; returns the status it settled in: delivered, pending or dead."""
         result = await self._send(delivery)
         if isinstance(result, Hold):
             held_status, held_delay = self._held(delivery, result)
@@ -240,22 +277,20 @@ class Dispatcher:
             await self._recorder.schedule(
                 delivery, status=held_status, retry_in=held_delay, last_status=None, error=result.error
             )
-            return
+            return held_status
         delivery.attempts = 1
         if result.ok:
             self._delivered(delivery, result)
-            return
+            return "delivered"
         delay = self._next_try(delivery, result)
         self._log_failure(delivery, result, delay)
         if delay is None:
             self._metrics.deliveries_by_outcome["dead_lettered"].inc()
+        status = "pending" if delay is not None else "dead"
         await self._recorder.schedule(
-            delivery,
-            status="pending" if delay is not None else "dead",
-            retry_in=delay or 0.0,
-            last_status=result.status,
-            error=result.describe(),
+            delivery, status=status, retry_in=delay or 0.0, last_status=result.status, error=result.describe()
         )
+        return status
 
     async def _retry(self, delivery: Delivery) -> None:
         assert delivery.row_id is not None, "a retried delivery always has its durable row"
@@ -341,10 +376,13 @@ class Dispatcher:
     async def hand_off(self) -> int:
         """Move every unsettled first attempt to the durable retry path, then settle it; returns how many."""
         tasks = [*self._first, *self._held_back]
+        # Submission order, which is Kafka order: the deliveries of a record kept in order are written in it.
+        submitted = {id(d): n for n, (d, _) in enumerate(self._first.values())}
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         interrupted, self._interrupted = self._interrupted, []
+        interrupted.sort(key=lambda pair: submitted.get(id(pair[0]), len(submitted)))
 
         async def persist(delivery: Delivery, job: RecordJob) -> None:
             # Not counted as an attempt: the receiver may never have seen it, and it deserves its full schedule.

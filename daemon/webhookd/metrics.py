@@ -9,9 +9,12 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from webhookd.filters import FILTER_REASONS
+
 ATTEMPT_RESULTS = ("2xx", "3xx", "4xx", "5xx", "timeout", "connection_error", "blocked")
 OUTCOMES = ("delivered", "dead_lettered")
-DEFERRALS = ("circuit_open", "rate_limited", "endpoint_busy")
+# record_order: a delivery of an ordered webhook written to the retry table behind an earlier one of its record.
+DEFERRALS = ("circuit_open", "rate_limited", "endpoint_busy", "record_order")
 # Records read and passed over on purpose: Debezium's tombstones, truncates, logical messages and snapshot reads,
 # updates that changed nothing a receiver sees, changes of schemas that are no Twenty workspace, and changes of
 # objects Twenty never sends to webhooks (timelineActivity).
@@ -74,6 +77,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.deliveries_filtered = Counter(
+            "webhookd_deliveries_filtered",
+            "Pairs of an event and a matching webhook that the webhook's filter kept from being sent, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.endpoint_circuit_open = Gauge(
             "webhookd_endpoint_circuit_open", "Endpoints whose circuit breaker is open or probing.", registry=r
         )
@@ -87,6 +96,7 @@ class Metrics:
         for reason in DEFERRALS:
             self.deliveries_deferred.labels(reason)
         self.skips_by_reason = {reason: self.events_skipped.labels(reason) for reason in SKIPS}
+        self.filtered_by_reason = {reason: self.deliveries_filtered.labels(reason) for reason in FILTER_REASONS}
 
 
 def duration_buckets(timeout: float) -> tuple[float, ...]:

@@ -30,8 +30,22 @@ _RAW_LIMIT = 64 * 1024  # bytes of a bad record kept for inspection; the real si
 _INSERT_DELIVERY = """
 INSERT INTO webhookd.deliveries
     (event_id, webhook_id, workspace_id, event_name, body, event_time, source,
-     status, attempts, next_attempt_at, last_status, last_error)
-VALUES ($1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10), $11, $12)
+     status, attempts, next_attempt_at, last_status, last_error, order_key)
+VALUES ($1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10), $11, $12, $13)
+ON CONFLICT (event_id, webhook_id, source) DO NOTHING
+"""
+# A delivery of an ordered webhook that must wait for an earlier one of its record, still pending: written after it
+# (a larger id), and due no sooner, so that the retry path does not look at it again and again while the earlier one
+# backs off. The retry path claims it only once nothing earlier of its record is pending (see `retries`).
+_INSERT_BEHIND = """
+INSERT INTO webhookd.deliveries
+    (event_id, webhook_id, workspace_id, event_name, body, event_time, source,
+     status, attempts, next_attempt_at, last_status, last_error, order_key)
+SELECT $1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9,
+    greatest(now() + make_interval(secs => $10), (
+        SELECT max(e.next_attempt_at) FROM webhookd.deliveries e
+        WHERE e.webhook_id = $2::uuid AND e.order_key = $13 AND e.status = 'pending'
+    )), $11, $12, $13
 ON CONFLICT (event_id, webhook_id, source) DO NOTHING
 """
 # Column-wise, one array per parameter: the outcomes of a whole batch in one statement, which Postgres plans and runs
@@ -107,6 +121,10 @@ class Recorder:
             written.append(done)
         for done in written:
             await done
+
+    async def behind(self, delivery: Delivery, *, error: str) -> None:
+        """Write a delivery of an ordered webhook, never attempted, behind the pending ones of its record."""
+        await self._write(_INSERT_BEHIND, *_row(delivery, "pending", 0.0, None, clean_text(error)))
 
     async def update(
         self, row_id: int, *, status: str, attempts: int, retry_in: float, last_status: int | None, error: str | None
@@ -230,6 +248,7 @@ def _row(
         retry_in,
         last_status,
         error,
+        delivery.order_key,
     )
 
 

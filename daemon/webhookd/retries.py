@@ -34,21 +34,28 @@ UPDATE webhookd.deliveries d
 SET locked_until = now() + make_interval(secs => $2), updated_at = now()
 WHERE d.id IN ({rows})
 RETURNING d.id, d.event_id, d.webhook_id::text AS webhook_id, d.workspace_id::text AS workspace_id,
-          d.event_name, d.body, (extract(epoch FROM d.event_time) * 1000)::bigint AS event_ms, d.source, d.attempts
+          d.event_name, d.body, (extract(epoch FROM d.event_time) * 1000)::bigint AS event_ms, d.source, d.attempts,
+          d.order_key
 """
-_DUE = """status = 'pending' AND next_attempt_at <= now() AND (locked_until IS NULL OR locked_until < now())
-    AND NOT (id = ANY($3::bigint[]))"""
+# A row of an ordered webhook is due only once no earlier row of its record is pending (claimed or not): a record's
+# deliveries leave one at a time, in the order they were written.
+_DUE = """q.status = 'pending' AND q.next_attempt_at <= now() AND (q.locked_until IS NULL OR q.locked_until < now())
+    AND NOT (q.id = ANY($3::bigint[]))
+    AND (q.order_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM webhookd.deliveries e
+        WHERE e.webhook_id = q.webhook_id AND e.order_key = q.order_key AND e.status = 'pending' AND e.id < q.id
+    ))"""
 # The earliest due rows of every endpoint but those that take nothing now (circuit open, paused, host busy) or one
 # delivery (a probe).
 _CLAIM_MANY = _CLAIM.format(
-    rows=f"""SELECT id FROM webhookd.deliveries WHERE {_DUE} AND NOT (webhook_id = ANY($4::uuid[]))
-    ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED"""
+    rows=f"""SELECT q.id FROM webhookd.deliveries q WHERE {_DUE} AND NOT (q.webhook_id = ANY($4::uuid[]))
+    ORDER BY q.next_attempt_at LIMIT $1 FOR UPDATE OF q SKIP LOCKED"""
 )
 # The earliest due row of each endpoint whose half-open circuit takes one delivery, its probe: one query for all.
 _CLAIM_PROBES = _CLAIM.format(
     rows=f"""SELECT probe.id FROM unnest($4::uuid[]) AS w (webhook_id) CROSS JOIN LATERAL (
-        SELECT id FROM webhookd.deliveries WHERE webhook_id = w.webhook_id AND {_DUE}
-        ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED
+        SELECT q.id FROM webhookd.deliveries q WHERE q.webhook_id = w.webhook_id AND {_DUE}
+        ORDER BY q.next_attempt_at LIMIT 1 FOR UPDATE OF q SKIP LOCKED
     ) probe LIMIT $1"""
 )
 # Probes claimed in one poll at most; more wait for the next.
@@ -109,6 +116,8 @@ class RetryPoller:
                     log.warning("retry_poll_failed", error=str(exc))
                 if more_due or room <= 0:
                     await self._room_for_a_batch()
+                elif self._dispatcher.ordered_retries_in_flight():
+                    await self._successor_due()
                 else:
                     # Nothing else is due now; rows fall due with time, not when a retry settles.
                     await asyncio.sleep(self._settings.poll_interval)
@@ -138,6 +147,17 @@ class RetryPoller:
                     if self._room() >= batch:
                         return
                     await settled.wait()
+
+    async def _successor_due(self) -> None:
+        """Until a retry settles, or the poll interval has passed: the next delivery of a record kept in order falls
+        due the moment the one before it settles, and waiting the poll interval for each would send such a record's
+        backlog at one delivery a poll."""
+        settled = self._dispatcher.retry_settled
+        settled.clear()
+        # Read after clearing: a retry that settles from now on sets it again.
+        if self._dispatcher.ordered_retries_in_flight():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled.wait(), self._settings.poll_interval)
 
     async def claim(self, limit: int) -> int:
         own = self._dispatcher.retry_rows()
@@ -182,6 +202,7 @@ class RetryPoller:
                     source=row["source"],
                     attempts=row["attempts"],
                     row_id=row["id"],
+                    order_key=row["order_key"],
                 )
             )
         return unsubscribed

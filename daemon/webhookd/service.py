@@ -35,10 +35,12 @@ from webhookd.intake.twenty_catalog import TwentyCatalog
 from webhookd.intake.twenty_events import MappingSettings
 from webhookd.members import Membership
 from webhookd.metrics import Metrics
+from webhookd.ordering import PendingCheck
 from webhookd.pacing import Pacer, PostgresLedger
 from webhookd.pgerrors import TRANSIENT
 from webhookd.record import Recorder
 from webhookd.retries import RetryPoller, RetrySettings
+from webhookd.routing import Router
 from webhookd.scheduler import Scheduler, SchedulerLimits
 from webhookd.signing import Signer
 from webhookd.subscriptions import SubscriptionStore
@@ -58,7 +60,7 @@ _FINAL_COMMIT_SECONDS = 10.0
 _SCHEMA_CURRENT = (
     "SELECT to_regclass('webhookd.deliveries') IS NOT NULL AND to_regclass('webhookd.endpoints') IS NOT NULL "
     "AND to_regclass('webhookd.attempts') IS NOT NULL AND to_regclass('webhookd.pacing') IS NOT NULL "
-    "AND to_regclass('webhookd.members') IS NOT NULL"
+    "AND to_regclass('webhookd.members') IS NOT NULL AND to_regclass('webhookd.webhook_options') IS NOT NULL"
 )
 
 
@@ -81,6 +83,7 @@ class _Resources:
     catalog: TwentyCatalog
     membership: Membership
     pacer: Pacer
+    pending_check: PendingCheck
     web: Any  # aiohttp.web.AppRunner
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
@@ -149,6 +152,7 @@ class Service:
         self._res = await self._build(pool, links)
         res = self._res
         res.tasks["recorder"] = res.recorder.start()
+        res.tasks["order_check"] = res.pending_check.start()
         try:
             await res.book.load()
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
@@ -258,6 +262,7 @@ class Service:
         # of processes changes.
         cap = s.delivery.per_host_concurrency
         membership.follow(lambda _live: scheduler.set_host_concurrency(membership.share(cap)))
+        pending_check = PendingCheck(pool)
         dispatcher = Dispatcher(
             sender,
             recorder,
@@ -268,6 +273,7 @@ class Service:
             health=health,
             attempts=attempts,
             on_fatal=self._on_fatal,
+            pending_check=pending_check,
         )
         kafka = AIOKafkaConsumer(
             bootstrap_servers=list(s.kafka.bootstrap_servers),
@@ -301,7 +307,7 @@ class Service:
             reader,
             body_format(s.delivery.body_format),
             dispatcher,
-            store.index,
+            Router(store.index, attempts, self.metrics),
             recorder,
             self.metrics,
             ConsumeSettings(
@@ -343,6 +349,7 @@ class Service:
             catalog,
             membership=membership,
             pacer=pacer,
+            pending_check=pending_check,
             web=None,
         )
 

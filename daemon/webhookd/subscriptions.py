@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import asyncpg
+import orjson
 import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from webhookd.listening import Listening
 from webhookd.signing import standard_key
 from webhookd.tls import PostgresConnect
+from webhookd.webhook_options import NO_OPTIONS, OptionsError, WebhookOptions, options_from_json
 
 NOTIFY_CHANNEL = "webhookd_subscriptions"
 # Past this many changed rows at once, one full reload is cheaper than reading them one by one.
@@ -54,6 +56,8 @@ class Webhook:
 
     # The `targetUrl` as saved, where it lacks the scheme that `target_url` adds; Twenty's body carries it as saved.
     saved_url: str | None = field(default=None, repr=False)
+    # webhookd's own options for it (`webhookd webhooks set`): filter, per-record order, headers.
+    options: WebhookOptions = NO_OPTIONS
 
     @property
     def saved_target_url(self) -> str:
@@ -140,6 +144,7 @@ def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
         log.warning("webhook_operations_ignored", webhook_id=row["id"], reason="not of the form object.action")
     previous = row.get("previous_secret")
     return Webhook(
+        options=_options(row["id"], row.get("options")),
         id=row["id"],
         workspace_id=row["workspaceId"],
         target_url=url,
@@ -150,6 +155,17 @@ def webhook_from_row(row: asyncpg.Record) -> Webhook | None:
         previous_secret=previous.encode() if isinstance(previous, str) and previous else None,
         previous_until=row.get("previous_until") or 0.0,
     )
+
+
+def _options(webhook_id: str, stored: object) -> WebhookOptions:
+    if stored is None:
+        return NO_OPTIONS
+    try:
+        return options_from_json(orjson.loads(stored) if isinstance(stored, str) else stored)
+    except (OptionsError, orjson.JSONDecodeError) as exc:
+        # A row edited by hand into something that cannot be applied: the webhook goes on as if it had none.
+        log.warning("webhook_options_ignored", webhook_id=webhook_id, reason=str(exc))
+        return NO_OPTIONS
 
 
 # Events that Twenty's matching gives only to webhooks naming them exactly, never to a wildcard: a running workflow
@@ -215,9 +231,10 @@ class SubscriptionStore:
         self._select = (
             'SELECT w.id::text AS id, w."workspaceId"::text AS "workspaceId", w."targetUrl", w.operations, '
             "w.secret, p.secret AS previous_secret, "
-            "extract(epoch FROM p.replaced_at)::float8 + $1 AS previous_until "
+            "extract(epoch FROM p.replaced_at)::float8 + $1 AS previous_until, o.options::text AS options "
             f"FROM {table} w LEFT JOIN webhookd.previous_secrets p "
             "ON p.webhook_id = w.id AND p.replaced_at > now() - make_interval(secs => $1) "
+            "LEFT JOIN webhookd.webhook_options o ON o.webhook_id = w.id "
             'WHERE w."deletedAt" IS NULL'
         )
         # One number per table state, so that the periodic safety net costs Postgres one scan instead of costing this
