@@ -1,5 +1,5 @@
-"""Every operator command against a real run: `deliveries list | show | retry` and `endpoints list | enable |
-disable | limit`, as tables and as --json, with filters, clear errors, and a replay that sends the same event id."""
+"""Every operator command against a real run: `deliveries list | show | retry | replay` and `endpoints list | enable |
+disable | limit`, as tables and as --json, with filters, clear errors, and replays that send the same event id."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from tests.support import (
     webhookd_command,
     write_config,
 )
+from webhookd.children import free_port
 from webhookd.config import Settings
 
 
@@ -40,6 +41,8 @@ class Scene:
     bad: str
     receiver: Receiver
     fail: dict[str, bool]
+    dsn: str
+    topic: str
 
     async def cli(self, *args: str) -> tuple[int, str]:
         return await webhookd_command(*args, "--config", self.config)
@@ -70,7 +73,7 @@ async def scene(kafka: str, dsn: str, topic: str, receiver: Receiver) -> AsyncIt
             await produce(kafka, topic, [event("person.created", ws, id=f"e{i}") for i in range(3)])
             await until(lambda: _dead(dsn, 3), 20, "three dead letters")
             await until(lambda: _logged_attempts(dsn, 9), 10, "every attempt in the attempt log")
-            yield Scene(path, ws, good, bad_id, receiver, fail)
+            yield Scene(path, ws, good, bad_id, receiver, fail, dsn, topic)
 
 
 async def _logged_attempts(dsn: str, n: int) -> bool:
@@ -106,7 +109,9 @@ async def test_deliveries_list_shows_dead_letters_and_first_try_successes_with_f
     assert await scene.json("deliveries", "list", "--status", "pending") == []
 
 
-async def test_deliveries_show_lists_every_attempt_of_a_delivery_or_of_an_event(scene: Scene) -> None:
+async def test_deliveries_show_lists_every_attempt_of_a_delivery_or_of_an_event_and_what_filters_kept_back(
+    scene: Scene,
+) -> None:
     dead = await scene.json("deliveries", "list", "--status", "dead", "--event", "e0")
     delivery_id = str(dead[0]["id"])
     status, text = await scene.cli("deliveries", "show", delivery_id)
@@ -127,6 +132,20 @@ async def test_deliveries_show_lists_every_attempt_of_a_delivery_or_of_an_event(
     status, out = await scene.cli("deliveries", "show", "999999")
     assert status == 1
     assert "no delivery with id 999999" in out
+
+    # A pair that a webhook's filter kept back is only in the attempt log (attempt 0, result `filtered`).
+    picky = await add_webhook(scene.dsn, scene.workspace, scene.receiver.url("/picky"), ["*.*"])
+    why = "filter: stage is not in [WON, LOST]"
+    await _log_attempt(scene, "e0", picky, attempt=0, result="filtered", error=why, source=f"{scene.topic}:0:0")
+    shown_all = {d["webhook_id"]: d for d in await scene.json("deliveries", "show", "--event", "e0")}
+    assert shown_all.keys() == {scene.good, scene.bad, picky}
+    assert shown_all[picky]["status"] == "filtered"
+    assert shown_all[picky]["reason"] == why
+    assert shown_all[picky]["id"] is None
+    status, text = await scene.cli("deliveries", "show", "--event", "e0")
+    assert status == 0, text
+    assert "status:           filtered" in text
+    assert f"filtered out by:  {why}" in text
 
 
 async def test_deliveries_retry_replays_dead_letters_with_the_same_event_id(scene: Scene) -> None:
@@ -155,6 +174,192 @@ async def test_deliveries_retry_replays_dead_letters_with_the_same_event_id(scen
     assert "no such delivery: 424242" in out
     await scene.receiver.wait_for(lambda: len(scene.receiver.at("/bad")) == before + 4, 15, "the second replay")
     assert scene.receiver.at("/bad")[-1].event_id in {"e0", "e1", "e2"}
+
+
+async def _log_attempt(
+    scene: Scene,
+    event_id: str,
+    webhook: str,
+    *,
+    attempt: int = 1,
+    result: str = "2xx",
+    error: str | None = None,
+    source: str | None,
+) -> None:
+    """An attempt-log row as the daemon writes one, for the cases a single run does not leave behind."""
+    await fetch(
+        scene.dsn,
+        "INSERT INTO webhookd.attempts (event_id, webhook_id, workspace_id, event_name, attempt, at, duration_ms, "
+        "result, status, error, source) VALUES ($1, $2::uuid, $3::uuid, 'person.created', $4, now(), 1, $5, "
+        "CASE WHEN $5 = '2xx' THEN 200 END, $6, $7)",
+        event_id,
+        webhook,
+        scene.workspace,
+        attempt,
+        result,
+        error,
+        source,
+    )
+
+
+async def test_replay_resends_a_window_including_first_try_successes_with_the_same_event_ids(scene: Scene) -> None:
+    originals = {r.event_id: r.body for r in scene.receiver.at("/good")}
+    assert sorted(originals) == ["e0", "e1", "e2"]
+    rows = await fetch(scene.dsn, "SELECT count(*) AS n FROM webhookd.deliveries WHERE webhook_id = $1", scene.good)
+    assert rows[0]["n"] == 0, "first-try successes have no row: only the attempt log and Kafka know them"
+
+    status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "1h")
+    assert status == 0, out
+    assert f"replayed 3 deliveries of webhook {scene.good} (0 reset, 3 read again from Kafka)" in out
+    await scene.receiver.wait_for(lambda: len(scene.receiver.at("/good")) == 6, 15, "the first-try successes again")
+    again = scene.receiver.at("/good")[3:]
+    assert sorted(r.event_id for r in again) == ["e0", "e1", "e2"]
+    assert all(r.body == originals[r.event_id] for r in again), "the same body, read again from its record"
+
+    # Dead letters of the window are reset; the webhook's pairs now all have rows, and each is replayed once.
+    scene.fail["bad"] = False
+    bad = await scene.json("deliveries", "replay", "--webhook", scene.bad, "--since", "1h")
+    assert len(bad["reset"]) == 3
+    assert bad["from_kafka"] == []
+    await scene.receiver.wait_for(lambda: len(scene.receiver.at("/bad")) == 9, 15, "the dead letters, delivered")
+    assert sorted(r.event_id for r in scene.receiver.at("/bad")[6:]) == ["e0", "e1", "e2"]
+    await until(lambda: _delivered(scene, scene.good, 3), 10, "the replays of `good` recorded as delivered")
+    good = await scene.json(
+        "deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--event-name", "person.created"
+    )
+    assert (len(good["reset"]), good["from_kafka"]) == (3, []), "delivered rows are reset, not read from Kafka again"
+    await scene.receiver.wait_for(lambda: len(scene.receiver.at("/good")) == 9, 15, "the second replay")
+    assert sorted(r.event_id for r in scene.receiver.at("/good")[6:]) == ["e0", "e1", "e2"]
+
+
+async def _delivered(scene: Scene, webhook: str, n: int) -> bool:
+    rows = await fetch(
+        scene.dsn,
+        "SELECT count(*) AS n FROM webhookd.deliveries WHERE webhook_id = $1 AND status = 'delivered'",
+        webhook,
+    )
+    return int(rows[0]["n"]) == n
+
+
+async def test_replay_dry_run_prints_the_count_and_first_rows_and_changes_nothing(scene: Scene) -> None:
+    status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--dry-run")
+    assert status == 0, out
+    assert "dry run, nothing changed: 3 deliveries" in out
+    assert "3 would be replayed (0 reset, 3 read again from Kafka)" in out
+    table = out.splitlines()[1:5]
+    assert table[0].split() == ["EVENT", "NAME", "WHEN", "HOW"]
+    assert sorted(line.split()[0] for line in table[1:]) == ["e0", "e1", "e2"]
+    assert all(f"from Kafka {scene.topic}:" in line for line in table[1:])
+
+    dry = await scene.json("deliveries", "replay", "--webhook", scene.bad, "--since", "1h", "--dry-run")
+    assert dry["count"] == 3
+    assert {p["how"] for p in dry["pairs"]} == {f"reset row {i}" for i in await _dead_ids(scene)}
+    assert dry["reset"] == [], "a dry run resets nothing"
+
+    rows = await fetch(scene.dsn, "SELECT webhook_id::text AS w, status FROM webhookd.deliveries")
+    assert sorted((r["w"], r["status"]) for r in rows) == [(scene.bad, "dead")] * 3
+    assert len(scene.receiver.at("/good")) == 3
+
+    status, out = await scene.cli(
+        "deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--event-name", "person.deleted"
+    )
+    assert status == 0, out
+    assert "nothing to replay" in out
+
+
+async def _dead_ids(scene: Scene) -> list[int]:
+    return [r["id"] for r in await fetch(scene.dsn, "SELECT id FROM webhookd.deliveries WHERE status = 'dead'")]
+
+
+async def test_replay_refuses_until_before_since_and_an_unknown_webhook_and_skips_a_disabled_endpoint(
+    scene: Scene,
+) -> None:
+    status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--until", "2h")
+    assert status == 2
+    assert "--until (" in out
+    assert "is before --since" in out
+    status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--until", "soon")
+    assert status == 2
+    assert "--until: 'soon'" in out
+    unknown = "00000000-0000-4000-8000-000000000000"
+    status, out = await scene.cli("deliveries", "replay", "--webhook", unknown, "--since", "1h")
+    assert status == 1
+    assert f"no live webhook with id {unknown}" in out
+    deleted = await add_webhook(scene.dsn, scene.workspace, scene.receiver.url("/gone"), ["*.*"], deleted=True)
+    status, out = await scene.cli("deliveries", "replay", "--webhook", deleted, "--since", "1h")
+    assert status == 1
+    assert f"no live webhook with id {deleted}" in out
+    status, out = await scene.cli("deliveries", "replay", "--webhook", "nope", "--since", "1h")
+    assert status == 2
+    assert "--webhook: 'nope' is not a webhook id" in out
+
+    # The daemons would dead-letter them again at once: nothing is replayed, and the way out is named.
+    status, out = await scene.cli("endpoints", "disable", scene.good)
+    assert status == 0, out
+    status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "1h")
+    assert status == 1
+    assert f"replayed 0 deliveries of webhook {scene.good}" in out
+    assert f"skipped 3 of webhook {scene.good}: its endpoint is disabled; run `webhookd endpoints enable" in out
+    rows = await fetch(scene.dsn, "SELECT count(*) AS n FROM webhookd.deliveries WHERE webhook_id = $1", scene.good)
+    assert rows[0]["n"] == 0
+
+
+async def test_replay_reports_records_gone_from_kafka_and_replays_the_rest(scene: Scene) -> None:
+    await _log_attempt(scene, "past-the-end", scene.good, source=f"{scene.topic}:0:999999")
+    await _log_attempt(scene, "no-partition", scene.good, source=f"{scene.topic}:99:0")
+    await _log_attempt(scene, "no-topic", scene.good, source="no-such-topic-for-replay:0:5")
+    await _log_attempt(scene, "before-sources", scene.good, source=None)
+    # Where e0 came from now holds another event as far as this row knows: a recreated topic reuses positions.
+    e0 = await fetch(
+        scene.dsn, "SELECT source FROM webhookd.attempts WHERE event_id = 'e0' AND webhook_id = $1", scene.good
+    )
+    await _log_attempt(scene, "imposter", scene.good, source=e0[0]["source"])
+
+    status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--json")
+    assert status == 1, "some pairs could not be replayed"
+    report = orjson.loads(out)
+    assert sorted(r["event_id"] for r in report["from_kafka"]) == ["e0", "e1", "e2"]
+    gone = {g["event_id"]: g["why"] for g in report["gone_from_kafka"]}
+    assert gone.keys() == {"past-the-end", "no-partition", "no-topic"}
+    assert "the partition ends before it" in gone["past-the-end"]
+    assert "has no partition 99" in gone["no-partition"]
+    assert "topic no-such-topic-for-replay does not exist" in gone["no-topic"]
+    assert [m["event_id"] for m in report["no_source"]] == ["before-sources"]
+    assert [m["event_id"] for m in report["changed_in_kafka"]] == ["imposter"]
+    assert "is now event 'e0', not 'imposter'" in report["changed_in_kafka"][0]["why"]
+    await scene.receiver.wait_for(lambda: len(scene.receiver.at("/good")) == 6, 15, "the rest, replayed")
+    assert sorted(r.event_id for r in scene.receiver.at("/good")[3:]) == ["e0", "e1", "e2"]
+
+    status, text = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--dry-run")
+    assert status == 0, text
+    assert "gone from Kafka, would not be replayed: 3" in text
+    assert "no source recorded, would not be replayed: 1" in text
+
+    # A broker that cannot be reached costs the pairs it holds, reported, never a traceback.
+    nowhere = f"127.0.0.1:{free_port()}"
+    dry_run = ("deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--dry-run")
+    status, text = await webhookd_cli(
+        *dry_run, "--config", scene.config, env={"WEBHOOKD_KAFKA__BOOTSTRAP_SERVERS": nowhere}
+    )
+    assert status == 0, text
+    assert "not read from Kafka, would not be replayed: 4" in text
+    assert f"Kafka at {nowhere} failed" in text
+    assert "Traceback" not in text
+
+
+async def test_retry_dead_without_a_filter_refuses_and_all_replays_every_dead_letter(scene: Scene) -> None:
+    status, out = await scene.cli("deliveries", "retry", "--dead")
+    assert status == 2
+    assert "this would replay every dead letter; add --all if you mean it" in out
+    status, out = await scene.cli("deliveries", "retry", "--all")
+    assert status == 2
+    assert "--dead" in out
+    scene.fail["bad"] = False
+    dead = await _dead_ids(scene)
+    assert len(dead) == 3
+    replay = await scene.json("deliveries", "retry", "--dead", "--all")
+    assert replay["replayed"] == sorted(dead)
+    await scene.receiver.wait_for(lambda: len(scene.receiver.at("/bad")) == 9, 15, "every dead letter, replayed")
 
 
 async def _status_is(scene: Scene, delivery_id: int, status: str) -> bool:
@@ -217,6 +422,7 @@ async def test_endpoint_commands_refuse_bad_ids_and_rates_naming_the_argument(sc
         (("deliveries", "list"), "--status {pending,dead,delivered}"),
         (("deliveries", "show"), "every delivery of this event"),
         (("deliveries", "retry"), "same event id"),
+        (("deliveries", "replay"), "first-try successes included"),
         (("endpoints", "list"), "--state"),
         (("endpoints", "enable"), "failure streak and circuit start afresh"),
         (("endpoints", "disable"), "pending and new deliveries become dead letters"),

@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config("migrate", "Create or upgrade the database schema; safe to run any number of times.")
     with_config("check-config", "Validate the configuration: exit 0 and print it (secrets hidden), or list problems.")
     _operator_commands(commands, with_config)
+    _webhook_commands(commands, with_config)
     dev = commands.add_parser(
         "dev",
         help="Run everything locally: broker, Postgres, a demo receiver, sample webhooks and events.",
@@ -104,7 +105,7 @@ _WithConfig = Callable[[str, str, "argparse._SubParsersAction[argparse.ArgumentP
 def _operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser], with_config: _WithConfig) -> None:
     deliveries = commands.add_parser(
         "deliveries",
-        help="List deliveries, show every attempt of one, replay dead letters.",
+        help="List deliveries, show every attempt of one, replay dead letters or a webhook's window.",
         description="Deliveries that needed more than one attempt have an id; first-try successes are listed from the "
         "attempt log without one.",
     ).add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -125,8 +126,24 @@ def _operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     retry.add_argument("ids", nargs="*", type=int, metavar="ID", help="delivery ids to replay")
     retry.add_argument("--dead", action="store_true", help="replay every dead letter that matches the filters")
+    retry.add_argument("--all", action="store_true", help="with --dead and no filter: really every dead letter")
     _filter_options(retry, event=False, workspace=False)
     _json_option(retry)
+    replay = with_config(
+        "replay",
+        "Send a webhook's deliveries of a time window again, first-try successes included (their records are read "
+        "again from Kafka), under the same event ids so that receivers can deduplicate.",
+        deliveries,
+    )
+    replay.add_argument("--webhook", required=True, metavar="WEBHOOK_ID", help="the webhook whose deliveries to send")
+    replay.add_argument("--since", required=True, metavar="WHEN", help="window start: an age such as 2h or an ISO time")
+    replay.add_argument("--until", metavar="WHEN", help="window end, as --since (default: now)")
+    replay.add_argument("--event-name", metavar="NAME", help="only events of this name, such as person.created")
+    replay.add_argument("--dry-run", action="store_true", help="print the count and the first pairs; change nothing")
+    replay.add_argument(
+        "--kafka-timeout", type=_positive, default=60, metavar="SECONDS", help="bound on reading Kafka (default 60)"
+    )
+    _json_option(replay)
 
     endpoints = commands.add_parser(
         "endpoints",
@@ -167,6 +184,61 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
 
 
+def _webhook_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser], with_config: _WithConfig) -> None:
+    webhooks = commands.add_parser(
+        "webhooks",
+        help="Show, set or unset a webhook's own options: a filter, per-record ordering, custom headers.",
+        description="Options are kept by webhookd beside the subscriptions table, which is never changed; running "
+        "daemons apply a change within 2 seconds. Header values are never printed.",
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = with_config("show", "Show one webhook and its options, or list every webhook that has options.", webhooks)
+    show.add_argument("id", nargs="?", metavar="WEBHOOK_ID", help="the webhook (default: list them all)")
+    _json_option(show)
+    change = with_config(
+        "set", "Set options of a live webhook, merged into those it has; prints what is in effect.", webhooks
+    )
+    change.add_argument("id", metavar="WEBHOOK_ID")
+    change.add_argument(
+        "--updated-fields",
+        metavar="FIELD[,FIELD...]",
+        help="an update reaches it only if one of these fields changed (replaces the list it had)",
+    )
+    change.add_argument(
+        "--where",
+        action="append",
+        metavar="PREDICATE",
+        help="a condition on the record, added to those it has: 'stage in [WON, LOST]', 'amount.currencyCode = USD', "
+        "'deletedAt is null' (repeat for more; all must hold)",
+    )
+    change.add_argument("--replace-where", action="store_true", help="the --where predicates replace those it has")
+    ordering = change.add_mutually_exclusive_group()
+    ordering.add_argument(
+        "--ordered", dest="ordered", action="store_const", const=True, help="deliver each record's events in order"
+    )
+    ordering.add_argument("--unordered", dest="ordered", action="store_const", const=False, help="turn ordering off")
+    change.add_argument(
+        "--header",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="add or replace a request header (for a secret, prefer --header-from-env: kept out of history and ps)",
+    )
+    change.add_argument(
+        "--header-from-env",
+        action="append",
+        metavar="NAME=ENVVAR",
+        help="add or replace a request header, its value read from the environment variable ENVVAR",
+    )
+    _json_option(change)
+    remove = with_config("unset", "Remove options of a webhook (deleted ones too); prints what is left.", webhooks)
+    remove.add_argument("id", metavar="WEBHOOK_ID")
+    remove.add_argument("--updated-fields", action="store_true", help="remove the updated-fields condition")
+    remove.add_argument("--where", action="store_true", help="remove every where predicate")
+    remove.add_argument("--ordered", action="store_true", help="remove per-record ordering")
+    remove.add_argument("--header", action="append", metavar="NAME", help="remove this header (repeat for more)")
+    remove.add_argument("--all", action="store_true", help="remove every option: the webhook's whole options row")
+    _json_option(remove)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "dev":
@@ -195,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "migrate":
         return asyncio.run(_migrate(settings))
-    if args.command in ("deliveries", "endpoints"):
+    if args.command in ("deliveries", "endpoints", "webhooks"):
         return asyncio.run(_operate(settings, args))
     return _run(settings, args.config, args.workers)
 
@@ -247,7 +319,7 @@ async def _connect(settings: Settings) -> asyncpg.Connection[Any] | None:
 
 
 async def _operate(settings: Settings, args: argparse.Namespace) -> int:
-    from webhookd.operate import deliveries, endpoints
+    from webhookd.operate import deliveries, endpoints, replay
     from webhookd.operate.output import UsageError
 
     conn = await _connect(settings)
@@ -260,8 +332,18 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
                 "list": deliveries.list_deliveries,
                 "show": deliveries.show_delivery,
                 "retry": deliveries.retry_deliveries,
+                "replay": replay.command(settings),
             }[args.action]
             return await action(conn, args)
+        if args.command == "webhooks":
+            from webhookd.operate import webhooks
+
+            change = {
+                "show": webhooks.show_webhooks,
+                "set": webhooks.set_options,
+                "unset": webhooks.unset_options,
+            }[args.action]
+            return await change(conn, args, table)
         step = {
             "list": endpoints.list_endpoints,
             "enable": endpoints.enable_endpoints,

@@ -30,9 +30,8 @@ from webhookd.dispatch import Dispatcher, RetryPolicy
 from webhookd.egress import EgressPolicy, GuardedResolver
 from webhookd.endpoints import EndpointBook
 from webhookd.health import EndpointHealth
-from webhookd.intake.readers import DebeziumReader, NativeReader, RecordReader
+from webhookd.intake.readers import reader_for
 from webhookd.intake.twenty_catalog import TwentyCatalog
-from webhookd.intake.twenty_events import MappingSettings
 from webhookd.members import Membership
 from webhookd.metrics import Metrics
 from webhookd.ordering import PendingCheck
@@ -293,18 +292,10 @@ class Service:
             **links.kafka,
         )
         catalog = TwentyCatalog(pool, s.twenty.metadata_refresh_seconds)
-        reader: RecordReader
-        if s.kafka.input_format == "debezium":
-            mapping = MappingSettings(s.twenty.snapshot_events, s.twenty.unavailable_value_placeholder)
-            reader = DebeziumReader(s.delivery.max_event_bytes, catalog, mapping)
-        else:
-            # Twenty's body names the object's metadata id, which only the catalog knows.
-            twenty_body = s.delivery.body_format == "twenty"
-            reader = NativeReader(s.delivery.max_event_bytes, catalog if twenty_body else None)
         consumer = Consumer(
             kafka,
             Subscription(tuple(s.kafka.topics), s.kafka.topic_pattern),
-            reader,
+            reader_for(s, catalog),
             body_format(s.delivery.body_format),
             dispatcher,
             Router(store.index, attempts, self.metrics),

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
+from webhookd.config import Settings
 from webhookd.events import BadEvent, Event, Skip, decode
 from webhookd.intake.debezium import Change, WrappedSchemas, read_change
 from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
@@ -104,3 +105,14 @@ class DebeziumReader:
 
     async def load(self, needs: NeedsLayout, stopping: asyncio.Event) -> None:
         await self._catalog.load(needs.schema, stopping, for_table=needs.table, for_columns=needs.columns)
+
+
+def reader_for(settings: Settings, catalog: TwentyCatalog) -> RecordReader:
+    """The reader `kafka.input_format` chooses, built as the daemon builds it, so that a record read again (by
+    `deliveries replay`) becomes the very event the daemon made of it."""
+    if settings.kafka.input_format == "debezium":
+        mapping = MappingSettings(settings.twenty.snapshot_events, settings.twenty.unavailable_value_placeholder)
+        return DebeziumReader(settings.delivery.max_event_bytes, catalog, mapping)
+    # Twenty's body names the object's metadata id, which only the catalog knows.
+    twenty_body = settings.delivery.body_format == "twenty"
+    return NativeReader(settings.delivery.max_event_bytes, catalog if twenty_body else None)

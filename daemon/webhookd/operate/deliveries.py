@@ -1,13 +1,16 @@
 """`webhookd deliveries list | show | retry`: what happened to deliveries, every attempt, and replaying dead letters.
 
 A delivery that succeeded at its first attempt has no row of its own (the hot path never writes one); it is listed
-from the attempt log, without an id, and `show --event` finds it. Replay resets a row to pending with its whole retry
-schedule: the same event id and body go out again, so receivers that deduplicate by event id see one event.
+from the attempt log, without an id, and `show --event` finds it, as it finds the pairs a webhook's filter kept back
+(status `filtered`, with the filter's reason). Replay resets a row to pending with its whole retry schedule: the same
+event id and body go out again, so receivers that deduplicate by event id see one event. `deliveries replay`
+(`operate.replay`) resets rows the same way, through `reset_rows`.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -50,6 +53,17 @@ FROM webhookd.attempts a
 WHERE NOT EXISTS (
     SELECT 1 FROM webhookd.deliveries d WHERE d.event_id = a.event_id AND d.webhook_id = a.webhook_id
 )
+"""
+# Pairs a webhook's filter kept from being sent: never attempted, so only the attempt log knows them, with the
+# filter's reason as the error. A record read twice (after a crash) logs its pair twice; the newest one speaks.
+_FILTERED = """
+SELECT DISTINCT ON (webhook_id) NULL::bigint AS id, 'filtered' AS status, 0 AS attempts, event_id, event_name,
+       webhook_id::text AS webhook_id, workspace_id::text AS workspace_id, source, NULL::integer AS last_status,
+       NULL AS last_error, error AS reason, at AS created_at, at AS updated_at, NULL::timestamptz AS delivered_at,
+       NULL::timestamptz AS next_attempt_at
+FROM webhookd.attempts
+WHERE event_id = $1 AND result = 'filtered'
+ORDER BY webhook_id, at DESC
 """
 _ATTEMPTS = """
 SELECT attempt, at, round(duration_ms::numeric, 1)::float8 AS duration_ms, result, status, error
@@ -121,6 +135,7 @@ async def show_delivery(conn: Connection, args: argparse.Namespace) -> int:
         found = [plain(r) for r in rows]
         first_try = _FIRST_TRY + " AND a.event_id = $1 AND a.attempt = 1 AND a.result = '2xx'"
         found += [plain(r) for r in await conn.fetch(first_try, args.event)]
+        found += [plain(r) for r in await conn.fetch(_FILTERED, args.event)]
     else:
         found = [plain(r) for r in await conn.fetch(_ROWS + " WHERE id = $1", args.id)]
     if not found:
@@ -152,13 +167,14 @@ def _print_delivery(d: dict[str, Any]) -> None:
         ("attempts", "attempts"),
         ("last HTTP status", "last_status"),
         ("last error", "last_error"),
+        ("filtered out by", "reason"),
         ("next attempt", "next_attempt_at"),
         ("created", "created_at"),
         ("delivered", "delivered_at"),
     )
     for label, key in fields:
         value = d.get(key)
-        if value is None and key in ("next_attempt_at", "delivered_at", "last_error", "source"):
+        if value is None and key in ("next_attempt_at", "delivered_at", "last_error", "source", "reason"):
             continue
         if isinstance(value, datetime):
             value = value.isoformat(timespec="seconds")
@@ -170,11 +186,46 @@ def _print_delivery(d: dict[str, Any]) -> None:
         print("  (none in the attempt log: not attempted yet, or pruned)")
 
 
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """What resetting delivery rows to pending did: rows reset, rows left alone and why."""
+
+    replayed: list[int]
+    skipped_disabled: list[dict[str, Any]]  # {"id", "webhook_id"}: rows of a disabled endpoint
+    in_flight: list[int]  # rows being attempted right now
+
+
+async def reset_rows(conn: Connection, ids: list[int]) -> Reset:
+    """Reset these rows to pending with a fresh retry schedule, except those of a disabled endpoint and those being
+    attempted right now; one transaction (a savepoint inside the caller's)."""
+    async with conn.transaction():
+        skipped = [plain(r) for r in await conn.fetch(_DISABLED_OF, ids)]
+        in_flight = sorted(r["id"] for r in await conn.fetch(_IN_FLIGHT, ids))
+        replayed = sorted(r["id"] for r in await conn.fetch(_REPLAY, ids))
+    return Reset(replayed, skipped, in_flight)
+
+
+def print_skipped_disabled(skipped: list[dict[str, Any]]) -> None:
+    for webhook in sorted({s["webhook_id"] for s in skipped}):
+        count = sum(1 for s in skipped if s["webhook_id"] == webhook)
+        print(
+            f"skipped {count} of webhook {webhook}: its endpoint is disabled; "
+            f"run `webhookd endpoints enable {webhook}` first"
+        )
+
+
 async def retry_deliveries(conn: Connection, args: argparse.Namespace) -> int:
     if not args.ids and not args.dead:
         raise UsageError("name delivery ids, or choose dead letters with --dead (and --webhook, --since)")
-    if args.ids and (args.dead or args.webhook or args.since):
+    if args.ids and (args.dead or args.webhook or args.since or args.all):
         raise UsageError("give delivery ids or --dead with filters, not both")
+    if args.all and not args.dead:
+        raise UsageError("--all goes with --dead: `deliveries retry --dead --all` replays every dead letter")
+    if args.dead and not (args.webhook or args.since or args.all):
+        # One mistyped command must not send weeks of dead letters to every receiver at once.
+        raise UsageError(
+            "this would replay every dead letter; add --all if you mean it (or narrow it with --webhook, --since)"
+        )
     if args.ids:
         ids = list(dict.fromkeys(args.ids))
         existing = {r["id"] for r in await conn.fetch("SELECT id FROM webhookd.deliveries WHERE id = ANY($1)", ids)}
@@ -191,21 +242,19 @@ async def retry_deliveries(conn: Connection, args: argparse.Namespace) -> int:
         sql = "SELECT id FROM webhookd.deliveries WHERE " + " AND ".join(where)
         ids = [r["id"] for r in await conn.fetch(sql, *values)]
         missing = []
-    async with conn.transaction():
-        skipped = [plain(r) for r in await conn.fetch(_DISABLED_OF, ids)]
-        in_flight = sorted(r["id"] for r in await conn.fetch(_IN_FLIGHT, ids))
-        replayed = sorted(r["id"] for r in await conn.fetch(_REPLAY, ids))
-    result = {"replayed": replayed, "skipped_disabled": skipped, "in_flight": in_flight, "not_found": missing}
+    reset = await reset_rows(conn, ids)
+    replayed, in_flight = reset.replayed, reset.in_flight
+    result = {
+        "replayed": replayed,
+        "skipped_disabled": reset.skipped_disabled,
+        "in_flight": in_flight,
+        "not_found": missing,
+    }
     if args.json:
         emit_json(result)
     else:
         print(f"replayed {len(replayed)} deliveries" + (f": {', '.join(map(str, replayed[:50]))}" if replayed else ""))
-        for webhook in sorted({s["webhook_id"] for s in skipped}):
-            count = sum(1 for s in skipped if s["webhook_id"] == webhook)
-            print(
-                f"skipped {count} of webhook {webhook}: its endpoint is disabled; "
-                f"run `webhookd endpoints enable {webhook}` first"
-            )
+        print_skipped_disabled(reset.skipped_disabled)
         if in_flight:
             print(f"being attempted right now, left alone: {', '.join(map(str, in_flight))}")
         if missing:

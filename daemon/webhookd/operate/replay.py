@@ -1,0 +1,652 @@
+"""`webhookd deliveries replay`: send one webhook's deliveries of a time window again, first-try successes included.
+
+The pairs of the window are the webhook's deliveries that were delivered or dead-lettered in it, each once:
+
+- those with a row in `webhookd.deliveries` (they needed more than one attempt, or were dead-lettered) are reset to
+  pending with a fresh retry schedule, as `deliveries retry` resets them;
+- first-try successes have no row and no stored body: only their attempt-log row, which names the Kafka record the
+  event came from (`source`, topic:partition:offset). That record is read again, decoded by the daemon's own reader
+  and turned into the same body, and a pending row is written for it.
+
+The running daemons' retry pollers then send them, under the same event id, so receivers that deduplicate by
+`X-Twenty-Webhook-Event-Id` see each event once.
+
+What it costs: a first-try success stores no body, only the ~30 bytes of `source` in its attempt-log row, instead
+of the body's kilobytes; the price is that its body exists only as long as Kafka keeps the record. The attempt log
+itself is kept for `endpoints.attempt_log_retention_seconds`; the topic's own retention (or compaction) decides
+whether the record is still there. When Kafka no longer has it (the offset is before the partition's first one,
+past its end after a topic was recreated, compacted away, or the topic or partition is gone), that pair is reported
+as "gone from Kafka" and not replayed, and the rest of the window still is; the command then exits 1. A record that
+is there but now reads as another event (a recreated topic) is reported as "changed in Kafka", never sent. Attempts
+logged before webhookd recorded `source` are reported as "no source recorded".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+
+from webhookd.body_formats import body_format
+from webhookd.config import Settings
+from webhookd.endpoints import Connection
+from webhookd.events import BadEvent, Event, Skip
+from webhookd.filters import LazyRecord
+from webhookd.intake.readers import NeedsLayout, RecordReader, reader_for
+from webhookd.intake.twenty_catalog import TwentyCatalog
+from webhookd.operate.deliveries import print_skipped_disabled, reset_rows
+from webhookd.operate.output import UsageError, emit_json, emit_table, since, webhook_id
+from webhookd.ordering import order_key
+from webhookd.pgerrors import TRANSIENT
+from webhookd.subscriptions import Webhook, webhook_from_row
+from webhookd.tls import TLSError, transport
+
+_SHOWN = 20  # pairs a dry run lists, and entries each "not replayed" line names
+# A wanted offset this far past the position is sought rather than read up to: reading is cheaper than a new fetch
+# only while the records in between are few.
+_SKIP_AHEAD = 1000
+_REPLAYED_BY = "replayed by an operator"
+
+# Rows of the window: delivered in it, or dead-lettered in it (a dead letter's last change is its dead-lettering).
+_ROWS = """
+SELECT id, event_id, event_name, CASE WHEN status = 'delivered' THEN delivered_at ELSE updated_at END AS at
+FROM webhookd.deliveries
+WHERE webhook_id = $1::uuid
+  AND ((status = 'delivered' AND delivered_at BETWEEN $2 AND $3) OR (status = 'dead' AND updated_at BETWEEN $2 AND $3))
+  AND ($4::text IS NULL OR event_name = $4)
+"""
+# First-try successes of the window. A record consumed twice (after a crash) logs its pair twice: one of them, one
+# that names its source if any does.
+_FIRST_TRIES = """
+SELECT DISTINCT ON (a.event_id) a.event_id, a.event_name, a.workspace_id::text AS workspace_id, a.source, a.at
+FROM webhookd.attempts a
+WHERE a.webhook_id = $1::uuid AND a.attempt = 1 AND a.result = '2xx' AND a.at BETWEEN $2 AND $3
+  AND ($4::text IS NULL OR a.event_name = $4)
+  AND NOT EXISTS (
+    SELECT 1 FROM webhookd.deliveries d WHERE d.event_id = a.event_id AND d.webhook_id = a.webhook_id
+  )
+ORDER BY a.event_id, a.source IS NULL, a.at DESC
+"""
+_DISABLED = "SELECT disabled_at IS NOT NULL FROM webhookd.endpoints WHERE webhook_id = $1::uuid"
+# attempts 0 and due now, as a reset row: the first attempt of a fresh retry schedule. A row that appeared since
+# the window was read (another replay) is left as it is.
+_INSERT = """
+INSERT INTO webhookd.deliveries
+    (event_id, webhook_id, workspace_id, event_name, body, event_time, source,
+     status, attempts, next_attempt_at, last_error, order_key)
+SELECT v.event_id, $1::uuid, v.workspace_id::uuid, v.event_name, v.body, v.event_time, v.source,
+       'pending', 0, now(), $8, v.order_key
+FROM unnest($2::text[], $3::text[], $4::text[], $5::bytea[], $6::timestamptz[], $7::text[], $9::text[])
+    WITH ORDINALITY AS v (event_id, workspace_id, event_name, body, event_time, source, order_key, n)
+-- In the order given (Kafka's): for an ordered webhook, the row ids are the order its records' deliveries leave in.
+ORDER BY v.n
+ON CONFLICT (event_id, webhook_id, source) DO NOTHING
+RETURNING id, event_id, source
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """A Kafka record's position, as the attempt log's `source` names it."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}:{self.partition}:{self.offset}"
+
+
+def parse_source(source: str | None) -> Where | None:
+    """`topic:partition:offset` as a Where; None for NULL (written before webhookd recorded it) or anything else."""
+    if not source:
+        return None
+    topic, _, rest = source.rpartition(":")
+    topic, _, partition = topic.rpartition(":")
+    try:
+        where = Where(topic, int(partition), int(rest))
+    except ValueError:
+        return None
+    return where if topic and where.partition >= 0 and where.offset >= 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One (event, webhook) pair of the window, and how it is replayed: its row reset, or its record read again."""
+
+    event_id: str
+    event_name: str
+    at: datetime
+    row_id: int | None = None
+    source: str | None = None  # of a first-try success: where its record is
+    workspace_id: str | None = None
+
+    @property
+    def how(self) -> str:
+        return f"reset row {self.row_id}" if self.row_id is not None else f"from Kafka {self.source}"
+
+    def missed(self, why: str) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "event_name": self.event_name,
+            "at": self.at,
+            "source": self.source,
+            "why": why,
+        }
+
+
+@dataclass(slots=True)
+class Report:
+    """What a replay did, or (dry run) would do; each list is one reason a pair was not replayed."""
+
+    reset: list[int] = field(default_factory=list)
+    from_kafka: list[dict[str, Any]] = field(default_factory=list)
+    skipped_disabled: list[dict[str, Any]] = field(default_factory=list)
+    in_flight: list[int] = field(default_factory=list)
+    gone_from_kafka: list[dict[str, Any]] = field(default_factory=list)
+    no_source: list[dict[str, Any]] = field(default_factory=list)
+    changed_in_kafka: list[dict[str, Any]] = field(default_factory=list)
+    not_read: list[dict[str, Any]] = field(default_factory=list)
+    already_queued: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(
+            self.skipped_disabled
+            or self.in_flight
+            or self.gone_from_kafka
+            or self.no_source
+            or self.changed_in_kafka
+            or self.not_read
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def command(settings: Settings) -> Callable[[Connection, argparse.Namespace], Awaitable[int]]:
+    """`replay_deliveries` with the settings bound, shaped as the other `deliveries` actions."""
+
+    async def replay(conn: Connection, args: argparse.Namespace) -> int:
+        return await replay_deliveries(conn, args, settings)
+
+    return replay
+
+
+async def replay_deliveries(conn: Connection, args: argparse.Namespace, settings: Settings) -> int:
+    webhook = webhook_id(args.webhook, "--webhook")
+    start = since(args.since)
+    end = _until(args.until)
+    if end < start:
+        raise UsageError(f"--until ({_iso(end)}) is before --since ({_iso(start)}): nothing can be in that window")
+    subscriber = await _live_webhook(conn, settings.postgres.subscriptions_table_sql, webhook)
+    pairs = await _window(conn, webhook, start, end, args.event_name)
+    window = {"webhook_id": webhook, "since": start, "until": end, "event_name": args.event_name}
+    if not pairs:
+        if args.json:
+            emit_json({**window, "dry_run": args.dry_run, "count": 0, **Report().as_json()})
+        else:
+            named = f" named {args.event_name}" if args.event_name else ""
+            print(
+                f"nothing to replay: webhook {webhook} has no deliveries{named} delivered or dead-lettered between "
+                f"{_iso(start)} and {_iso(end)}"
+            )
+        return 0
+    report = Report()
+    from_kafka: dict[Pair, Where] = {}
+    for pair in pairs:
+        if pair.row_id is not None:
+            continue
+        where = parse_source(pair.source)
+        if where is None:
+            report.no_source.append(pair.missed("logged by a webhookd that did not yet record where events come from"))
+        else:
+            from_kafka[pair] = where
+    disabled = bool(await conn.fetchval(_DISABLED, webhook))
+    if args.dry_run:
+        return await _dry_run(settings, args, window, pairs, from_kafka, report, disabled)
+    if disabled:
+        # The daemons would dead-letter every one of them again at once: the operator must enable it first.
+        report.skipped_disabled = [
+            {"id": p.row_id, "event_id": p.event_id, "webhook_id": webhook}
+            for p in pairs
+            if p.row_id is not None or p in from_kafka
+        ]
+        return _finish(args, window, pairs, report)
+    rows: dict[Pair, tuple[Event, bytes]] = {}
+    if from_kafka:
+        rows = await _read_again(settings, subscriber, from_kafka, args.kafka_timeout, report)
+    async with conn.transaction():
+        reset = await reset_rows(conn, [p.row_id for p in pairs if p.row_id is not None])
+        report.reset, report.skipped_disabled, report.in_flight = (
+            reset.replayed,
+            reset.skipped_disabled,
+            reset.in_flight,
+        )
+        if rows:
+            await _insert(conn, subscriber, rows, report)
+    return _finish(args, window, pairs, report)
+
+
+def _until(text: str | None) -> datetime:
+    if text is None:
+        return datetime.now(UTC)
+    try:
+        return since(text)
+    except UsageError:
+        raise UsageError(f"--until: {text!r} is neither an age such as 2h or 1d nor an ISO time") from None
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+async def _live_webhook(conn: Connection, table: str, webhook: str) -> Webhook:
+    row = await conn.fetchrow(
+        'SELECT w.id::text AS id, w."workspaceId"::text AS "workspaceId", w."targetUrl", w.operations, w.secret, '
+        f"o.options::text AS options FROM {table} w "
+        "LEFT JOIN webhookd.webhook_options o ON o.webhook_id = w.id "
+        'WHERE w.id = $1::uuid AND w."deletedAt" IS NULL',
+        webhook,
+    )
+    if row is None:
+        raise LookupError(f"--webhook: no live webhook with id {webhook} in {table} (never created, or deleted)")
+    found = webhook_from_row(row)
+    if found is None:
+        raise LookupError(
+            f"--webhook: webhook {webhook} can never be delivered to (its targetUrl or secret is unusable)"
+        )
+    return found
+
+
+async def _window(conn: Connection, webhook: str, start: datetime, end: datetime, name: str | None) -> list[Pair]:
+    pairs = [
+        Pair(r["event_id"], r["event_name"], r["at"], row_id=r["id"])
+        for r in await conn.fetch(_ROWS, webhook, start, end, name)
+    ]
+    pairs += [
+        Pair(r["event_id"], r["event_name"], r["at"], source=r["source"], workspace_id=r["workspace_id"])
+        for r in await conn.fetch(_FIRST_TRIES, webhook, start, end, name)
+    ]
+    return sorted(pairs, key=lambda p: (p.at, p.event_id))
+
+
+async def _dry_run(
+    settings: Settings,
+    args: argparse.Namespace,
+    window: dict[str, Any],
+    pairs: list[Pair],
+    from_kafka: dict[Pair, Where],
+    report: Report,
+    disabled: bool,
+) -> int:
+    """Count and show; changes nothing. Whether Kafka still holds each record is asked (the partitions' first and
+    end offsets, and one fetch per partition for its high watermark), which is cheap; whether each record still
+    reads as the same event is not, since that means reading every one of them."""
+    how = {p: p.how if p.row_id is not None else "no source recorded" for p in pairs}
+    if from_kafka:
+        fetched = await _fetch(settings, from_kafka.values(), args.kafka_timeout, records=False)
+        for pair, where in from_kafka.items():
+            if where in fetched.gone:
+                report.gone_from_kafka.append(pair.missed(fetched.gone[where]))
+                how[pair] = "gone from Kafka"
+            elif where in fetched.unread:
+                report.not_read.append(pair.missed(fetched.unread[where]))
+                how[pair] = "not checked: Kafka did not answer"
+            else:
+                how[pair] = pair.how
+    shown = [{"event_id": p.event_id, "event_name": p.event_name, "at": p.at, "how": how[p]} for p in pairs]
+    resets = sum(1 for p in pairs if p.row_id is not None)
+    readable = sum(1 for p in from_kafka if how[p] == p.how)
+    if args.json:
+        emit_json({**window, "dry_run": True, "count": len(pairs), "pairs": shown, **report.as_json()})
+        return 0
+    print(
+        f"dry run, nothing changed: {len(pairs)} deliveries of webhook {window['webhook_id']} between "
+        f"{_iso(window['since'])} and {_iso(window['until'])}; {resets + readable} would be replayed "
+        f"({resets} reset, {readable} read again from Kafka)"
+    )
+    emit_table(shown[:_SHOWN], (("event_id", "EVENT"), ("event_name", "NAME"), ("at", "WHEN"), ("how", "HOW")))
+    if len(pairs) > _SHOWN:
+        print(f"(the first {_SHOWN} of {len(pairs)}; --json lists all)")
+    if disabled:
+        webhook = window["webhook_id"]
+        print(
+            f"its endpoint is disabled: a replay would skip them all; run `webhookd endpoints enable {webhook}` first"
+        )
+    _print_missed(report, dry_run=True)
+    return 0
+
+
+def _finish(args: argparse.Namespace, window: dict[str, Any], pairs: list[Pair], report: Report) -> int:
+    if args.json:
+        emit_json({**window, "dry_run": False, "count": len(pairs), **report.as_json()})
+        return 1 if report.failed else 0
+    done = len(report.reset) + len(report.from_kafka)
+    print(
+        f"replayed {done} deliveries of webhook {window['webhook_id']} "
+        f"({len(report.reset)} reset, {len(report.from_kafka)} read again from Kafka)"
+    )
+    print_skipped_disabled(report.skipped_disabled)
+    if report.in_flight:
+        print(f"being attempted right now, left alone: {', '.join(map(str, report.in_flight))}")
+    _print_missed(report)
+    return 1 if report.failed else 0
+
+
+def _print_missed(report: Report, *, dry_run: bool = False) -> None:
+    verb = "would not be replayed" if dry_run else "not replayed"
+    for title, missed in (
+        ("gone from Kafka", report.gone_from_kafka),
+        ("no source recorded", report.no_source),
+        ("changed in Kafka", report.changed_in_kafka),
+        ("not read from Kafka", report.not_read),
+        ("queued meanwhile by someone else", report.already_queued),
+    ):
+        if not missed:
+            continue
+        print(f"{title}, {verb}: {len(missed)}")
+        for m in missed[:_SHOWN]:
+            at = f" at {m['source']}" if m.get("source") else ""
+            print(f"  {m['event_id']} ({m['event_name']}){at}: {m['why']}")
+        if len(missed) > _SHOWN:
+            print(f"  ... and {len(missed) - _SHOWN} more (--json lists all)")
+
+
+async def _read_again(
+    settings: Settings, subscriber: Webhook, from_kafka: dict[Pair, Where], timeout: float, report: Report
+) -> dict[Pair, tuple[Event, bytes]]:
+    """Each first-try success's event and body, from its record read again; what cannot be had goes to `report`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    fetched = await _fetch(settings, from_kafka.values(), timeout, records=True)
+    readable: dict[Pair, tuple[Where, ConsumerRecord]] = {}
+    for pair, where in from_kafka.items():
+        record = fetched.records.get(where)
+        if record is not None:
+            readable[pair] = (where, record)
+        elif where in fetched.gone:
+            report.gone_from_kafka.append(pair.missed(fetched.gone[where]))
+        else:
+            report.not_read.append(pair.missed(fetched.unread.get(where, "not read from Kafka")))
+    if not readable:
+        return {}
+    bodies = body_format(settings.delivery.body_format)
+    found: dict[Pair, tuple[Event, bytes]] = {}
+    links = transport(settings).postgres
+    # The catalog (Twenty's metadata, for Debezium records and the twenty body) reads through a pool of its own.
+    pool = await asyncpg.create_pool(links.dsn, ssl=links.ssl, min_size=1, max_size=2, timeout=10)
+    assert pool is not None
+    try:
+        reader = reader_for(settings, TwentyCatalog(pool, settings.twenty.metadata_refresh_seconds))
+        for pair, (where, record) in readable.items():
+            event = await _decode(reader, record, where, max(deadline - loop.time(), 1.0))
+            if isinstance(event, str):
+                report.not_read.append(pair.missed(event))
+            elif (why := _changed(pair, where, event)) is not None:
+                report.changed_in_kafka.append(pair.missed(why))
+            elif isinstance(event, Event) and event.workspace_id != subscriber.workspace_id:
+                # Only the event's own workspace may receive it, whatever became of the webhook since.
+                why = (
+                    f"the webhook now belongs to workspace {subscriber.workspace_id}, the event to {event.workspace_id}"
+                )
+                report.changed_in_kafka.append(pair.missed(why))
+            elif isinstance(event, Event):
+                found[pair] = (event, bodies.bodies(event, [subscriber])[0])
+    finally:
+        await pool.close()
+    return found
+
+
+async def _decode(
+    reader: RecordReader, record: ConsumerRecord, where: Where, budget: float
+) -> Event | Skip | BadEvent | NeedsLayout | str:
+    """The record as the daemon reads it; a string says why it could not be read now."""
+
+    def read() -> Event | Skip | BadEvent | NeedsLayout:
+        try:
+            return reader.read(record.value, where.topic, where.partition, where.offset, record.timestamp)
+        except Exception as exc:  # a reader's defect costs this pair, as it costs the daemon one record
+            return BadEvent("unreadable", f"reading the record failed: {type(exc).__name__}: {exc}"[:500])
+
+    event = read()
+    if isinstance(event, NeedsLayout):
+        # Already set: where the daemon waits out a Postgres error while reading Twenty's metadata, a command fails
+        # at once and says why.
+        give_up = asyncio.Event()
+        give_up.set()
+        try:
+            await asyncio.wait_for(reader.load(event, give_up), budget)
+        except (*TRANSIENT, asyncpg.PostgresError) as exc:
+            return f"cannot read Twenty's metadata of schema {event.schema} now: {exc or type(exc).__name__}"
+        event = read()
+    return event
+
+
+def _changed(pair: Pair, where: Where, event: Event | Skip | BadEvent | NeedsLayout) -> str | None:
+    """Why the record at `where` is no longer the event that was delivered, or None when it is."""
+    if isinstance(event, NeedsLayout):
+        return f"the layout of schema {event.schema} changed while it was read"
+    if isinstance(event, Skip):
+        return f"the record at {where} is now passed over ({event.reason})"
+    if isinstance(event, BadEvent):
+        return f"the record at {where} no longer reads as an event: {event.reason}: {event.detail}"
+    assert isinstance(event, Event)
+    if event.id != pair.event_id:
+        return f"the record at {where} is now event {event.id!r}, not {pair.event_id!r}"
+    if event.workspace_id != pair.workspace_id or event.name != pair.event_name:
+        # Default ids are topic:partition:offset, which a recreated topic reuses for other events.
+        return f"the record at {where} is now a {event.name} of workspace {event.workspace_id}"
+    return None
+
+
+async def _insert(conn: Connection, webhook: Webhook, rows: dict[Pair, tuple[Event, bytes]], report: Report) -> None:
+    # Kafka order, so that an ordered webhook's replayed deliveries of one record leave as their events came.
+    pairs = sorted(rows, key=lambda p: _position(p.source))
+    events = [rows[p][0] for p in pairs]
+    written = await conn.fetch(
+        _INSERT,
+        webhook.id,
+        [e.id for e in events],
+        [e.workspace_id for e in events],
+        [e.name for e in events],
+        [rows[p][1] for p in pairs],
+        [_event_time(e) for e in events],
+        [p.source for p in pairs],
+        _REPLAYED_BY,
+        [_order_key(e) if webhook.options.ordered else None for e in events],
+    )
+    done = {(r["event_id"], r["source"]): r["id"] for r in written}
+    for pair in pairs:
+        row_id = done.get((pair.event_id, pair.source))
+        if row_id is None:
+            report.already_queued.append(pair.missed("a delivery row for it was written meanwhile (another replay?)"))
+        else:
+            report.from_kafka.append({"id": row_id, "event_id": pair.event_id, "source": pair.source})
+
+
+def _position(source: str | None) -> tuple[str, int, int]:
+    where = parse_source(source)
+    return (where.topic, where.partition, where.offset) if where is not None else (source or "", 0, 0)
+
+
+def _order_key(event: Event) -> str | None:
+    record = LazyRecord(event.data).value
+    return order_key(event.object_and_action[0], record.get("id") if isinstance(record, dict) else None)
+
+
+def _event_time(event: Event) -> datetime | None:
+    # As the daemon's own rows have it: the Kafka timestamp, for the end-to-end latency of a late success.
+    if event.kafka_timestamp_ms is None:
+        return None
+    return datetime.fromtimestamp(event.kafka_timestamp_ms / 1000, UTC)
+
+
+@dataclass(slots=True)
+class _Fetched:
+    """Records read, positions Kafka no longer has (and why), positions not read (and why)."""
+
+    records: dict[Where, ConsumerRecord] = field(default_factory=dict)
+    gone: dict[Where, str] = field(default_factory=dict)
+    unread: dict[Where, str] = field(default_factory=dict)
+
+
+async def _fetch(settings: Settings, positions: Iterable[Where], timeout: float, *, records: bool) -> _Fetched:
+    """Whether Kafka still has these records and, with `records`, the records: never an exception; what is gone or
+    could not be read within `timeout` seconds is said in the answer."""
+    wanted = set(positions)
+    fetched = _Fetched()
+    try:
+        security = transport(settings).kafka
+    except TLSError as exc:
+        raise UsageError(str(exc)) from None
+    servers = list(settings.kafka.bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers, client_id=settings.kafka.client_id, **security)
+    # No group: a replay reads where it is told and commits nothing, beside the daemons' group.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=servers,
+        client_id=settings.kafka.client_id,
+        group_id=None,
+        enable_auto_commit=False,
+        # An offset that retention removed between the check and the fetch must fail, not read from elsewhere.
+        auto_offset_reset="none",
+        **security,
+    )
+    why: str | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            await admin.start()
+            # Every topic, never some by name: asking a broker for a missing topic by name may create it.
+            described = await admin.describe_topics()
+            partitions = {
+                t["topic"]: {p["partition"] for p in t["partitions"]} for t in described if not t["error_code"]
+            }
+            await consumer.start()
+            left = await _available(consumer, partitions, wanted, fetched)
+            if records and left:
+                await _read(consumer, left, fetched)
+    except TimeoutError:
+        why = f"not read from Kafka within {timeout:g} s (--kafka-timeout)"
+    except (KafkaError, OSError) as exc:
+        why = f"Kafka at {','.join(settings.kafka.bootstrap_servers)} failed: {exc or type(exc).__name__}"
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(consumer.stop(), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(admin.close(), 5)
+    if why is not None:
+        fetched.unread = {w: why for w in wanted if w not in fetched.records and w not in fetched.gone}
+    return fetched
+
+
+async def _available(
+    consumer: Any, partitions: dict[str, set[int]], wanted: Collection[Where], fetched: _Fetched
+) -> dict[Any, list[int]]:
+    """The wanted offsets still to read, ascending by partition (assigned, each sought to its first): those that
+    Kafka no longer holds go to `fetched.gone`, those that a first fetch brought along to `fetched.records`."""
+    by_partition: dict[Any, list[int]] = {}
+    for where in wanted:
+        by_partition.setdefault(TopicPartition(where.topic, where.partition), []).append(where.offset)
+    present = []
+    for tp, offsets in by_partition.items():
+        if tp.topic not in partitions:
+            why = f"topic {tp.topic} does not exist any more"
+        elif tp.partition not in partitions[tp.topic]:
+            why = f"topic {tp.topic} has no partition {tp.partition}"
+        else:
+            present.append(tp)
+            continue
+        fetched.gone.update({Where(tp.topic, tp.partition, o): why for o in offsets})
+    if not present:
+        return {}
+    first = await consumer.beginning_offsets(present)
+    listed_end = await consumer.end_offsets(present)
+    left: dict[Any, list[int]] = {}
+    for tp in present:
+        for offset in sorted(by_partition[tp]):
+            if offset < first[tp]:
+                fetched.gone[Where(tp.topic, tp.partition, offset)] = _retention_passed(first[tp])
+            else:
+                left.setdefault(tp, []).append(offset)
+    if not left:
+        return left
+    # The listed end only bounds where a first fetch starts (beyond it a broker refuses the fetch): some brokers list
+    # less than they hold (Tansu lists where a partition's last batch starts). The high watermark that fetch answers
+    # with is the end.
+    consumer.assign(list(left))
+    for tp, offsets in left.items():
+        consumer.seek(tp, min(offsets[-1], listed_end[tp]))
+    waiting = set(left)
+    while waiting:
+        _keep(await consumer.getmany(*waiting, timeout_ms=200), left, fetched)
+        waiting = {tp for tp in waiting if consumer.highwater(tp) is None}
+    for tp in list(left):
+        end = consumer.highwater(tp)
+        for offset in left[tp]:
+            if offset >= end:
+                fetched.gone[Where(tp.topic, tp.partition, offset)] = (
+                    f"the partition ends before it (at offset {end}): the topic was recreated or truncated"
+                )
+        rest = [o for o in left[tp] if o < end and Where(tp.topic, tp.partition, o) not in fetched.records]
+        _next(consumer, tp, left, rest)
+    return left
+
+
+def _retention_passed(first: int) -> str:
+    return f"the partition now starts at offset {first}: the topic's retention removed this record"
+
+
+def _keep(batches: dict[Any, list[ConsumerRecord]], left: dict[Any, list[int]], fetched: _Fetched) -> None:
+    for tp, records in batches.items():
+        wanted = set(left.get(tp, ()))
+        for record in records:
+            if record.offset in wanted:
+                fetched.records[Where(tp.topic, tp.partition, record.offset)] = record
+
+
+async def _read(consumer: Any, left: dict[Any, list[int]], fetched: _Fetched) -> None:
+    """Read each partition forward from its smallest wanted offset past its largest, keeping the wanted records;
+    `_available` has assigned them and sought each to its smallest."""
+    while left:
+        try:
+            batches = await consumer.getmany(*left, timeout_ms=500)
+        except OffsetOutOfRangeError:
+            # Retention moved a partition's start past a wanted offset since it was checked.
+            first = await consumer.beginning_offsets(list(left))
+            for tp in list(left):
+                for offset in [o for o in left[tp] if o < first[tp]]:
+                    fetched.gone[Where(tp.topic, tp.partition, offset)] = _retention_passed(first[tp])
+                _next(consumer, tp, left, [o for o in left[tp] if o >= first[tp]])
+            continue
+        _keep(batches, left, fetched)
+        for tp in list(left):
+            position = await consumer.position(tp)
+            for offset in (o for o in left[tp] if o < position):
+                where = Where(tp.topic, tp.partition, offset)
+                if where not in fetched.records:
+                    fetched.gone[where] = "no record at this offset any more (compacted away?)"
+            rest = [o for o in left[tp] if o >= position]
+            if rest and rest[0] - position <= _SKIP_AHEAD:
+                left[tp] = rest  # read on from here
+            else:
+                _next(consumer, tp, left, rest)
+
+
+def _next(consumer: Any, tp: Any, left: dict[Any, list[int]], rest: list[int]) -> None:
+    """Go on with `rest` of a partition from its first offset, or stop fetching the partition when none is left."""
+    if rest:
+        left[tp] = rest
+        consumer.seek(tp, rest[0])
+    else:
+        del left[tp]
+        consumer.pause(tp)
