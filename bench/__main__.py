@@ -2,7 +2,8 @@
 
     python -m bench [--deliveries N] [--repeats 3] [--only SECTION,...]
 
-Sections: throughput, naive, latency, backlog, rows, workers, decode, retries, isolation, cluster.
+Sections: throughput, naive, latency, backlog, rows, workers, decode, filters, ordering, retries, isolation,
+cluster.
 
 Runs that are compared are alternated (ceiling, daemon, ceiling, daemon, ...) and their medians reported, because
 a shared machine is noisy. See BENCHMARKS.md for the latest table and what it says.
@@ -27,17 +28,32 @@ import uvloop
 
 from bench import cluster, isolation
 from bench.decode import TARGET, decode_cost
+from bench.filters import filter_cost
 from bench.latency import latency_at
 from bench.memory import backlog_peak_rss, table_cost
+from bench.ordering import RECORDS, ordered_rate
 from bench.receivers import Receiver, capacity, receiver_for, running
 from bench.retry_drain import drain_rate
 from bench.stack import Stack
 from bench.throughput import CONCURRENCY, Run, bodies_for, ceiling, daemon_rate, naive_rate
 from webhookd.logs import setup_logging
 
-SECTIONS = ("throughput", "naive", "latency", "backlog", "rows", "workers", "decode", "retries", "isolation", "cluster")
+SECTIONS = (
+    "throughput",
+    "naive",
+    "latency",
+    "backlog",
+    "rows",
+    "workers",
+    "decode",
+    "filters",
+    "ordering",
+    "retries",
+    "isolation",
+    "cluster",
+)
 # The sections measured in this process alone, on CPU: they need neither the broker nor Postgres.
-IN_PROCESS = frozenset({"decode"})
+IN_PROCESS = frozenset({"decode", "filters"})
 DELAYS = (0.0, 0.05)
 # Deliveries a run when `--deliveries` is not given: the retry drain's target is set for a backlog of 100,000.
 DELIVERIES = 20_000
@@ -219,6 +235,46 @@ class Bench:
                      f"{row.ratio:.2f} | {row.ratio_same_size:.2f} | {verdict} |")  # fmt: skip
         self.out()
 
+    async def filters(self) -> None:
+        # Pure CPU in this process, on the loop's own thread, as `decode` is measured.
+        cost = filter_cost(self.args.filter_events, self.args.repeats)
+        self.out("## Per-webhook filters: match and filter, against match alone")
+        self.out()
+        self.out(f"{cost.events:,} `opportunity.updated` events (records of {cost.record_bytes:,.0f} bytes of JSON, "
+                 f"`updatedFields` stage and updatedAt), each matched against a workspace of {cost.webhooks} webhooks "
+                 f"of which {cost.matched} want it; per event the match, the shared lazy record and each matched "
+                 f"webhook's filter, all of which pass (the record is parsed once per event when a predicate needs "
+                 f"it); in this process, on one core, no broker; medians of {cost.repeats} alternated "
+                 f"runs.")  # fmt: skip
+        self.out()
+        self.out("| filters per matched webhook | events a second | CPU per event (µs) | ratio to no filters |")
+        self.out("| --- | --- | --- | --- |")
+        for row in cost.rows:
+            self.out(f"| {row.label} | {row.rate:,.0f} | {row.cpu_us:.2f} | {row.ratio:.2f} |")
+        self.out()
+
+    async def ordering(self) -> None:
+        events = self.deliveries
+        self.out(f"## Per-record ordering: one webhook, events of {RECORDS:,} distinct records, ordered against not")
+        self.out()
+        self.out(f"{events:,} `opportunity.updated` events keyed by record (so each record's events share a "
+                 f"partition), to 1 webhook at concurrency {CONCURRENCY}, end to end as in the throughput table; the "
+                 f"ordered webhook sends each record's deliveries one after the other; medians of "
+                 f"{self.args.repeats} alternated runs.")  # fmt: skip
+        self.out()
+        self.out("| receiver | unordered (/s) | ordered (/s) | ratio | CPU per delivery, unordered / ordered (µs) |")
+        self.out("| --- | --- | --- | --- | --- |")
+        for delay in DELAYS:
+            with self.receiver(delay) as receiver:
+                unordered, ordered = await self.side_by_side(
+                    functools.partial(ordered_rate, self.stack, receiver, events, False),
+                    functools.partial(ordered_rate, self.stack, receiver, events, True),
+                )
+            ratio = ordered.rate / unordered.rate
+            self.out(f"| {receiver.name}, {_regime(delay)} | {unordered.rate:,.0f} | {ordered.rate:,.0f} | "
+                     f"{ratio:.2f} | {unordered.cpu_us:.0f} / {ordered.cpu_us:.0f} |")  # fmt: skip
+        self.out()
+
     async def retries(self) -> None:
         rows = self.args.deliveries or RETRY_BACKLOG
         self.out("## A backlog of due retries, drained from Postgres, against the same deliveries made live")
@@ -304,8 +360,8 @@ class Bench:
 async def main_async(args: argparse.Namespace) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as tmp:
         async with contextlib.AsyncExitStack() as started:
-            # `--only decode` starts neither the broker nor Postgres: it uses neither, and servers left idle beside
-            # it would only share the CPU it measures.
+            # `--only decode,filters` starts neither the broker nor Postgres: they use neither, and servers left idle
+            # beside them would only share the CPU they measure.
             stack = None
             if set(args.only) - IN_PROCESS:
                 stack = await started.enter_async_context(Stack.started(Path(tmp), args.profile))
@@ -337,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog-seconds", type=float, default=45.0)
     parser.add_argument("--no-nginx", action="store_true", help="use the multi-process aiohttp receiver")
     parser.add_argument("--decode-events", type=int, default=20_000, help="records per form in a decode run")
+    parser.add_argument("--filter-events", type=int, default=20_000, help="events per row in a filters run")
     parser.add_argument("--only", type=lambda v: v.split(","), default=list(SECTIONS), help=",".join(SECTIONS))
     parser.add_argument(
         "--profile", type=Path, default=None, metavar="DIR", help="py-spy samples of every daemon run into DIR"
