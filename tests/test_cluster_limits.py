@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from tests.daemon_tools import fresh_topic, wait_ready
@@ -28,6 +29,9 @@ from tests.support import (
     webhookd_cli,
     write_config,
 )
+
+# Rates measured against a limit: `make test` runs these alone, after the others, never beside another test.
+pytestmark = pytest.mark.alone
 
 DAEMONS = 2
 WORKERS = 2

@@ -32,6 +32,9 @@ from tests.support import (
     write_config,
 )
 
+# Rates compared side by side: `make test` runs these alone, after the others, never beside another test.
+pytestmark = pytest.mark.alone
+
 EVENTS = 300
 HEALTHY = 5
 

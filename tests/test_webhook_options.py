@@ -137,7 +137,7 @@ async def scene(kafka: str, postgres_admin: str) -> AsyncIterator[Scene]:
         dsn,
         topic,
         kafka={"group_instance_id": f"options-{topic}"},
-        delivery={"retry_schedule": ["300ms"] * 30, "retry_poll_interval_seconds": 0.1},
+        delivery={"retry_schedule": ["1s"] * 30, "retry_poll_interval_seconds": 0.1},
         logging={"level": "debug", "format": "json"},
     )
     listen = config["http"]["listen"]
