@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from webhookd import embedded
-from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic
+from webhookd.embedded import EmbeddedPostgres, KafkaBroker, apache_kafka, create_database, create_topic
 
 
 def _gone(pids: list[int], timeout: float = 5.0) -> bool:
@@ -343,3 +343,10 @@ def test_start_kills_a_server_left_running_by_pg_ctl(crashed_run: tuple[list[int
         assert _gone(leftover)
         assert postgres.pid not in leftover
         assert asyncio.run(_fetchval(postgres.dsn, "select 1")) == 1
+
+
+def test_apache_kafkas_cluster_ids_never_start_with_a_dash_which_its_storage_tool_reads_as_an_option() -> None:
+    # One random id in 64 starts with "-"; 2,000 draws would all miss it with a chance of about 1e-14.
+    ids = [apache_kafka._cluster_id() for _ in range(2000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(i) == 22 for i in ids)

@@ -130,9 +130,18 @@ def _write_config(work_dir: Path, port: int, controller_port: int) -> Path:
     return path
 
 
+def _cluster_id() -> str:
+    """16 random bytes in URL-safe base64 without padding, as `kafka-storage random-uuid` makes them."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # One in 64 starts with "-", which the storage tool's argument parser reads as an option and fails on; Kafka's
+        # own generator draws again in that case.
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _format_storage(jars: Path, config: Path, log_config: Path, heap: str, log_path: Path) -> None:
-    # Kafka's cluster ids are 16 random bytes in URL-safe base64 without padding (`kafka-storage random-uuid`).
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    cluster_id = _cluster_id()
     argv = jvm_argv(
         jars,
         "kafka.tools.StorageTool",
