@@ -50,6 +50,30 @@ _PER_DEPLOYMENT = (
 TWENTY_TABLE, DOCS_TABLE = '"core"."webhook"', '"core"."webhook_docs"'
 
 
+def debezium_topics(prefix: str, **keys: Any) -> dict[str, Any]:
+    """The `kafka` keys of a daemon reading the Debezium topics of `prefix`: every first write to a table makes a
+    topic of its own, which the pattern finds within metadata_max_age_ms."""
+    return {
+        "topics": [],
+        "topic_pattern": rf"{prefix}\.workspace_.*",
+        "input_format": "debezium",
+        "metadata_max_age_ms": 500,
+        **keys,
+    }
+
+
+async def start_shipped_connector(debezium: Debezium, dsn: str, prefix: str) -> None:
+    """Debezium on the database of `dsn`, configured as the shipped connector (plain envelopes), topics `prefix`.*"""
+    await debezium.start(
+        urlsplit(dsn).path.lstrip("/"),
+        [],
+        publication="webhookd_twenty",
+        topic_prefix=prefix,
+        schemas_enable=False,
+        overrides=shipped_connector(),
+    )
+
+
 def shipped_connector() -> dict[str, Any]:
     config: dict[str, Any] = json.loads(SHIPPED.read_text())["config"]
     return {key: value for key, value in config.items() if key not in _PER_DEPLOYMENT}
@@ -133,23 +157,15 @@ async def test_each_twenty_write_arrives_as_twentys_event_in_both_body_formats_a
     kafka: str, dsn: str, debezium: Debezium, tmp_path: Path
 ) -> None:
     acme, other = await twenty_database(dsn)
-    database = urlsplit(dsn).path.lstrip("/")
     prefix = f"twenty{uuid.uuid4().hex[:6]}"
-    # Every first write to a table makes a topic; the pattern finds it within metadata_max_age_ms.
-    common = {
-        "topics": [],
-        "topic_pattern": rf"{prefix}\.workspace_.*",
-        "input_format": "debezium",
-        "metadata_max_age_ms": 500,
-    }
     twenty = settings_for(
-        kafka, dsn, prefix, kafka={**common, "group_id": f"{prefix}-t"}, delivery={"body_format": "twenty"}
+        kafka, dsn, prefix, kafka=debezium_topics(prefix, group_id=f"{prefix}-t"), delivery={"body_format": "twenty"}
     )
     docs = settings_for(
         kafka,
         dsn,
         prefix,
-        kafka={**common, "group_id": f"{prefix}-d"},
+        kafka=debezium_topics(prefix, group_id=f"{prefix}-d"),
         postgres={"subscriptions_table": "core.webhook_docs"},
     )
     conn = await asyncpg.connect(dsn)
@@ -218,14 +234,7 @@ async def test_each_twenty_write_arrives_as_twentys_event_in_both_body_formats_a
             await add_webhook(dsn, acme.workspace_id, f"http://127.0.0.1:{port}/ascii", ["*.*"], SECRETS["/ascii"])
             await add_webhook(dsn, other.workspace_id, f"http://127.0.0.1:{port}/astral", ["*.*"], SECRETS["/astral"])
             await add_docs_webhook(dsn, acme.workspace_id, f"http://127.0.0.1:{port}/latin", SECRETS["/latin"])
-            await debezium.start(
-                database,
-                [],
-                publication="webhookd_twenty",
-                topic_prefix=prefix,
-                schemas_enable=False,
-                overrides=shipped_connector(),
-            )
+            await start_shipped_connector(debezium, dsn, prefix)
             async with running(twenty) as twenty_daemon, running(docs):
                 for step in steps:
                     before = len(verdicts)
@@ -329,13 +338,7 @@ async def test_the_wrapped_and_the_flattened_forms_give_the_envelopes_events(
                 schemas_enable=schemas,
                 overrides=overrides,
             )
-            kafka_keys = {
-                "topics": [],
-                "topic_pattern": rf"{prefix}\.workspace_.*",
-                "input_format": "debezium",
-                "metadata_max_age_ms": 500,
-                "group_id": prefix,
-            }
+            kafka_keys = debezium_topics(prefix, group_id=prefix)
             daemons.append(settings_for(kafka, dsn, prefix, kafka=kafka_keys, postgres={"subscriptions_table": table}))
         async with running(daemons[0]), running(daemons[1]), running(daemons[2]):
             person = await acme.insert(conn, "person", person_row_values())
@@ -380,14 +383,7 @@ async def test_a_daemon_reading_debezium_killed_mid_stream_loses_no_change(
     for path in PATHS:
         receiver.behaviours[path] = _slow
         await add_webhook(dsn, acme.workspace_id, receiver.url(path), ["person.created"])
-    await debezium.start(
-        urlsplit(dsn).path.lstrip("/"),
-        [],
-        publication="webhookd_twenty",
-        topic_prefix=prefix,
-        schemas_enable=False,
-        overrides=shipped_connector(),
-    )
+    await start_shipped_connector(debezium, dsn, prefix)
     conn = await asyncpg.connect(dsn)
     try:
         # Committed before the daemon starts: the stream is there to be read when the kill comes.
@@ -397,13 +393,8 @@ async def test_a_daemon_reading_debezium_killed_mid_stream_loses_no_change(
                     await acme.insert(conn, "person", {"nameFirstName": f"p{batch * 100 + i}"})
     finally:
         await conn.close()
-    kafka_keys = {
-        "topics": [],
-        "topic_pattern": rf"{prefix}\.workspace_.*",
-        "input_format": "debezium",
-        "metadata_max_age_ms": 500,
-        "group_instance_id": f"{prefix}-crash",  # the restarted process takes the dead one's place at once
-    }
+    # The restarted process takes the dead one's place at once.
+    kafka_keys = debezium_topics(prefix, group_instance_id=f"{prefix}-crash")
     config = config_for(kafka, dsn, prefix, kafka=kafka_keys, logging={"format": "json"})
     daemon = DaemonProcess(write_config(tmp_path / "c.yaml", config), {}, tmp_path / "daemon.log")
     try:
