@@ -216,6 +216,7 @@ class Consumer:
         if not webhooks:
             offsets.finished(record.offset)
             return
+        keys = order_keys if order_keys is not None else [None] * len(webhooks)
         deliveries = [
             Delivery(
                 event_id=event.id,
@@ -225,12 +226,11 @@ class Consumer:
                 body=body,
                 kafka_timestamp_ms=event.kafka_timestamp_ms,
                 source=source,
+                order_key=key,
+                order_pos=None if key is None else record.offset,
             )
-            for webhook, body in zip(webhooks, self._body_format.bodies(event, webhooks), strict=True)
+            for webhook, body, key in zip(webhooks, self._body_format.bodies(event, webhooks), keys, strict=True)
         ]
-        if order_keys is not None:
-            for delivery, key in zip(deliveries, order_keys, strict=True):
-                delivery.order_key = key
         self._dispatcher.submit(deliveries, self._settled(offsets, record.offset))
 
     def _skipped(self, skip: Skip) -> None:

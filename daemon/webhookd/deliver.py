@@ -34,9 +34,10 @@ class Delivery:
     source: str  # topic:partition:offset, for operators
     attempts: int = 0
     row_id: int | None = None  # the durable row, once the delivery is on the retry path
-    # For a webhook that keeps each record's order: "<object>:<record id>"; deliveries with the same key to the same
-    # webhook leave one after the other, in Kafka order.
+    # For a webhook that keeps each record's order: "<object>:<record id>", and the event's offset in Kafka;
+    # deliveries with the same key to the same webhook leave one after the other, in offset order.
     order_key: str | None = None
+    order_pos: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
@@ -26,6 +27,9 @@ from webhookd.record import Recorder
 from webhookd.scheduler import Scheduler
 
 log = structlog.get_logger("webhookd.dispatch")
+
+# How a delivery's attempt settled: sent, waiting in the retry table, or given up.
+Settled = Literal["delivered", "pending", "dead"]
 
 _BUSY = "deferred: the endpoint has answered nothing for a while"
 _BEHIND = "waiting for an earlier delivery of the same record"
@@ -78,7 +82,7 @@ class Dispatcher:
         health: EndpointHealth,
         attempts: AttemptLog,
         on_fatal: Callable[[BaseException], None],
-        pending_check: PendingCheck | None = None,
+        pending_check: PendingCheck,
     ) -> None:
         self._sender = sender
         self._pending_check = pending_check
@@ -232,7 +236,7 @@ class Dispatcher:
             self._health.observe(delivery, verdict, result)
         return result
 
-    def _held(self, delivery: Delivery, hold: Hold) -> tuple[str, float]:
+    def _held(self, delivery: Delivery, hold: Hold) -> tuple[Settled, float]:
         """The status and delay a held delivery is written with; a disabled endpoint's are dead letters."""
         if hold.reason == "disabled":
             self._metrics.deliveries_by_outcome["dead_lettered"].inc()
@@ -252,23 +256,22 @@ class Dispatcher:
             await self._attempt_first(delivery)
             return
         ahead, mine = self._lines.join(delivery)
-        # Until it is known to have reached its end, a delivery holds the ones behind it: they wait in the table.
-        held = True
+        # Until it is known to have reached its end, a delivery holds back the ones behind it: they wait in the table.
+        holds_back = True
         try:
             if ahead is not None:
                 must_wait = await ahead
             else:
-                assert self._pending_check is not None, "ordered deliveries need the pending check"
                 must_wait = await self._pending_check.pending(delivery.webhook.id, delivery.order_key)
             if must_wait:
                 self._behind.inc()
                 await self._recorder.behind(delivery, error=_BEHIND)
             else:
-                held = await self._attempt_first(delivery) == "pending"
+                holds_back = await self._attempt_first(delivery) == "pending"
         finally:
-            self._lines.leave(delivery, mine, held=held)
+            self._lines.leave(delivery, mine, holds_back=holds_back)
 
-    async def _attempt_first(self, delivery: Delivery) -> str:
+    async def _attempt_first(self, delivery: Delivery) -> Settled:
         """The first attempt and its settling; returns the status it settled in: delivered, pending or dead."""
         result = await self._send(delivery)
         if isinstance(result, Hold):
@@ -286,7 +289,7 @@ class Dispatcher:
         self._log_failure(delivery, result, delay)
         if delay is None:
             self._metrics.deliveries_by_outcome["dead_lettered"].inc()
-        status = "pending" if delay is not None else "dead"
+        status: Settled = "pending" if delay is not None else "dead"
         await self._recorder.schedule(
             delivery, status=status, retry_in=delay or 0.0, last_status=result.status, error=result.describe()
         )

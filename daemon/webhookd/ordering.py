@@ -8,6 +8,13 @@ earliest pending row of a record (`retries`). So the hold lives in Postgres and 
 the first delivery of a line asks Postgres (in batches) whether its record still has a pending row, and if so joins
 the queue there instead of being sent. Other records, other webhooks and unordered webhooks never wait.
 
+In the retry table "earlier" is the event's offset (`order_pos`), not the order rows were written in: a record read
+again after a crash may write an earlier delivery after later ones, and must still go first. Rows waiting behind an
+earlier one are due at 'infinity' until it settles, so that claims never scan them (`record`, `retries`).
+
+A line is held in memory (its deliveries count in the consumer's pending budget): a record updated in a burst,
+sent to an ordered endpoint that answers slowly, takes as much of that budget as its line is long.
+
 Kafka orders the records of one partition only: producers key a record's events by its id (Debezium does, by
 primary key), so that they share a partition.
 """
@@ -15,7 +22,6 @@ primary key), so that they share a partition.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import asyncpg
 import structlog
@@ -102,18 +108,13 @@ class PendingCheck:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
 
 class RecordLines:
     """The deliveries of each (webhook, record) under way in this process, each behind the one before it.
 
     `join` puts a delivery at the end of its record's line and returns the settling of the one ahead (None: it is
-    first); `leave` settles it: True when it ended waiting in the retry table, so the ones behind must wait there too.
+    first); `leave` settles it, holding back the ones behind when it ended waiting in the retry table: they must
+    wait there too.
     """
 
     def __init__(self) -> None:
@@ -130,10 +131,10 @@ class RecordLines:
         self._tails[key] = mine
         return ahead, mine
 
-    def leave(self, delivery: Delivery, mine: asyncio.Future[bool], *, held: bool) -> None:
+    def leave(self, delivery: Delivery, mine: asyncio.Future[bool], *, holds_back: bool) -> None:
         assert delivery.order_key is not None
         if not mine.done():
-            mine.set_result(held)
+            mine.set_result(holds_back)
         key = (delivery.webhook.id, delivery.order_key)
         if self._tails.get(key) is mine:
             del self._tails[key]

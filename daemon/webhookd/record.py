@@ -30,22 +30,24 @@ _RAW_LIMIT = 64 * 1024  # bytes of a bad record kept for inspection; the real si
 _INSERT_DELIVERY = """
 INSERT INTO webhookd.deliveries
     (event_id, webhook_id, workspace_id, event_name, body, event_time, source,
-     status, attempts, next_attempt_at, last_status, last_error, order_key)
-VALUES ($1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10), $11, $12, $13)
+     status, attempts, next_attempt_at, last_status, last_error, order_key, order_pos)
+VALUES ($1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9, now() + make_interval(secs => $10), $11, $12, $13, $14)
 ON CONFLICT (event_id, webhook_id, source) DO NOTHING
 """
-# A delivery of an ordered webhook that must wait for an earlier one of its record, still pending: written after it
-# (a larger id), and due no sooner, so that the retry path does not look at it again and again while the earlier one
-# backs off. The retry path claims it only once nothing earlier of its record is pending (see `retries`).
+# A delivery of an ordered webhook whose record has a delivery pending: written to wait ('infinity') if one of them
+# comes before it in Kafka, to be woken when that one settles (`_PROMOTE`); due now if it comes first (a record read
+# again after a crash, whose later deliveries were already written). Either way the retry path sends it only once no
+# earlier one of its record is pending (see `retries`).
 _INSERT_BEHIND = """
 INSERT INTO webhookd.deliveries
     (event_id, webhook_id, workspace_id, event_name, body, event_time, source,
-     status, attempts, next_attempt_at, last_status, last_error, order_key)
+     status, attempts, next_attempt_at, last_status, last_error, order_key, order_pos)
 SELECT $1, $2::uuid, $3::uuid, $4, $5, $6, $7, $8, $9,
-    greatest(now() + make_interval(secs => $10), (
-        SELECT max(e.next_attempt_at) FROM webhookd.deliveries e
-        WHERE e.webhook_id = $2::uuid AND e.order_key = $13 AND e.status = 'pending'
-    )), $11, $12, $13
+    CASE WHEN EXISTS (
+        SELECT 1 FROM webhookd.deliveries e
+        WHERE e.webhook_id = $2::uuid AND e.order_key = $13 AND e.status = 'pending' AND e.order_pos <= $14
+    ) THEN 'infinity' ELSE now() + make_interval(secs => $10) END,
+    $11, $12, $13, $14
 ON CONFLICT (event_id, webhook_id, source) DO NOTHING
 """
 # Column-wise, one array per parameter: the outcomes of a whole batch in one statement, which Postgres plans and runs
@@ -59,6 +61,22 @@ FROM unnest($1::bigint[], $2::text[], $3::integer[], $4::float8[], $5::integer[]
     AS v (id, status, attempts, retry_in, last_status, last_error)
 -- A claim whose lease ran out may have been taken and settled by another replica; never undo its result.
 WHERE d.id = v.id AND d.status = 'pending'
+RETURNING d.webhook_id, d.order_key, d.status
+"""
+# The records whose pending delivery just settled: the earliest of each one's other pending deliveries, waiting
+# behind it, is due now. (A wake-up lost to a race with a delivery written behind at that moment by another process
+# is made good by the retry poller's periodic `UNBLOCK`.)
+_PROMOTE = """
+UPDATE webhookd.deliveries d SET next_attempt_at = now(), updated_at = now()
+FROM (
+    SELECT (
+        SELECT n.id FROM webhookd.deliveries n
+        WHERE n.webhook_id = k.webhook_id AND n.order_key = k.order_key AND n.status = 'pending'
+        ORDER BY n.order_pos, n.id LIMIT 1
+    ) AS id
+    FROM unnest($1::uuid[], $2::text[]) AS k (webhook_id, order_key)
+) first
+WHERE d.id = first.id AND d.next_attempt_at = 'infinity'
 """
 _COLUMNWISE = frozenset({_UPDATE_DELIVERIES})
 _DEFER_DELIVERY = """
@@ -221,7 +239,10 @@ class Recorder:
 
 async def _apply(conn: asyncpg.pool.PoolConnectionProxy, sql: str, rows: list[tuple[Any, ...]]) -> None:
     if sql in _COLUMNWISE:
-        await conn.execute(sql, *(list(column) for column in zip(*rows, strict=True)))
+        settled = await conn.fetch(sql, *(list(column) for column in zip(*rows, strict=True)))
+        ordered = {(r["webhook_id"], r["order_key"]) for r in settled if r["order_key"] and r["status"] != "pending"}
+        if ordered:
+            await conn.execute(_PROMOTE, [w for w, _ in ordered], [k for _, k in ordered])
     else:
         await conn.executemany(sql, rows)
 
@@ -249,6 +270,7 @@ def _row(
         last_status,
         error,
         delivery.order_key,
+        delivery.order_pos,
     )
 
 

@@ -35,15 +35,17 @@ SET locked_until = now() + make_interval(secs => $2), updated_at = now()
 WHERE d.id IN ({rows})
 RETURNING d.id, d.event_id, d.webhook_id::text AS webhook_id, d.workspace_id::text AS workspace_id,
           d.event_name, d.body, (extract(epoch FROM d.event_time) * 1000)::bigint AS event_ms, d.source, d.attempts,
-          d.order_key
+          d.order_key, d.order_pos
 """
-# A row of an ordered webhook is due only once no earlier row of its record is pending (claimed or not): a record's
-# deliveries leave one at a time, in the order they were written.
+# A row of an ordered webhook is due only once no earlier row of its record (by its event's place in Kafka) is
+# pending and none of its record's rows is claimed: a record's deliveries leave one at a time, in Kafka order, even
+# when a record read again after a crash writes an earlier one behind later ones.
 _DUE = """q.status = 'pending' AND q.next_attempt_at <= now() AND (q.locked_until IS NULL OR q.locked_until < now())
     AND NOT (q.id = ANY($3::bigint[]))
     AND (q.order_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM webhookd.deliveries e
-        WHERE e.webhook_id = q.webhook_id AND e.order_key = q.order_key AND e.status = 'pending' AND e.id < q.id
+        WHERE e.webhook_id = q.webhook_id AND e.order_key = q.order_key AND e.status = 'pending' AND e.id <> q.id
+          AND ((e.order_pos, e.id) < (q.order_pos, q.id) OR e.locked_until >= now() OR e.id = ANY($3::bigint[]))
     ))"""
 # The earliest due rows of every endpoint but those that take nothing now (circuit open, paused, host busy) or one
 # delivery (a probe).
@@ -62,6 +64,20 @@ _CLAIM_PROBES = _CLAIM.format(
 _PROBES_PER_POLL = 20
 _RELEASE = "UPDATE webhookd.deliveries SET locked_until = NULL WHERE id = ANY($1::bigint[]) AND status = 'pending'"
 _DEPTH = "SELECT count(*) FROM webhookd.deliveries WHERE status = 'pending'"
+# The records whose earliest pending delivery still waits ('infinity') for one before it that is no longer pending:
+# its wake-up (record._PROMOTE) was lost to a race with another process writing it, or the one before it left by a
+# path that wakes nobody (an operator's command). Made due now.
+_UNBLOCK = """
+UPDATE webhookd.deliveries d SET next_attempt_at = now(), updated_at = now()
+FROM (
+    SELECT DISTINCT ON (webhook_id, order_key) id, next_attempt_at FROM webhookd.deliveries
+    WHERE status = 'pending' AND order_key IS NOT NULL
+    ORDER BY webhook_id, order_key, order_pos, id
+) first
+WHERE d.id = first.id AND first.next_attempt_at = 'infinity'
+"""
+# How often the poller looks for such records: a lost wake-up costs a record at most this long.
+_UNBLOCK_SECONDS = 15.0
 _UNSUBSCRIBED = "the webhook no longer exists or no longer subscribes to this event"
 
 
@@ -100,6 +116,7 @@ class RetryPoller:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         next_depth = 0.0
+        next_unblock = loop.time() + _UNBLOCK_SECONDS
         try:
             while True:
                 room = self._room()
@@ -112,6 +129,10 @@ class RetryPoller:
                         async with self._conn.use() as conn:
                             self._metrics.retry_queue_depth.set(await conn.fetchval(_DEPTH))
                         next_depth = loop.time() + 5.0
+                    if loop.time() >= next_unblock:
+                        async with self._conn.use() as conn:
+                            await conn.execute(_UNBLOCK)
+                        next_unblock = loop.time() + _UNBLOCK_SECONDS
                 except (*TRANSIENT, asyncpg.PostgresError) as exc:
                     log.warning("retry_poll_failed", error=str(exc))
                 if more_due or room <= 0:
@@ -203,6 +224,7 @@ class RetryPoller:
                     attempts=row["attempts"],
                     row_id=row["id"],
                     order_key=row["order_key"],
+                    order_pos=row["order_pos"],
                 )
             )
         return unsubscribed

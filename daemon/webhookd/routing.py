@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from webhookd.attempts import AttemptLog
 from webhookd.events import Event
-from webhookd.filters import LazyRecord
+from webhookd.filters import FilterReason, LazyRecord, WebhookFilter
 from webhookd.metrics import Metrics
 from webhookd.ordering import order_key
 from webhookd.subscriptions import SubscriptionIndex, Webhook
-
-_WHY = {"updated_fields": "filtered: updatedFields has none of ", "record": "filtered: the record fails "}
 
 
 class Router:
@@ -25,6 +23,8 @@ class Router:
         self._index = index
         self._attempts = attempts
         self._filtered = metrics.filtered_by_reason
+        # Why each filter keeps pairs back, written once per filter rather than once per pair.
+        self._why: dict[tuple[WebhookFilter, FilterReason], str] = {}
 
     def route(self, event: Event, source: str) -> tuple[list[Webhook], list[str | None] | None]:
         """The webhooks to deliver `event` to, and each one's order key (None for all: no webhook keeps order)."""
@@ -46,7 +46,7 @@ class Router:
                 reason = flt.rejects(action, event.updated_fields, record)
                 if reason is not None:
                     self._filtered[reason].inc()
-                    self._attempts.add_filtered(event, webhook.id, source, _WHY[reason] + self._detail(webhook, reason))
+                    self._attempts.add_filtered(event, webhook.id, source, self._why_kept(flt, reason))
                     continue
             kept.append(webhook)
             if options.ordered:
@@ -57,10 +57,18 @@ class Router:
                 keys.append(None)
         return kept, keys if ordered else None
 
-    @staticmethod
-    def _detail(webhook: Webhook, reason: str) -> str:
-        flt = webhook.options.filter
-        assert flt is not None
-        if reason == "updated_fields":
-            return ", ".join(sorted(flt.updated_fields or ()))
-        return " and ".join(p.text for p in flt.where)
+    def _why_kept(self, flt: WebhookFilter, reason: FilterReason) -> str:
+        why = self._why.get((flt, reason))
+        if why is None:
+            if len(self._why) >= _WHY_REMEMBERED:
+                self._why.clear()
+            if reason == "updated_fields":
+                why = "filtered: updatedFields has none of " + ", ".join(sorted(flt.updated_fields or ()))
+            else:
+                why = "filtered: the record fails " + " and ".join(p.text for p in flt.where)
+            self._why[(flt, reason)] = why
+        return why
+
+
+# Far more filters than a deployment has; a full cache is dropped, not evicted one by one.
+_WHY_REMEMBERED = 10_000

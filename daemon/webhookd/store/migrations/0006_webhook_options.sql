@@ -30,11 +30,14 @@ DO $create$ BEGIN
 END $create$;
 
 -- Per-record ordering: the record a delivery of an ordered webhook belongs to ("<object>:<record id>"; the webhook
--- fixes the workspace). A pending row holds back every later row of its webhook and record (a larger id); the
--- retry path claims only the first of each, so a record's deliveries leave in the order they were written.
+-- fixes the workspace) and its event's place in Kafka (the offset: a record's events share a partition). Of a
+-- record's pending rows, the retry path claims only the earliest by place, and only while none of them is claimed.
+-- A row written behind an earlier pending one waits with next_attempt_at 'infinity' until the one before it settles
+-- (`record`, `retries`), so that the claims never walk past a long queue of rows that may not go yet.
 ALTER TABLE webhookd.deliveries ADD COLUMN IF NOT EXISTS order_key text;
+ALTER TABLE webhookd.deliveries ADD COLUMN IF NOT EXISTS order_pos bigint;
 CREATE INDEX IF NOT EXISTS deliveries_in_order
-    ON webhookd.deliveries (webhook_id, order_key, id) WHERE status = 'pending' AND order_key IS NOT NULL;
+    ON webhookd.deliveries (webhook_id, order_key, order_pos, id) WHERE status = 'pending' AND order_key IS NOT NULL;
 
 -- Where each attempted event came from (topic:partition:offset), so that `deliveries replay` can read a first-try
 -- success again from Kafka: about 30 bytes an attempt instead of the body's kilobytes. Older daemons, which do not
