@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from tests.support import (
 )
 from webhookd.children import free_port
 from webhookd.config import Settings
+from webhookd.operate.output import UsageError, since
 
 
 @dataclass
@@ -433,3 +435,104 @@ async def test_each_operator_command_explains_itself_in_help(command: tuple[str,
     status, out = await webhookd_cli(*command, "--help")
     assert status == 0
     assert says in " ".join(out.split())
+
+
+async def test_replay_warns_that_first_try_successes_older_than_the_attempt_log_cannot_be_found(scene: Scene) -> None:
+    # The default retention is 14 days: a window from 30 days ago reaches before it.
+    status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "30d", "--dry-run")
+    assert status == 0, out
+    assert "warning: first-try successes before " in out
+    assert "are no longer in the attempt log and cannot be found" in out
+    assert "it keeps 14 days: endpoints.attempt_log_retention_seconds" in out
+    assert "3 would be replayed (0 reset, 3 read again from Kafka)" in out, "the recent ones are still found"
+    dry = await scene.json("deliveries", "replay", "--webhook", scene.good, "--since", "30d", "--dry-run")
+    assert len(dry["warnings"]) == 1
+    assert "cannot be found" in dry["warnings"][0]
+    status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "30d", "--until", "20d")
+    assert status == 0, out
+    assert "nothing to replay" in out
+    assert "warning: first-try successes before " in out
+    assert (await scene.json("deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--dry-run"))[
+        "warnings"
+    ] == []
+
+    # The setting decides: with 10 minutes kept, an hour's window warns and five minutes' does not.
+    env = {"WEBHOOKD_ENDPOINTS__ATTEMPT_LOG_RETENTION_SECONDS": "600"}
+    replay = ("deliveries", "replay", "--webhook", scene.good, "--dry-run", "--config", scene.config)
+    status, out = await webhookd_cli(*replay, "--since", "1h", env=env)
+    assert status == 0, out
+    assert "(it keeps 600 seconds: endpoints.attempt_log_retention_seconds)" in out
+    status, out = await webhookd_cli(*replay, "--since", "5m", env=env)
+    assert status == 0, out
+    assert "warning" not in out
+
+    status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "30d", "--json")
+    assert status == 0, out
+    done = orjson.loads(out)
+    assert len(done["warnings"]) == 1
+    assert len(done["from_kafka"]) == 3
+
+
+async def test_replay_keeps_both_pairs_of_a_reused_event_id_and_prefers_the_row_with_a_source(scene: Scene) -> None:
+    # A recreated topic reuses default event ids: two first-try successes of "reused", from two places.
+    await _log_attempt(scene, "reused", scene.good, source=f"{scene.topic}:0:999990")
+    await _log_attempt(scene, "reused", scene.good, source=f"{scene.topic}:1:999990")
+    # Logged by a webhookd without sources, then again (after a restart) by one with: one pair, with its source.
+    await _log_attempt(scene, "upgraded", scene.good, source=None)
+    await _log_attempt(scene, "upgraded", scene.good, source=f"{scene.topic}:2:999990")
+    await _log_attempt(scene, "old", scene.good, source=None)
+    # A pair with a row of its own hides only its own first try, not another pair's under the same id.
+    await fetch(
+        scene.dsn,
+        "INSERT INTO webhookd.deliveries (event_id, webhook_id, workspace_id, event_name, body, source, status, "
+        "attempts) VALUES ('twin', $1::uuid, $2::uuid, 'person.created', '{}', $3, 'dead', 2)",
+        scene.good,
+        scene.workspace,
+        f"{scene.topic}:3:999990",
+    )
+    await _log_attempt(scene, "twin", scene.good, attempt=2, result="5xx", source=f"{scene.topic}:3:999990")
+    await _log_attempt(scene, "twin", scene.good, source=f"{scene.topic}:3:999991")
+
+    dry = await scene.json("deliveries", "replay", "--webhook", scene.good, "--since", "1h", "--dry-run")
+    assert dry["count"] == 3 + 2 + 1 + 1 + 2
+    gone = sorted((g["event_id"], g["source"]) for g in dry["gone_from_kafka"])
+    assert gone == [
+        ("reused", f"{scene.topic}:0:999990"),
+        ("reused", f"{scene.topic}:1:999990"),
+        ("twin", f"{scene.topic}:3:999991"),
+        ("upgraded", f"{scene.topic}:2:999990"),
+    ]
+    assert [m["event_id"] for m in dry["no_source"]] == ["old"]
+    twin = await fetch(scene.dsn, "SELECT id FROM webhookd.deliveries WHERE event_id = 'twin'")
+    twins = sorted(p["how"] for p in dry["pairs"] if p["event_id"] == "twin")
+    assert twins == ["gone from Kafka", f"reset row {twin[0]['id']}"]
+
+
+def test_since_refuses_a_time_out_of_range_naming_the_option_and_the_value() -> None:
+    for text, says in (
+        ("9999999d", "'9999999d' reaches back before year 1"),
+        ("1" + "0" * 400 + "s", "reaches back before year 1"),
+        ("0001-01-01T00:00:00+05:00", "'0001-01-01T00:00:00+05:00' is out of range"),
+        ("9999-12-31T23:00:00-05:00", "is out of range"),
+        ("soon", "'soon' is neither an age"),
+    ):
+        with pytest.raises(UsageError) as refused:
+            since(text, "--until")
+        assert str(refused.value).startswith("--until: ")
+        assert says in str(refused.value)
+    assert since("2026-11-28T12:00:00+02:00") == datetime(2026, 11, 28, 10, tzinfo=UTC)
+
+
+async def test_since_or_until_beyond_the_calendar_is_a_usage_error_not_a_traceback(dsn: str, tmp_path: Path) -> None:
+    config = str(write_config(tmp_path / "webhookd.yaml", config_for("127.0.0.1:9", dsn, "unused")))
+    webhook = "00000000-0000-4000-8000-000000000000"
+    for args, says in (
+        (("deliveries", "list", "--since", "9999999d"), "--since: '9999999d'"),
+        (("deliveries", "retry", "--dead", "--since", "9999999d"), "--since: '9999999d'"),
+        (("deliveries", "replay", "--webhook", webhook, "--since", "9999999d"), "--since: '9999999d'"),
+        (("deliveries", "replay", "--webhook", webhook, "--since", "1h", "--until", "9999999d"), "--until: '9999999d'"),
+    ):
+        status, out = await webhookd_command(*args, "--config", config)
+        assert status == 2, out
+        assert says in out
+        assert "Traceback" not in out

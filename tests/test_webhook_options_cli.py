@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import add_webhook, config_for, fetch, new_workspace, webhookd_command, write_config
 from webhookd.operate.webhooks import lock_options
+from webhookd.webhook_options import OptionsError, options_from_json
 
 SECRET = "Bearer s3cr3t-t0ken-9f8e7d"
 
@@ -180,6 +181,8 @@ async def test_header_from_env_reads_the_value_without_it_in_the_command(
         (["--header", "X-Api-Key: s3cr3t\r\nX-Injected: 1"], "X-Api-Key"),
         (["--header", "X-Api-Key: s3cr3t\nmore"], "line breaks"),
         (["--header", "Authorization Bearer s3cr3t"], "Name: value"),  # the colon forgotten
+        (["--header", "User-Agent: curl/8.0"], "User-Agent"),
+        (["--header-from-env", "Authorization=Bearer s3cr3t"], "--header-from-env #1"),  # a value, not a variable
     ],
 )
 async def test_a_bad_option_is_refused_with_its_reason_and_nothing_changes(
@@ -317,3 +320,122 @@ async def test_options_left_by_a_removed_webhook_show_and_unset(ops: Ops) -> Non
     out = await ops.ok("unset", removed, "--header", "X-Team")
     assert "within 2 seconds" in out
     assert await ops.row(removed) is None
+
+
+async def test_a_stored_header_name_that_is_not_a_name_is_named_by_position_and_never_printed(ops: Ops) -> None:
+    # A header line pasted whole as a name, secret included; jsonb puts the shorter key first, so it is header #2.
+    await ops.write_raw('{"headers": {"X-Team": "sales", "Authorization: Bearer s3cr3t": "x"}}')
+    out = await ops.ok("show", ops.webhook)
+    assert "header #2: not a valid header name" in out
+    assert "headers.X-Team" in out  # a valid name is still shown
+    assert "headers.#2 (not a valid name)" in out
+    data = await ops.json("show", ops.webhook)
+    assert data["valid"] is False
+    assert data["problem"].startswith("header #2: not a valid header name")
+    assert data["stored_keys"] == ["headers.X-Team", "headers.#2 (not a valid name)"]
+    listing, listed = await ops.ok("show"), await ops.json("show")
+    assert "header #2" in listing
+    status, refused = await ops.run("set", ops.webhook, "--ordered")
+    assert status == 2
+    assert "header #2" in refused
+    for text in (out, orjson.dumps(data).decode(), listing, orjson.dumps(listed).decode(), refused):
+        assert "s3cr3t" not in text
+        assert "Bearer" not in text
+
+
+async def test_a_stored_option_key_that_is_not_a_name_is_named_by_position_never_printed(ops: Ops) -> None:
+    await ops.write_raw('{"ordered": true, "colour": "red", "Authorization: Bearer s3cr3t": 1}')
+    data = await ops.json("show", ops.webhook)
+    # jsonb orders keys by length: colour, ordered, then the long one, #3 in both the problem and the keys.
+    assert "unknown option(s) colour, #3 (not a valid name, not shown);" in data["problem"]
+    assert "#3 (not a valid name)" in data["stored_keys"]
+    out = await ops.ok("show", ops.webhook)
+    assert "colour" in out
+    for text in (out, orjson.dumps(data).decode()):
+        assert "s3cr3t" not in text
+
+
+def test_the_daemons_reason_for_ignoring_a_row_never_quotes_an_invalid_header_name() -> None:
+    # The text every daemon logs as `webhook_options_ignored`.
+    with pytest.raises(OptionsError) as refused:
+        options_from_json({"headers": {"X-Team": "sales", "Authorization: Bearer s3cr3t": "x"}})
+    assert str(refused.value).startswith("header #2: not a valid header name")
+    assert "s3cr3t" not in str(refused.value)
+    with pytest.raises(OptionsError, match=r"^header #1: ") as refused:
+        options_from_json({"headers": {"X-Team\r\nX-Injected": "sales"}})
+    assert "X-Injected" not in str(refused.value)
+
+
+async def test_unset_does_not_repeat_a_header_it_was_given_that_is_not_a_name(ops: Ops) -> None:
+    await ops.ok("set", ops.webhook, "--header", "X-Team: sales")
+    out = await ops.ok("unset", ops.webhook, "--header", "X-Other: s3cr3t", "--header", "X-Region")
+    assert "not set, so not removed: header(s) --header #1 (not a valid name), X-Region" in out
+    assert "s3cr3t" not in out
+
+
+@pytest.mark.parametrize("name", ["User-Agent", "user-agent"])
+async def test_user_agent_is_refused_because_webhookd_always_sends_its_own(ops: Ops, name: str) -> None:
+    status, out = await ops.run("set", ops.webhook, "--header", f"{name}: curl/8.0")
+    assert status == 2
+    assert f"header {name!r}: webhookd sets it on every request (always webhookd/<version>" in out
+    assert "nothing changed" in out
+    assert await ops.row() is None
+    with pytest.raises(OptionsError, match="User-Agent"):  # a row edited by hand is ignored by the daemons
+        options_from_json({"headers": {"User-Agent": "curl/8.0"}})
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        ('{"ordered": true, "x": 1e400}', "number is infinity"),  # jsonb keeps it as 401 digits
+        ('{"filter": ' + "[" * 1100 + "]" * 1100 + "}", "depth limit exceeded"),
+    ],
+)
+async def test_a_row_the_daemons_json_reader_refuses_shows_as_invalid_and_only_unset_all_removes_it(
+    ops: Ops, options: str, why: str
+) -> None:
+    await ops.write_raw(options)
+    stored_sql = "SELECT options::text AS options FROM webhookd.webhook_options WHERE webhook_id = $1::uuid"
+    stored = await fetch(ops.dsn, stored_sql, ops.webhook)
+    out = await ops.ok("show", ops.webhook)
+    assert "ignored by running daemons" in out
+    assert f"the stored JSON cannot be read: {why}" in out
+    assert "(the JSON cannot be read: not shown)" in out
+    data = await ops.json("show", ops.webhook)
+    assert (data["valid"], data["options"]) == (False, None)
+    assert why in data["problem"]
+    listing = await ops.ok("show")
+    assert "INVALID" in listing
+    assert why in listing
+    assert (await ops.json("show"))[0]["valid"] is False
+
+    # Merging onto nothing would drop what the row held unseen: set refuses and names the way out.
+    status, out = await ops.run("set", ops.webhook, "--ordered")
+    assert status == 2, out
+    assert f"refused, nothing changed: the stored JSON cannot be read: {why}" in out
+    assert f"webhookd webhooks unset {ops.webhook} --all" in out
+    status, out = await ops.run("unset", ops.webhook, "--ordered")
+    assert status == 2, out
+    assert "only --all removes these options" in out
+    for text in (out, listing):
+        assert "Traceback" not in text
+    assert await fetch(ops.dsn, stored_sql, ops.webhook) == stored
+
+    out = await ops.ok("unset", ops.webhook, "--all")
+    assert "no options" in out
+    assert await ops.row() is None
+
+
+@pytest.mark.parametrize("credentials", ["alice:pa55w0rd@", "alice@", ":pa55w0rd@"])
+async def test_authorization_is_refused_for_a_target_url_that_carries_credentials(ops: Ops, credentials: str) -> None:
+    webhook = await add_webhook(ops.dsn, new_workspace(), f"https://{credentials}hooks.example.com/in", ["*.*"])
+    status, out = await ops.run("set", webhook, "--header", f"authorization: {SECRET}")
+    assert status == 2, out
+    assert "header 'authorization': the webhook's targetUrl already carries credentials" in out
+    assert "remove them from the targetUrl, or leave authorization out of this webhook's headers" in out
+    for secret in ("alice", "pa55w0rd", "s3cr3t"):
+        assert secret not in out
+    assert await ops.row(webhook) is None
+    # Other headers are fine, and so is Authorization where the URL has no credentials.
+    await ops.ok("set", webhook, "--header", "X-Api-Key: k")
+    await ops.ok("set", ops.webhook, "--header", f"Authorization: {SECRET}")

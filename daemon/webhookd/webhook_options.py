@@ -14,7 +14,7 @@ with it, ignoring (with a warning naming the webhook) a row edited by hand into 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,29 +65,33 @@ class WebhookOptions:
 
 NO_OPTIONS = WebhookOptions()
 
-# Headers that webhookd itself owns on every request: the signature schemes' (a receiver trusts them only because a
-# webhook's secret signed them), those that describe the body or the connection, and Host, which picks the receiver.
-_OWNED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "content-type",
-        "content-encoding",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "upgrade",
-        "te",
-        "trailer",
-        "expect",
-        "webhook-id",
-        "webhook-timestamp",
-        "webhook-signature",
-    }
-)
+# Headers that webhookd itself sets on every request, each with the reason a refusal gives: a webhook that set one
+# could forge what the secret vouches for, contradict the body, break the connection, or pass for another client.
+_SIGNATURE = "part of the signature scheme, which receivers trust"
+_BODY = "it describes the body"
+_CONNECTION = "it belongs to the connection"
+_OWNED_HEADERS: Mapping[str, str] = {
+    "host": "it picks the receiver",
+    "user-agent": "always webhookd/<version>, which receivers may rely on",
+    "content-length": _BODY,
+    "content-type": _BODY,
+    "content-encoding": _BODY,
+    "transfer-encoding": _BODY,
+    "connection": _CONNECTION,
+    "keep-alive": _CONNECTION,
+    "upgrade": _CONNECTION,
+    "te": _CONNECTION,
+    "trailer": _CONNECTION,
+    "expect": _CONNECTION,
+    "webhook-id": _SIGNATURE,
+    "webhook-timestamp": _SIGNATURE,
+    "webhook-signature": _SIGNATURE,
+}
 _OWNED_PREFIX = "x-twenty-webhook-"
-# RFC 9110's token characters.
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")
+# RFC 9110's token characters. Text that does not match is never quoted in a message, here or in `webhooks show`: a
+# name typed by hand may be a whole header line, secret included (`Authorization: Bearer ...`).
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")
+_NAME_RULE = "letters, digits and !#$%&'*+.^_`|~-, at most 100"
 # Visible ASCII and inner spaces or tabs: anything else (CR, LF, NUL) could end the header and forge another.
 _HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?|")
 _MAX_HEADERS = 20
@@ -96,13 +100,17 @@ _KNOWN_KEYS = frozenset({"filter", "ordered", "headers"})
 _FILTER_KEYS = frozenset({"updated_fields", "where"})
 
 
-def check_header(name: str, value: str) -> None:
-    """Raise OptionsError unless `name: value` is a header a webhook may add to its requests."""
-    if not _HEADER_NAME.fullmatch(name):
-        raise OptionsError(f"header {name!r}: not a valid header name (letters, digits and !#$%&'*+.^_`|~-)")
+def check_header(name: str, value: str, number: int) -> None:
+    """Raise OptionsError unless `name: value` is a header a webhook may add to its requests; `number`, the header's
+    position from 1, names it when its name is not valid (that text is never quoted)."""
+    if not HEADER_NAME.fullmatch(name):
+        raise OptionsError(
+            f"header #{number}: not a valid header name ({_NAME_RULE}); it is not repeated here, it may hold a secret"
+        )
     lower = name.lower()
-    if lower in _OWNED_HEADERS or lower.startswith(_OWNED_PREFIX):
-        raise OptionsError(f"header {name!r}: webhookd sets it on every request (signature, body or connection)")
+    owned = _OWNED_HEADERS.get(lower, _SIGNATURE if lower.startswith(_OWNED_PREFIX) else None)
+    if owned is not None:
+        raise OptionsError(f"header {name!r}: webhookd sets it on every request ({owned})")
     if len(value) > _MAX_VALUE or not _HEADER_VALUE.fullmatch(value):
         # The value itself is never quoted: it may be a secret.
         raise OptionsError(
@@ -111,13 +119,25 @@ def check_header(name: str, value: str) -> None:
         )
 
 
+def _unknown_keys(keys: Iterable[object], known: frozenset[str]) -> str | None:
+    """The keys not in `known`, for a message, or None if there are none. A key that is not a plain name is given by
+    its position instead (as `webhooks show` lists it): typed by hand where a header belongs, it may be a whole
+    header line, secret included."""
+    unknown = [
+        key if HEADER_NAME.fullmatch(key) else f"#{number} (not a valid name, not shown)"
+        for number, key in enumerate(map(str, keys), 1)
+        if key not in known
+    ]
+    return ", ".join(unknown) if unknown else None
+
+
 def options_from_json(data: object) -> WebhookOptions:
     """Read the stored form; raises OptionsError naming what cannot be applied."""
     if not isinstance(data, Mapping):
         raise OptionsError("options must be a JSON object")
-    unknown = sorted(str(k) for k in data if k not in _KNOWN_KEYS)
-    if unknown:
-        raise OptionsError(f"unknown option(s) {', '.join(unknown)}; known: filter, ordered, headers")
+    unknown = _unknown_keys(data, _KNOWN_KEYS)
+    if unknown is not None:
+        raise OptionsError(f"unknown option(s) {unknown}; known: filter, ordered, headers")
     ordered = data.get("ordered", False)
     if not isinstance(ordered, bool):
         raise OptionsError("ordered must be true or false")
@@ -129,9 +149,9 @@ def _filter(data: object) -> WebhookFilter | None:
         return None
     if not isinstance(data, Mapping):
         raise OptionsError("filter must be a JSON object with updated_fields and/or where")
-    unknown = sorted(str(k) for k in data if k not in _FILTER_KEYS)
-    if unknown:
-        raise OptionsError(f"filter: unknown key(s) {', '.join(unknown)}; known: updated_fields, where")
+    unknown = _unknown_keys(data, _FILTER_KEYS)
+    if unknown is not None:
+        raise OptionsError(f"filter: unknown key(s) {unknown}; known: updated_fields, where")
     fields, where = data.get("updated_fields"), data.get("where", [])
     if fields is not None and not (isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
         raise OptionsError("filter.updated_fields must be a list of field names")
@@ -152,8 +172,8 @@ def _headers(data: object) -> tuple[tuple[str, str], ...]:
     if len(data) > _MAX_HEADERS:
         raise OptionsError(f"headers: at most {_MAX_HEADERS} per webhook")
     seen: set[str] = set()
-    for name, value in data.items():
-        check_header(str(name), value)
+    for number, (name, value) in enumerate(data.items(), 1):
+        check_header(str(name), value, number)
         if name.lower() in seen:
             raise OptionsError(f"header {name!r}: given twice (header names ignore case)")
         seen.add(name.lower())

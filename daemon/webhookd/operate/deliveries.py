@@ -2,7 +2,7 @@
 
 A delivery that succeeded at its first attempt has no row of its own (the hot path never writes one); it is listed
 from the attempt log, without an id, and `show --event` finds it, as it finds the pairs a webhook's filter kept back
-(status `filtered`, with the filter's reason). Replay resets a row to pending with its whole retry schedule: the same
+(status `filtered`, with the filter's reason). `retry` resets a row to pending with its whole retry schedule: the same
 event id and body go out again, so receivers that deduplicate by event id see one event. `deliveries replay`
 (`operate.replay`) resets rows the same way, through `reset_rows`.
 """
@@ -40,7 +40,8 @@ _ATTEMPT_COLUMNS = (
 _ROWS = """
 SELECT id, status, attempts, event_id, event_name, webhook_id::text AS webhook_id, workspace_id::text AS workspace_id,
        source, last_status, last_error, created_at, updated_at, delivered_at,
-       CASE WHEN status = 'pending' THEN next_attempt_at END AS next_attempt_at
+       -- 'infinity': waiting for an earlier delivery of the same record (an ordered webhook), not for a time.
+       CASE WHEN status = 'pending' AND isfinite(next_attempt_at) THEN next_attempt_at END AS next_attempt_at
 FROM webhookd.deliveries
 """
 # First-attempt successes, which only the attempt log knows: those with no row (a delivery deferred before its
@@ -71,7 +72,7 @@ FROM webhookd.attempts WHERE event_id = $1 AND webhook_id = $2::uuid ORDER BY at
 """
 # A pending row under a live claim is being attempted right now: its attempt settles it, and freeing its claim
 # would let another replica send it at the same time; it is left alone and reported.
-_REPLAY = """
+_RESET = """
 UPDATE webhookd.deliveries d
 SET status = 'pending', attempts = 0, next_attempt_at = now(), locked_until = NULL, updated_at = now()
 WHERE d.id = ANY($1::bigint[])
@@ -190,7 +191,7 @@ def _print_delivery(d: dict[str, Any]) -> None:
 class Reset:
     """What resetting delivery rows to pending did: rows reset, rows left alone and why."""
 
-    replayed: list[int]
+    reset: list[int]
     skipped_disabled: list[dict[str, Any]]  # {"id", "webhook_id"}: rows of a disabled endpoint
     in_flight: list[int]  # rows being attempted right now
 
@@ -201,8 +202,8 @@ async def reset_rows(conn: Connection, ids: list[int]) -> Reset:
     async with conn.transaction():
         skipped = [plain(r) for r in await conn.fetch(_DISABLED_OF, ids)]
         in_flight = sorted(r["id"] for r in await conn.fetch(_IN_FLIGHT, ids))
-        replayed = sorted(r["id"] for r in await conn.fetch(_REPLAY, ids))
-    return Reset(replayed, skipped, in_flight)
+        reset = sorted(r["id"] for r in await conn.fetch(_RESET, ids))
+    return Reset(reset, skipped, in_flight)
 
 
 def print_skipped_disabled(skipped: list[dict[str, Any]]) -> None:
@@ -242,19 +243,20 @@ async def retry_deliveries(conn: Connection, args: argparse.Namespace) -> int:
         sql = "SELECT id FROM webhookd.deliveries WHERE " + " AND ".join(where)
         ids = [r["id"] for r in await conn.fetch(sql, *values)]
         missing = []
-    reset = await reset_rows(conn, ids)
-    replayed, in_flight = reset.replayed, reset.in_flight
+    outcome = await reset_rows(conn, ids)
+    done, in_flight = outcome.reset, outcome.in_flight
+    # `retry` says "replayed": to its user a row reset to pending is a delivery sent again, and scripts read the key.
     result = {
-        "replayed": replayed,
-        "skipped_disabled": reset.skipped_disabled,
+        "replayed": done,
+        "skipped_disabled": outcome.skipped_disabled,
         "in_flight": in_flight,
         "not_found": missing,
     }
     if args.json:
         emit_json(result)
     else:
-        print(f"replayed {len(replayed)} deliveries" + (f": {', '.join(map(str, replayed[:50]))}" if replayed else ""))
-        print_skipped_disabled(reset.skipped_disabled)
+        print(f"replayed {len(done)} deliveries" + (f": {', '.join(map(str, done[:50]))}" if done else ""))
+        print_skipped_disabled(outcome.skipped_disabled)
         if in_flight:
             print(f"being attempted right now, left alone: {', '.join(map(str, in_flight))}")
         if missing:

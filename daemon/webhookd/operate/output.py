@@ -32,17 +32,25 @@ def workspace_id(text: str) -> str:
         raise UsageError(f"--workspace: {text!r} is not a workspace id (a UUID)") from None
 
 
-def since(text: str) -> datetime:
-    """A moment given as an age ("2h", "30m", "1d") or an ISO 8601 time ("2026-11-28T10:00:00Z")."""
+def since(text: str, option: str = "--since") -> datetime:
+    """A moment given as an age ("2h", "30m", "1d") or an ISO 8601 time ("2026-11-28T10:00:00Z"), in UTC; errors
+    name `option`."""
     try:
-        return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+        age = parse_duration(text)
     except ValueError:
-        pass
+        age = None
     try:
+        if age is not None:
+            return datetime.now(UTC) - timedelta(seconds=age)
         moment = datetime.fromisoformat(text.strip())
+        # In UTC now, so that a time near year 1 or 9999 fails here, named, rather than in a later conversion.
+        return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
     except ValueError:
-        raise UsageError(f"--since: {text!r} is neither an age such as 2h or 1d nor an ISO time") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        raise UsageError(f"{option}: {text!r} is neither an age such as 2h or 1d nor an ISO time") from None
+    except OverflowError:
+        if age is not None:
+            raise UsageError(f"{option}: {text!r} reaches back before year 1; give a smaller age") from None
+        raise UsageError(f"{option}: {text!r} is out of range: in UTC it falls before year 1 or after 9999") from None
 
 
 def emit_json(data: object, out: TextIO | None = None) -> None:

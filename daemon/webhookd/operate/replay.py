@@ -13,8 +13,9 @@ The running daemons' retry pollers then send them, under the same event id, so r
 
 What it costs: a first-try success stores no body, only the ~30 bytes of `source` in its attempt-log row, instead
 of the body's kilobytes; the price is that its body exists only as long as Kafka keeps the record. The attempt log
-itself is kept for `endpoints.attempt_log_retention_seconds`; the topic's own retention (or compaction) decides
-whether the record is still there. When Kafka no longer has it (the offset is before the partition's first one,
+itself is kept for `endpoints.attempt_log_retention_seconds`, and a window that starts earlier is answered with a
+warning: its older first-try successes cannot be found. The topic's own retention (or compaction) decides whether
+the record is still there. When Kafka no longer has it (the offset is before the partition's first one,
 past its end after a topic was recreated, compacted away, or the topic or partition is gone), that pair is reported
 as "gone from Kafka" and not replayed, and the rest of the window still is; the command then exits 1. A record that
 is there but now reads as another event (a recreated topic) is reported as "changed in Kafka", never sent. Attempts
@@ -28,7 +29,7 @@ import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -60,17 +61,28 @@ WHERE webhook_id = $1::uuid
   AND ((status = 'delivered' AND delivered_at BETWEEN $2 AND $3) OR (status = 'dead' AND updated_at BETWEEN $2 AND $3))
   AND ($4::text IS NULL OR event_name = $4)
 """
-# First-try successes of the window. A record consumed twice (after a crash) logs its pair twice: one of them, one
-# that names its source if any does.
+# First-try successes of the window, one row per pair. A pair is an event id and a source: a recreated topic
+# reuses default event ids (topic:partition:offset) for other events, so two sources under one id are two pairs,
+# and a delivery row hides only the first try of its own source. A record consumed twice (after a crash) logs its
+# pair twice; DISTINCT ON keeps one. A row without a source (logged before webhookd recorded sources) cannot say
+# which pair it was: any delivery row of its event id hides it, and so does a row of the same event id that has a
+# source (most likely the same record, consumed again by a newer webhookd after a restart), which unlike it can be
+# replayed. bool_or looks only at the rows WHERE kept, so a source logged outside the window hides nothing in it.
 _FIRST_TRIES = """
-SELECT DISTINCT ON (a.event_id) a.event_id, a.event_name, a.workspace_id::text AS workspace_id, a.source, a.at
-FROM webhookd.attempts a
-WHERE a.webhook_id = $1::uuid AND a.attempt = 1 AND a.result = '2xx' AND a.at BETWEEN $2 AND $3
-  AND ($4::text IS NULL OR a.event_name = $4)
-  AND NOT EXISTS (
-    SELECT 1 FROM webhookd.deliveries d WHERE d.event_id = a.event_id AND d.webhook_id = a.webhook_id
-  )
-ORDER BY a.event_id, a.source IS NULL, a.at DESC
+SELECT DISTINCT ON (event_id, source) event_id, event_name, workspace_id, source, at
+FROM (
+    SELECT a.event_id, a.event_name, a.workspace_id::text AS workspace_id, a.source, a.at,
+           bool_or(a.source IS NOT NULL) OVER (PARTITION BY a.event_id) AS sourced
+    FROM webhookd.attempts a
+    WHERE a.webhook_id = $1::uuid AND a.attempt = 1 AND a.result = '2xx' AND a.at BETWEEN $2 AND $3
+      AND ($4::text IS NULL OR a.event_name = $4)
+      AND NOT EXISTS (
+        SELECT 1 FROM webhookd.deliveries d
+        WHERE d.event_id = a.event_id AND d.webhook_id = a.webhook_id AND (a.source IS NULL OR d.source = a.source)
+      )
+) first_tries
+WHERE source IS NOT NULL OR NOT sourced
+ORDER BY event_id, source, at DESC
 """
 _DISABLED = "SELECT disabled_at IS NOT NULL FROM webhookd.endpoints WHERE webhook_id = $1::uuid"
 # attempts 0 and due now, as a reset row: the first attempt of a fresh retry schedule. A row that appeared since
@@ -78,11 +90,11 @@ _DISABLED = "SELECT disabled_at IS NOT NULL FROM webhookd.endpoints WHERE webhoo
 _INSERT = """
 INSERT INTO webhookd.deliveries
     (event_id, webhook_id, workspace_id, event_name, body, event_time, source,
-     status, attempts, next_attempt_at, last_error, order_key)
+     status, attempts, next_attempt_at, last_error, order_key, order_pos)
 SELECT v.event_id, $1::uuid, v.workspace_id::uuid, v.event_name, v.body, v.event_time, v.source,
-       'pending', 0, now(), $8, v.order_key
-FROM unnest($2::text[], $3::text[], $4::text[], $5::bytea[], $6::timestamptz[], $7::text[], $9::text[])
-    WITH ORDINALITY AS v (event_id, workspace_id, event_name, body, event_time, source, order_key, n)
+       'pending', 0, now(), $8, v.order_key, v.order_pos
+FROM unnest($2::text[], $3::text[], $4::text[], $5::bytea[], $6::timestamptz[], $7::text[], $9::text[], $10::bigint[])
+    WITH ORDINALITY AS v (event_id, workspace_id, event_name, body, event_time, source, order_key, order_pos, n)
 -- In the order given (Kafka's): for an ordered webhook, the row ids are the order its records' deliveries leave in.
 ORDER BY v.n
 ON CONFLICT (event_id, webhook_id, source) DO NOTHING
@@ -156,12 +168,19 @@ def command(settings: Settings) -> Callable[[Connection, argparse.Namespace], Aw
 async def replay_deliveries(conn: Connection, args: argparse.Namespace, settings: Settings) -> int:
     webhook = webhook_id(args.webhook, "--webhook")
     start = since(args.since)
-    end = _until(args.until)
+    end = datetime.now(UTC) if args.until is None else since(args.until, "--until")
     if end < start:
         raise UsageError(f"--until ({_iso(end)}) is before --since ({_iso(start)}): nothing can be in that window")
     subscriber = await _live_webhook(conn, settings.postgres.subscriptions_table_sql, webhook)
     pairs = await _window(conn, webhook, start, end, args.event_name)
-    window = {"webhook_id": webhook, "since": start, "until": end, "event_name": args.event_name}
+    # The window, and what the operator must know about it: printed with every answer, a list in JSON.
+    window = {
+        "webhook_id": webhook,
+        "since": start,
+        "until": end,
+        "event_name": args.event_name,
+        "warnings": _warnings(start, settings.endpoints.attempt_log_retention_seconds),
+    }
     if not pairs:
         if args.json:
             emit_json({**window, "dry_run": args.dry_run, "count": 0, **Report().as_json()})
@@ -171,6 +190,7 @@ async def replay_deliveries(conn: Connection, args: argparse.Namespace, settings
                 f"nothing to replay: webhook {webhook} has no deliveries{named} delivered or dead-lettered between "
                 f"{_iso(start)} and {_iso(end)}"
             )
+            _print_warnings(window)
         return 0
     report = Report()
     from_kafka: dict[Pair, Where] = {}
@@ -197,24 +217,36 @@ async def replay_deliveries(conn: Connection, args: argparse.Namespace, settings
     if from_kafka:
         rows = await _read_again(settings, subscriber, from_kafka, args.kafka_timeout, report)
     async with conn.transaction():
-        reset = await reset_rows(conn, [p.row_id for p in pairs if p.row_id is not None])
+        outcome = await reset_rows(conn, [p.row_id for p in pairs if p.row_id is not None])
         report.reset, report.skipped_disabled, report.in_flight = (
-            reset.replayed,
-            reset.skipped_disabled,
-            reset.in_flight,
+            outcome.reset,
+            outcome.skipped_disabled,
+            outcome.in_flight,
         )
         if rows:
             await _insert(conn, subscriber, rows, report)
     return _finish(args, window, pairs, report)
 
 
-def _until(text: str | None) -> datetime:
-    if text is None:
-        return datetime.now(UTC)
+def _warnings(start: datetime, retention: float) -> list[str]:
+    """What the window cannot reach: first-try successes are known only from the attempt log, which is pruned."""
     try:
-        return since(text)
-    except UsageError:
-        raise UsageError(f"--until: {text!r} is neither an age such as 2h or 1d nor an ISO time") from None
+        kept_from = datetime.now(UTC) - timedelta(seconds=retention)
+    except OverflowError:  # a retention reaching back before year 1 has pruned nothing
+        return []
+    if start >= kept_from:
+        return []
+    kept = f"{retention / 86400:g} days" if retention >= 86400 else f"{retention:g} seconds"
+    return [
+        f"first-try successes before {_iso(kept_from)} are no longer in the attempt log and cannot be found "
+        f"(it keeps {kept}: endpoints.attempt_log_retention_seconds); retried and dead-lettered deliveries have "
+        "rows of their own and are still found"
+    ]
+
+
+def _print_warnings(window: dict[str, Any]) -> None:
+    for warning in window["warnings"]:
+        print(f"warning: {warning}")
 
 
 def _iso(moment: datetime) -> str:
@@ -286,6 +318,7 @@ async def _dry_run(
         f"{_iso(window['since'])} and {_iso(window['until'])}; {resets + readable} would be replayed "
         f"({resets} reset, {readable} read again from Kafka)"
     )
+    _print_warnings(window)
     emit_table(shown[:_SHOWN], (("event_id", "EVENT"), ("event_name", "NAME"), ("at", "WHEN"), ("how", "HOW")))
     if len(pairs) > _SHOWN:
         print(f"(the first {_SHOWN} of {len(pairs)}; --json lists all)")
@@ -307,6 +340,7 @@ def _finish(args: argparse.Namespace, window: dict[str, Any], pairs: list[Pair],
         f"replayed {done} deliveries of webhook {window['webhook_id']} "
         f"({len(report.reset)} reset, {len(report.from_kafka)} read again from Kafka)"
     )
+    _print_warnings(window)
     print_skipped_disabled(report.skipped_disabled)
     if report.in_flight:
         print(f"being attempted right now, left alone: {', '.join(map(str, report.in_flight))}")
@@ -424,6 +458,7 @@ async def _insert(conn: Connection, webhook: Webhook, rows: dict[Pair, tuple[Eve
     # Kafka order, so that an ordered webhook's replayed deliveries of one record leave as their events came.
     pairs = sorted(rows, key=lambda p: _position(p.source))
     events = [rows[p][0] for p in pairs]
+    keys = [_order_key(e) if webhook.options.ordered else None for e in events]
     written = await conn.fetch(
         _INSERT,
         webhook.id,
@@ -434,7 +469,8 @@ async def _insert(conn: Connection, webhook: Webhook, rows: dict[Pair, tuple[Eve
         [_event_time(e) for e in events],
         [p.source for p in pairs],
         _REPLAYED_BY,
-        [_order_key(e) if webhook.options.ordered else None for e in events],
+        keys,
+        [_position(p.source)[2] if key is not None else None for p, key in zip(pairs, keys, strict=True)],
     )
     done = {(r["event_id"], r["source"]): r["id"] for r in written}
     for pair in pairs:

@@ -6,7 +6,8 @@ webhook's options, so two operators at once never lose each other's change; `set
 `options_from_json`, the reader the daemons use, so a refused change leaves everything as it was. A trigger tells
 running daemons, which apply a change within 2 seconds.
 
-Header values may be secrets: they are never printed, in text or in JSON, nor repeated in an error message.
+Header values may be secrets: they are never printed, in text or in JSON, nor repeated in an error message; nor is
+text that is not a valid header name, which may be a header line pasted whole, its secret included.
 """
 
 from __future__ import annotations
@@ -20,19 +21,23 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+from yarl import URL
 
 from webhookd.endpoints import Connection, display_url
 from webhookd.operate.output import UsageError, emit_json, emit_table, webhook_id
 from webhookd.subscriptions import absolute_url
-from webhookd.webhook_options import NO_OPTIONS, OptionsError, WebhookOptions, check_header, options_from_json
+from webhookd.webhook_options import (
+    HEADER_NAME,
+    NO_OPTIONS,
+    OptionsError,
+    WebhookOptions,
+    check_header,
+    options_from_json,
+)
 
 APPLIED_NOTE = "running daemons apply it within 2 seconds"
 
-# RFC 9110's token characters, as webhook_options checks them. Checked here first so that text which is not a header
-# name (`--header 'Authorization Bearer abc'`, the colon forgotten) is never repeated: it may hold the secret.
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 _COLUMNS = (
     ("webhook_id", "WEBHOOK"),
@@ -70,33 +75,49 @@ class _Stored:
     """One webhook's options row as read: the JSON as stored, and what the daemons make of it."""
 
     exists: bool  # whether the webhook has an options row
-    raw: object  # the row's JSON, None without a row
+    raw: object  # the row's JSON, None without a row or when it cannot be read
     updated_at: datetime | None
     options: WebhookOptions | None  # None when the row cannot be applied
-    problem: str | None  # why not, from OptionsError
+    problem: str | None  # why not, from OptionsError or the JSON reader
+    readable: bool = True  # False when the daemons' JSON reader refuses the row
 
     @classmethod
     def read(cls, text: str | None, updated_at: datetime | None) -> _Stored:
         if text is None:
             return cls(False, None, None, NO_OPTIONS, None)
-        raw = orjson.loads(text)
+        try:
+            raw = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            # Postgres stores JSON that orjson, the daemons' reader, refuses: a number beyond a double (1e400 is
+            # kept as 401 digits) or nesting deeper than 1024. The daemons ignore such a row as any invalid one.
+            # `msg` is the reason alone, never a piece of the row.
+            problem = f"the stored JSON cannot be read: {exc.msg}"
+            return cls(True, None, updated_at, None, problem, readable=False)
         try:
             return cls(True, raw, updated_at, options_from_json(raw), None)
         except OptionsError as exc:
             return cls(True, raw, updated_at, None, str(exc))
 
     def stored_keys(self) -> list[str]:
-        """What an invalid row holds, as key names only: a hand-edited row may have a secret anywhere."""
+        """What an invalid row holds, as key names only: a hand-edited row may have a secret anywhere, even in a
+        key (a header line pasted whole as a header's name), so a key that is not a plain name is shown by its
+        position, which is also how the validator's message names it."""
+        if not self.readable:
+            return ["(the JSON cannot be read: not shown)"]
         if not isinstance(self.raw, Mapping):
             return [f"(not a JSON object but {type(self.raw).__name__})"]
         keys: list[str] = []
-        for key, value in self.raw.items():
+        for number, (key, value) in enumerate(self.raw.items(), 1):
             if key in ("filter", "headers") and isinstance(value, Mapping) and value:
-                keys.extend(f"{key}.{sub}" for sub in value)
+                keys.extend(f"{key}.{_key_name(sub, n)}" for n, sub in enumerate(value, 1))
             else:
-                keys.append(str(key))
-        # Keys typed by hand are printed: a control character in one must not move the terminal's cursor.
-        return [_CONTROL.sub("?", key) for key in keys]
+                keys.append(_key_name(key, number))
+        return keys
+
+
+def _key_name(key: object, number: int) -> str:
+    # A plain name has no space, colon or control character: it cannot hold a header line or move the cursor.
+    return key if isinstance(key, str) and HEADER_NAME.fullmatch(key) else f"#{number} (not a valid name)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +270,8 @@ def _print(webhook: _Webhook, stored: _Stored) -> None:
             ],
         )
         _line("stored keys", ", ".join(stored.stored_keys()))
-        _line("fix", f"webhookd webhooks unset {webhook.id} --all (or unset the option at fault), then set them again")
+        at_fault = " (or unset the option at fault)" if stored.readable else ""
+        _line("fix", f"webhookd webhooks unset {webhook.id} --all{at_fault}, then set them again")
         return
     options = stored.options
     _line("filter", options.filter.describe() if options.filter is not None else "none (every event it subscribes to)")
@@ -273,29 +295,36 @@ def _headers(args: argparse.Namespace) -> dict[str, str]:
     for number, text in enumerate(args.header or [], 1):
         name, colon, value = text.partition(":")
         name = name.strip()
-        if not colon or not _HEADER_NAME.fullmatch(name):
+        if not colon or not HEADER_NAME.fullmatch(name):
             raise UsageError(
                 f"--header #{number}: expected 'Name: value' with a header name (letters, digits and "
                 "!#$%&'*+.^_`|~-) before the first colon; the argument is not repeated here, it may hold a secret"
             )
         # Only spaces and tabs around the value are the header syntax's; a line break is the user's and is refused.
         given.append(("--header", name, value.strip(" \t")))
-    for text in args.header_from_env or []:
+    for number, text in enumerate(args.header_from_env or [], 1):
         name, equals, variable = (part.strip() for part in text.partition("="))
-        if not equals or not _HEADER_NAME.fullmatch(name) or not variable:
-            raise UsageError(f"--header-from-env {text!r}: expected 'Name=ENVVAR', such as 'Authorization=API_TOKEN'")
+        if not equals or not HEADER_NAME.fullmatch(name) or not _ENV_NAME.fullmatch(variable):
+            # Not repeated: a value given in place of the variable's name (`Authorization=Bearer ...`) is a secret.
+            raise UsageError(
+                f"--header-from-env #{number}: expected 'Name=ENVVAR' with a header name and an environment "
+                "variable's name, such as 'Authorization=API_TOKEN'; the argument is not repeated here, it may hold "
+                "a secret"
+            )
         value = os.environ.get(variable)
         if not value:
-            raise UsageError(f"--header-from-env {text!r}: the environment variable {variable} is not set or empty")
+            raise UsageError(
+                f"--header-from-env {name}={variable}: the environment variable {variable} is not set or empty"
+            )
         given.append(("--header-from-env", name, value))
     headers: dict[str, str] = {}
     seen: set[str] = set()
-    for flag, name, value in given:
+    for number, (flag, name, value) in enumerate(given, 1):
         if name.lower() in seen:
             raise UsageError(f"{flag}: header {name!r} is given twice (header names ignore case)")
         seen.add(name.lower())
         try:
-            check_header(name, value)
+            check_header(name, value, number)
         except OptionsError as exc:
             raise UsageError(f"{flag}: {exc}; nothing changed") from None
         headers[name] = value
@@ -370,17 +399,43 @@ async def set_options(conn: Connection, args: argparse.Namespace, table: str) ->
         if webhook.deleted_at is not None:
             raise LookupError(f"no live webhook {wid}: it was deleted {_when(webhook.deleted_at)}")
         before = await _stored(conn, wid, for_update=True)
+        if not before.readable:
+            # Merging onto nothing would silently drop whatever the row held: the operator removes it knowingly.
+            raise UsageError(
+                f"refused, nothing changed: {before.problem}; `webhookd webhooks unset {wid} --all` removes it, "
+                "then set the options again"
+            )
         merged = _merged_for_set(before.raw, args, fields, where, headers)
         try:
             options = options_from_json(merged)
         except OptionsError as exc:
             raise UsageError(f"refused, nothing changed: {exc}") from None
+        _check_authorization(webhook, options)
         await _write(conn, wid, options)
         after = await _stored(conn, wid)
     _emit(webhook, after, args.json)
     if not args.json:
         print(APPLIED_NOTE + ".")
     return 0
+
+
+def _check_authorization(webhook: _Webhook, options: WebhookOptions) -> None:
+    """Refuse an Authorization header beside credentials in the targetUrl: aiohttp sends those as Authorization
+    itself and refuses every request that has both. The URL's credentials are never repeated."""
+    authorization = next((name for name, _ in options.headers if name.lower() == "authorization"), None)
+    if authorization is None or webhook.target_url is None:
+        return
+    try:
+        url = URL(absolute_url(webhook.target_url))
+    except ValueError:
+        return  # a targetUrl that cannot be read fails every delivery whatever the headers, and says so
+    if url.raw_user is None and url.raw_password is None:
+        return
+    raise UsageError(
+        f"refused, nothing changed: header {authorization!r}: the webhook's targetUrl already carries credentials "
+        "(user:password@host), which are sent as the Authorization header, so every request would fail; remove "
+        f"them from the targetUrl, or leave {authorization} out of this webhook's headers"
+    )
 
 
 async def _write(conn: Connection, wid: str, options: WebhookOptions) -> None:
@@ -427,33 +482,45 @@ async def unset_options(conn: Connection, args: argparse.Namespace, table: str) 
     if not (args.all or args.updated_fields or args.where or args.ordered or args.header):
         raise UsageError("give at least one option to remove: --updated-fields, --where, --ordered, --header, --all")
     missing: list[str] = []
-    changed = False
     async with conn.transaction():
         await lock_options(conn, wid)
         webhook = await _webhook(conn, wid, table)
-        before = await _stored(conn, wid, for_update=True)
-        if not webhook.found and not before.exists:
-            raise LookupError(f"no webhook {wid} in the subscriptions table, and no options for it")
-        if before.exists:
-            merged: dict[str, Any] = {}
-            if not args.all:
+        if args.all:
+            # Without reading the row: one that no reader can parse must still be removable.
+            changed = await conn.fetchval(_DELETE_SQL + " RETURNING true", wid) is not None
+            exists = changed
+        else:
+            before = await _stored(conn, wid, for_update=True)
+            exists = changed = False
+            if before.exists:
+                exists = True
+                if not before.readable:
+                    raise UsageError(f"{before.problem}; only --all removes these options; nothing changed")
                 if not isinstance(before.raw, Mapping):
                     raise UsageError(
                         "the stored options are not a JSON object (edited by hand?); only --all removes them; "
                         "nothing changed"
                     )
                 merged, missing = _merged_for_unset(before.raw, args)
-            changed = merged != before.raw
-            if not merged:
-                await conn.execute(_DELETE_SQL, wid)
-            elif changed:
-                # Not validated: a removal never makes valid options invalid, and it must stay possible to take
-                # the faulty part out of a row edited by hand.
-                await conn.execute(_UPSERT_SQL, wid, orjson.dumps(merged).decode())
+                changed = merged != before.raw
+                if not merged:
+                    await conn.execute(_DELETE_SQL, wid)
+                elif changed:
+                    # Not validated: a removal never makes valid options invalid, and it must stay possible to take
+                    # the faulty part out of a row edited by hand.
+                    await conn.execute(_UPSERT_SQL, wid, orjson.dumps(merged).decode())
+        if not webhook.found and not exists:
+            raise LookupError(f"no webhook {wid} in the subscriptions table, and no options for it")
         after = await _stored(conn, wid)
     _emit(webhook, after, args.json)
     if not args.json:
         if missing:
-            print(f"not set, so not removed: header(s) {', '.join(missing)}")
+            # As typed, which may be a whole header line with its secret (`--header 'Authorization: Bearer ...'`).
+            shown = [
+                name if HEADER_NAME.fullmatch(name) else f"--header #{n} (not a valid name)"
+                for n, name in enumerate(args.header, 1)
+                if name in missing
+            ]
+            print(f"not set, so not removed: header(s) {', '.join(shown)}")
         print(APPLIED_NOTE + "." if changed else "nothing was removed: none of those options was set.")
     return 0
