@@ -66,6 +66,8 @@ class Consumer:
         recorder: Recorder,
         metrics: Metrics,
         settings: ConsumeSettings,
+        *,
+        on_fatal: Callable[[BaseException], None],
     ) -> None:
         self._kafka = kafka
         self._subscription = subscription
@@ -76,12 +78,13 @@ class Consumer:
         self._recorder = recorder
         self._metrics = metrics
         self._settings = settings
+        self._on_fatal = on_fatal  # for the failures of the tasks started here, which nobody else awaits
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
         self._bad_writes: set[asyncio.Task[None]] = set()
         self._paused = False
         self._room_freed = asyncio.Event()
         self._waiting_for_room = False
-        self.last_poll = 0.0  # loop time of the last fetch, for /healthz
+        self.last_poll = 0.0  # loop time of the last fetch (or of the start), for /healthz
         self.consuming = False  # True once the group gave us an assignment, for /readyz
         self._stopping = asyncio.Event()
 
@@ -92,6 +95,8 @@ class Consumer:
         else:
             self._kafka.subscribe(pattern=pattern, listener=_Rebalance(self))
         await self._kafka.start()
+        # The loop is about to start: until its first fetch returns, /healthz must count from now, not from zero.
+        self.last_poll = asyncio.get_running_loop().time()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Fetch and hand out records until `stopping` is set; then return, leaving in-flight work running."""
@@ -257,9 +262,19 @@ class Consumer:
 
         task = asyncio.create_task(keep())
         self._bad_writes.add(task)
-        task.add_done_callback(self._bad_writes.discard)
+        task.add_done_callback(self._bad_write_done)
 
-    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+    def _bad_write_done(self, task: asyncio.Task[None]) -> None:
+        self._bad_writes.discard(task)
+        # The recorder retries what may pass; what reaches here will not, and the record can never be committed past.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._on_fatal(exc)
+
+    async def commit(self, only: set[TopicPartition] | None = None) -> str | None:
+        """Commit each partition's settled prefix (of the partitions in `only`, if given).
+
+        Returns None once every position it meant to commit is committed (or there was none), else why not.
+        """
         positions: dict[TopicPartition, int] = {}
         for tp, offsets in self._partitions.items():
             if (only is None or tp in only) and offsets.needs_commit():
@@ -267,18 +282,24 @@ class Consumer:
                 assert position is not None
                 positions[tp] = position
         if not positions:
-            return
+            return None
         try:
             # Bounded: aiokafka waits for a coordinator as long as the broker is away, and the loop must go on.
             await asyncio.wait_for(self._kafka.commit(positions), _COMMIT_TIMEOUT)
-        except (CommitFailedError, KafkaError, TimeoutError) as exc:
+        except TimeoutError:
+            error = f"no answer from Kafka within {_COMMIT_TIMEOUT:g} s"
+            log.warning("commit_failed", error=error)
+            return error
+        except (CommitFailedError, KafkaError) as exc:
             # The group moved on (a rebalance is under way); the next owner starts from the last good commit.
-            log.warning("commit_failed", error=str(exc))
-            return
+            error = str(exc) or type(exc).__name__
+            log.warning("commit_failed", error=error)
+            return error
         for tp, position in positions.items():
             still_ours = self._partitions.get(tp)  # a rebalance may have taken the partition while we waited
             if still_ours is not None:
                 still_ours.committed = position
+        return None
 
     def _update_lag(self) -> None:
         # A topic_pattern that matches a new topic replaces aiokafka's assignment before our revocation callback
@@ -328,7 +349,17 @@ class Consumer:
             await asyncio.wait(list(self._bad_writes))
 
     async def stop(self) -> None:
-        await self._kafka.stop()
+        try:
+            await self._kafka.stop()
+        except asyncio.CancelledError:
+            # aiokafka's fetcher, closed while a fetch waits to be tried again (the broker is away), awaits the fetch
+            # it has just cancelled and lets that CancelledError out (aio-libs/aiokafka#647), before the client is
+            # closed. Only a cancellation of this task itself may pass; otherwise the shutdown must go on.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.warning("kafka_stop_incomplete", error="a fetch was cancelled under aiokafka's own stop")
+            await self._kafka._client.close()  # what stop() did not reach; it would otherwise reconnect forever
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 A notification sent while the connection is down is lost for good, so after every (re)connect, once the listener
 is in place, the caller catches up: it reads whatever may have been announced meanwhile. Then it follows the
 connection until the connection fails.
+
+Errors that another try may cure (`pgerrors.TRANSIENT`) are always retried. Others are retried too once the first
+catch-up has succeeded, so that a change made later cannot stop the daemon; before that, `strict_first_catch_up`
+makes them end `run` instead: a caller that starts with that first catch-up learns at once why it cannot.
 """
 
 from __future__ import annotations
@@ -33,7 +37,15 @@ class Listening:
     returns or raises once the connection is gone. `listening` says whether the listener is in place now."""
 
     def __init__(
-        self, postgres: PostgresConnect, channel: str, on_notify: OnNotify, catch_up: Step, follow: Step, lost: str
+        self,
+        postgres: PostgresConnect,
+        channel: str,
+        on_notify: OnNotify,
+        catch_up: Step,
+        follow: Step,
+        lost: str,
+        *,
+        strict_first_catch_up: bool = False,
     ) -> None:
         self._postgres = postgres  # the pool's own connect arguments, TLS included
         self._channel = channel
@@ -41,10 +53,12 @@ class Listening:
         self._catch_up = catch_up
         self._follow = follow
         self._lost = lost  # the event logged when the connection is lost
+        self._strict_first_catch_up = strict_first_catch_up
         self.listening = False
 
     async def run(self) -> None:
         backoff = _FIRST_RETRY_SECONDS
+        caught_up = False
         while True:
             conn: asyncpg.Connection | None = None
             try:
@@ -52,9 +66,12 @@ class Listening:
                 await conn.add_listener(self._channel, self._on_notify)
                 self.listening = True
                 await self._catch_up(conn)
+                caught_up = True
                 backoff = _FIRST_RETRY_SECONDS
                 await self._follow(conn)
             except (*TRANSIENT, asyncpg.PostgresError) as exc:
+                if self._strict_first_catch_up and not caught_up and not isinstance(exc, TRANSIENT):
+                    raise
                 log.warning(self._lost, error=str(exc) or type(exc).__name__, retry_in=backoff)
             finally:
                 self.listening = False

@@ -2,8 +2,9 @@
 
 Signal handlers only set state. The first SIGTERM or SIGINT starts a bounded graceful shutdown: fetching stops,
 in-flight deliveries get `delivery.drain_timeout_seconds` to settle, whatever has not settled by then moves to the
-durable retry path, offsets are committed and the process exits 0. A second signal exits at once; what was in flight
-is delivered again later (its offsets were never committed), never lost.
+durable retry path, offsets are committed and the process exits 0 (1 if that last commit fails). A second signal
+exits at once; what was in flight is delivered again later (its offsets were never committed), never lost. A
+shutdown the daemon began by itself (a fatal error) is not a signal: the first signal after it still drains.
 """
 
 from __future__ import annotations
@@ -96,11 +97,16 @@ class Service:
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
         self._fatal: BaseException | None = None
+        self._final_commit_failed = False
+        self._stop_requests = 0
         self._res: _Resources | None = None
 
     def request_stop(self) -> None:
         """Signal-handler entry: first call drains, second forces an immediate exit."""
-        if self.stopping.is_set():
+        # Requests are counted rather than read off `stopping`: the daemon sets that itself when it fails, and the
+        # first signal after such a stop must let its shutdown finish, not cut it short.
+        self._stop_requests += 1
+        if self._stop_requests > 1:
             log.warning("forced_exit", reason="second signal")
             os._exit(1)
         log.info("shutdown_requested")
@@ -114,23 +120,35 @@ class Service:
 
     async def serve(self, install_signal_handlers: bool = True) -> int:
         loop = asyncio.get_running_loop()
-        if install_signal_handlers:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_stop)
+        signals = (signal.SIGTERM, signal.SIGINT) if install_signal_handlers else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            return await self._serve()
+        finally:
+            # Whatever the way out: a handler left behind would make the caller's next signal a call into a dead
+            # service instead of the signal's own effect.
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    async def _serve(self) -> int:
         try:
             await self.startup()
         except StartupError as exc:
             log.error("startup_failed", error=str(exc))
             await self._close_partial()
             return 1
+        except BaseException:
+            await self._close_partial()
+            raise
         try:
             await self._main_loop()
         finally:
             await self.shutdown()
-            if install_signal_handlers:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
-        return 1 if self._fatal is not None else 0
+        return self._exit_status()
+
+    def _exit_status(self) -> int:
+        return 1 if self._fatal is not None or self._final_commit_failed else 0
 
     async def startup(self) -> None:
         s = self.settings
@@ -145,10 +163,20 @@ class Service:
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise StartupError(f"cannot connect to Postgres (postgres.dsn): {exc}") from exc
         assert pool is not None
-        if not await pool.fetchval(_SCHEMA_CURRENT):
+        try:
+            try:
+                current = await pool.fetchval(_SCHEMA_CURRENT)
+            except (*TRANSIENT, asyncpg.PostgresError) as exc:
+                raise StartupError(f"cannot check the webhookd schema: {exc}") from exc
+            if not current:
+                raise StartupError(
+                    "the webhookd schema is missing or out of date: run `webhookd migrate --config FILE`"
+                )
+            self._res = await self._build(pool, links)
+        except BaseException:
+            # Until _build returns, the pool is nowhere _close_partial can find it.
             await pool.close()
-            raise StartupError("the webhookd schema is missing or out of date: run `webhookd migrate --config FILE`")
-        self._res = await self._build(pool, links)
+            raise
         res = self._res
         res.tasks["recorder"] = res.recorder.start()
         res.tasks["order_check"] = res.pending_check.start()
@@ -178,15 +206,23 @@ class Service:
                     "as the tables' owner: " + " ".join(missing)
                 )
         res.tasks["twenty_metadata"] = asyncio.create_task(res.catalog.run(), name="twenty_metadata")
-        await self._wait_or_fail(res.store.loaded.wait(), res.tasks["subscriptions"], "loading subscriptions")
+        table = f"{s.postgres.subscriptions_table} (postgres.subscriptions_table)"
+        try:
+            await self._wait_or_fail(res.store.loaded.wait(), res.tasks["subscriptions"], f"loading {table}")
+        except asyncpg.PostgresError as exc:
+            # Postgres' own words name what is missing: the table, one of its columns, or one of ours it is joined to.
+            raise StartupError(f"cannot load the subscriptions from {table}: {exc}") from exc
         try:
             await res.consumer.start()
         except Exception as exc:
             raise StartupError(f"cannot reach Kafka at {','.join(s.kafka.bootstrap_servers)}: {exc}") from exc
         res.tasks["retries"] = asyncio.create_task(res.poller.run(), name="retries")
-        res.web = await start_server(
-            build_app(self.metrics, Probes(alive=self._alive, ready=self._ready)), s.http.host, s.http.port
-        )
+        try:
+            res.web = await start_server(
+                build_app(self.metrics, Probes(alive=self._alive, ready=self._ready)), s.http.host, s.http.port
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {s.http.listen} (http.listen): {exc}") from exc
         self.started.set()
         log.info(
             "started",
@@ -308,6 +344,7 @@ class Service:
                 commit_interval=s.kafka.commit_interval_ms / 1000,
                 revoke_timeout=s.delivery.drain_timeout_seconds,
             ),
+            on_fatal=self._on_fatal,
         )
         poller = RetryPoller(
             pool,
@@ -345,11 +382,18 @@ class Service:
         )
 
     async def _wait_or_fail(self, aw: Any, task: asyncio.Task[None], what: str) -> None:
+        """Until `aw` is done; raises what ended `task` first, if it did, or StartupError after 30 s."""
         waiter = asyncio.ensure_future(aw)
         done, _ = await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-        if waiter not in done:
-            waiter.cancel()
-            raise StartupError(f"timed out {what}")
+        if waiter in done:
+            return
+        waiter.cancel()
+        if task in done:
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None:
+                raise exc
+            raise StartupError(f"{what}: {task.get_name()} stopped unexpectedly")
+        raise StartupError(f"timed out {what}")
 
     async def _main_loop(self) -> None:
         res = self._res
@@ -406,8 +450,17 @@ class Service:
             await asyncio.gather(heartbeat, return_exceptions=True)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(res.membership.leave(), 5)
-        with contextlib.suppress(Exception):  # a broker that is down cannot take the commit; replay covers it
-            await asyncio.wait_for(res.consumer.commit(), _FINAL_COMMIT_SECONDS)
+        try:
+            failure = await asyncio.wait_for(res.consumer.commit(), _FINAL_COMMIT_SECONDS)
+        except TimeoutError:
+            failure = f"no answer from Kafka within {_FINAL_COMMIT_SECONDS:g} s"
+        except Exception as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+        if failure is not None:
+            # Nothing is lost (the records are read again from the last commit and delivered twice), but the stop
+            # did not finish its work, and whoever runs the process must be able to tell.
+            self._final_commit_failed = True
+            log.error("final_commit_failed", error=failure)
         for task in res.tasks.values():
             task.cancel()
         await asyncio.gather(*res.tasks.values(), *([poller] if poller else []), return_exceptions=True)
@@ -419,7 +472,7 @@ class Service:
             await res.web.cleanup()
         await close_session(res.session)
         await res.pool.close()
-        log.info("stopped", exit_status=1 if self._fatal is not None else 0)
+        log.info("stopped", exit_status=self._exit_status())
 
     async def _close_partial(self) -> None:
         res, self._res = self._res, None
@@ -429,6 +482,8 @@ class Service:
             await asyncio.gather(*res.tasks.values(), return_exceptions=True)
             with contextlib.suppress(Exception):
                 await res.consumer.stop()
+            if res.web is not None:
+                await res.web.cleanup()
             await close_session(res.session)
             await res.pool.close()
 

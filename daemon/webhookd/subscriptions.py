@@ -250,8 +250,16 @@ class SubscriptionStore:
         self._changed: set[str] = set()
         self._wake = asyncio.Event()
         self.loaded = asyncio.Event()
+        # The daemon waits for the first load before it consumes: a table that is missing or not Twenty's shape must
+        # end that wait with the cause, not leave it to time out.
         self._listening = Listening(
-            postgres, NOTIFY_CHANNEL, self._on_notify, self._reload_on, self._follow, "subscriptions_listener_lost"
+            postgres,
+            NOTIFY_CHANNEL,
+            self._on_notify,
+            self._reload_on,
+            self._follow,
+            "subscriptions_listener_lost",
+            strict_first_catch_up=True,
         )
 
     @property
@@ -318,7 +326,11 @@ class SubscriptionStore:
         self._wake.set()
 
     async def run(self) -> None:
-        """Follow changes forever: reconnects on its own, reloading in full after every reconnect."""
+        """Follow changes forever: reconnects on its own, reloading in full after every reconnect.
+
+        Raises what failed the first load unless it is transient (a missing table, a missing column): retrying it
+        would only hide the cause.
+        """
         await self._listening.run()
 
     async def _reload_on(self, _conn: asyncpg.Connection) -> None:

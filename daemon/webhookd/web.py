@@ -30,9 +30,8 @@ def build_app(metrics: Metrics, probes: Probes) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.Response(
-            text="ok\n" if probes.alive() else "consume loop stalled\n", status=200 if probes.alive() else 503
-        )
+        alive = probes.alive()  # asked once: a second answer could contradict the first
+        return web.Response(text="ok\n" if alive else "consume loop stalled\n", status=200 if alive else 503)
 
     async def readyz(_: web.Request) -> web.Response:
         ready = await probes.ready()
