@@ -1,9 +1,11 @@
 """The attempt log: every HTTP attempt, kept in Postgres for operators, written with COPY in batches.
 
 Adding an attempt only appends a tuple to a list; a background task copies the list to `webhookd.attempts` every
-second, so the hot path never waits on Postgres. The log is for diagnosis, not for delivery: if Postgres stays
-away long enough for the buffer to fill, the oldest entries are let go, and a warning says how many. Old attempts
-are pruned after the retention period, in small batches so that no long lock or transaction builds up.
+second, so the hot path never waits on Postgres. The log is for diagnosis, not for delivery, so nothing in it may
+stop the daemon: if Postgres stays away long enough for the buffer to fill, the oldest entries are let go, and a
+warning says how many; a batch Postgres refuses for good (a value it rejects, a permission or column taken away) is
+let go with an error saying why, and the writer goes on with the next. Old attempts are pruned after the retention
+period, in small batches so that no long lock or transaction builds up.
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ DELETE FROM webhookd.attempts WHERE ctid = ANY(ARRAY(
     SELECT ctid FROM webhookd.attempts WHERE at < now() - make_interval(secs => $1) LIMIT 10000
 ))
 """
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether copying the same rows again may succeed. asyncpg reports a value it cannot encode (an integer out of
+    range) as a DataError that is also an InterfaceError, which TRANSIENT lists for connections that broke: that one
+    would fail again forever, and is a ValueError too."""
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, ValueError)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class AttemptLog:
@@ -109,22 +122,35 @@ class AttemptLog:
             self._dropped += excess
 
     async def run(self) -> None:
+        """The writer: flushes every `flush_interval` and prunes every `prune_interval`, until cancelled. No error
+        of the log's own ends it: deliveries must not stop for want of diagnostics."""
         loop = asyncio.get_running_loop()
         next_prune = loop.time() + 5.0
         while True:
             await asyncio.sleep(self._flush_interval)
             try:
                 await self.flush()
-                if loop.time() >= next_prune:
-                    await self.prune()
-                    next_prune = loop.time() + self._prune_interval
-            except TRANSIENT as exc:
-                log.warning(
-                    "attempt_log_write_retrying", error=str(exc) or type(exc).__name__, buffered=len(self._rows)
-                )
+            except Exception as exc:  # flush() raises only errors that may pass, its batch still buffered
+                log.warning("attempt_log_write_retrying", error=_describe(exc), buffered=len(self._rows))
+                continue
+            if loop.time() < next_prune:
+                continue
+            try:
+                await self.prune()
+            except Exception as exc:
+                if transient(exc):
+                    log.warning("attempt_log_prune_retrying", error=_describe(exc))
+                    continue  # at the next flush
+                # Trying every second would only repeat the error; old attempts wait one more interval.
+                log.error("attempt_log_prune_failed", error=_describe(exc), retry_in_seconds=self._prune_interval)
+            next_prune = loop.time() + self._prune_interval
 
     async def flush(self) -> int:
-        """Copy the buffered attempts to Postgres; returns how many. On failure they stay buffered."""
+        """Copy the buffered attempts to Postgres; returns how many.
+
+        On a transient error the batch stays buffered and the error is raised. On any other the batch is let go, as
+        it would fail again forever, with an `attempt_log_write_failed` error that says why; 0 is returned.
+        """
         if self._dropped:
             log.warning("attempt_log_overflow", dropped=self._dropped, kept=len(self._rows))
             self._dropped = 0
@@ -134,7 +160,11 @@ class AttemptLog:
         try:
             async with self._pool.acquire() as conn:
                 await conn.copy_records_to_table("attempts", schema_name="webhookd", columns=_COLUMNS, records=rows)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception) and not transient(exc):
+                log.error("attempt_log_write_failed", error=_describe(exc), dropped=len(rows))
+                return 0
+            # Kept for the next flush, or for close() when the writer was cancelled in the middle of the copy.
             self._rows[:0] = rows
             self._trim()
             raise
