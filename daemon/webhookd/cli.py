@@ -320,7 +320,7 @@ async def _connect(settings: Settings) -> asyncpg.Connection[Any] | None:
 
 async def _operate(settings: Settings, args: argparse.Namespace) -> int:
     from webhookd.operate import deliveries, endpoints, replay
-    from webhookd.operate.output import UsageError
+    from webhookd.operate.output import NotFound, UsageError
 
     conn = await _connect(settings)
     if conn is None:
@@ -354,7 +354,7 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"webhookd {args.command} {args.action}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except LookupError as exc:
+    except NotFound as exc:
         print(f"webhookd {args.command} {args.action}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except asyncpg.UndefinedTableError as exc:

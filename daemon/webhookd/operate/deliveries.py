@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from webhookd.endpoints import Connection
-from webhookd.operate.output import UsageError, emit_json, emit_table, plain, since, webhook_id, workspace_id
+from webhookd.operate.output import NotFound, UsageError, emit_json, emit_table, plain, since, webhook_id, workspace_id
 
 _LIST_COLUMNS = (
     ("id", "ID"),
@@ -141,7 +141,7 @@ async def show_delivery(conn: Connection, args: argparse.Namespace) -> int:
         found = [plain(r) for r in await conn.fetch(_ROWS + " WHERE id = $1", args.id)]
     if not found:
         what = f"event {args.event!r}" if args.event is not None else f"id {args.id}"
-        raise LookupError(f"no delivery with {what}")
+        raise NotFound(f"no delivery with {what}")
     for delivery in found:
         delivery["attempt_log"] = [
             plain(a) for a in await conn.fetch(_ATTEMPTS, delivery["event_id"], delivery["webhook_id"])

@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from webhookd.endpoints import Connection, disable, display_url, enable, set_rate_limit
-from webhookd.operate.output import UsageError, emit_json, emit_table, plain, webhook_id
+from webhookd.operate.output import NotFound, UsageError, emit_json, emit_table, plain, webhook_id
 
 STATES = ("healthy", "failing", "rate_limited", "circuit_open", "disabled")
 
@@ -89,7 +89,7 @@ async def _known(conn: Connection, ids: list[str], table: str) -> None:
     rows = await conn.fetch(f"SELECT id::text AS id FROM {table} WHERE id = ANY($1::uuid[])", ids)
     missing = sorted(set(ids) - {r["id"] for r in rows})
     if missing:
-        raise LookupError(f"no webhook with id {', '.join(missing)} in the subscriptions table")
+        raise NotFound(f"no webhook with id {', '.join(missing)} in the subscriptions table")
 
 
 async def enable_endpoints(conn: Connection, args: argparse.Namespace, table: str) -> int:

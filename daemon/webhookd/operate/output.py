@@ -18,6 +18,11 @@ class UsageError(Exception):
     """An argument the user can fix; the message names it."""
 
 
+class NotFound(LookupError):
+    """What the operator named does not exist (a delivery, a webhook); the message names it. Its own class, so that
+    the command line reports this, and only this, as "not found": a KeyError from a bug stays a traceback."""
+
+
 def webhook_id(text: str, what: str = "WEBHOOK_ID") -> str:
     try:
         return str(uuid.UUID(text))

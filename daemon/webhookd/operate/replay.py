@@ -43,7 +43,7 @@ from webhookd.filters import LazyRecord
 from webhookd.intake.readers import NeedsLayout, RecordReader, reader_for
 from webhookd.intake.twenty_catalog import TwentyCatalog
 from webhookd.operate.deliveries import print_skipped_disabled, reset_rows
-from webhookd.operate.output import UsageError, emit_json, emit_table, since, webhook_id
+from webhookd.operate.output import NotFound, UsageError, emit_json, emit_table, since, webhook_id
 from webhookd.operate.reread import Where, fetch_records, parse_source
 from webhookd.ordering import order_key
 from webhookd.pgerrors import TRANSIENT
@@ -262,12 +262,10 @@ async def _live_webhook(conn: Connection, table: str, webhook: str) -> Webhook:
         webhook,
     )
     if row is None:
-        raise LookupError(f"--webhook: no live webhook with id {webhook} in {table} (never created, or deleted)")
+        raise NotFound(f"--webhook: no live webhook with id {webhook} in {table} (never created, or deleted)")
     found = webhook_from_row(row)
     if found is None:
-        raise LookupError(
-            f"--webhook: webhook {webhook} can never be delivered to (its targetUrl or secret is unusable)"
-        )
+        raise NotFound(f"--webhook: webhook {webhook} can never be delivered to (its targetUrl or secret is unusable)")
     return found
 
 

@@ -24,7 +24,7 @@ import orjson
 from yarl import URL
 
 from webhookd.endpoints import Connection, display_url
-from webhookd.operate.output import UsageError, emit_json, emit_table, webhook_id
+from webhookd.operate.output import NotFound, UsageError, emit_json, emit_table, webhook_id
 from webhookd.subscriptions import absolute_url
 from webhookd.webhook_options import (
     HEADER_NAME,
@@ -163,7 +163,7 @@ async def show_webhooks(conn: Connection, args: argparse.Namespace, table: str) 
     wid = webhook_id(args.id)
     webhook, stored = await _webhook(conn, wid, table), await _stored(conn, wid)
     if not webhook.found and not stored.exists:
-        raise LookupError(f"no webhook {wid} in the subscriptions table, and no options for it")
+        raise NotFound(f"no webhook {wid} in the subscriptions table, and no options for it")
     _emit(webhook, stored, args.json)
     return 0
 
@@ -395,9 +395,9 @@ async def set_options(conn: Connection, args: argparse.Namespace, table: str) ->
         await lock_options(conn, wid)
         webhook = await _webhook(conn, wid, table)
         if not webhook.found:
-            raise LookupError(f"no live webhook {wid} in the subscriptions table")
+            raise NotFound(f"no live webhook {wid} in the subscriptions table")
         if webhook.deleted_at is not None:
-            raise LookupError(f"no live webhook {wid}: it was deleted {_when(webhook.deleted_at)}")
+            raise NotFound(f"no live webhook {wid}: it was deleted {_when(webhook.deleted_at)}")
         before = await _stored(conn, wid, for_update=True)
         if not before.readable:
             # Merging onto nothing would silently drop whatever the row held: the operator removes it knowingly.
@@ -510,7 +510,7 @@ async def unset_options(conn: Connection, args: argparse.Namespace, table: str) 
                     # the faulty part out of a row edited by hand.
                     await conn.execute(_UPSERT_SQL, wid, orjson.dumps(merged).decode())
         if not webhook.found and not exists:
-            raise LookupError(f"no webhook {wid} in the subscriptions table, and no options for it")
+            raise NotFound(f"no webhook {wid} in the subscriptions table, and no options for it")
         after = await _stored(conn, wid)
     _emit(webhook, after, args.json)
     if not args.json:
