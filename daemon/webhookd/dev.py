@@ -4,6 +4,10 @@ It starts a local Kafka-compatible broker (Tansu) and a local Postgres, migrates
 workspaces, runs a receiver that checks every signature exactly as Twenty's documentation tells receivers to, feeds
 a stream of sample events and runs the daemon on them, printing each delivery as it arrives. One of the sample
 endpoints fails every first attempt, to show retries. Ctrl-C stops all of it and removes what it created.
+
+Whatever fails to start (the broker, Postgres, the daemon) ends the demo at once, saying why, with status 1; a
+Ctrl-C (or SIGTERM) while things start stops what has started, in order, with status 128 + the signal's number.
+`Interrupts`, `in_thread` and `wait_started` are shared with `webhookd dev --cdc`.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 import asyncpg
 import orjson
+import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
@@ -34,6 +41,9 @@ from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_topic
 from webhookd.logs import setup_logging
 from webhookd.service import Service
 from webhookd.store.migrate import migrate
+
+log = structlog.get_logger("webhookd.dev")
+T = TypeVar("T")
 
 TOPIC = "crm.events"
 WORKSPACE_A = "20202020-1c25-4d02-bf25-6aeccf7ea419"
@@ -130,40 +140,137 @@ def dev_settings(config: Path | None, overrides: Mapping[str, str]) -> Settings 
     return settings
 
 
+class Interrupted(Exception):
+    """A signal came while the demo was starting; `Interrupts.status` is the exit status."""
+
+
+class DemoFailed(Exception):
+    """Something the demo needs did not start; the message says what and why."""
+
+
+class Interrupts:
+    """SIGINT and SIGTERM, caught from a demo's first moment until its last cleanup, as an event.
+
+    Without it, asyncio would cancel whatever the demo awaits at a Ctrl-C: a server that a thread is starting then
+    comes up after its `finally` has run, and nobody stops it until exit; a wait for the daemon would not notice.
+    """
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.signal: int | None = None
+
+    def __enter__(self) -> Self:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._caught, sig)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    def _caught(self, sig: int) -> None:
+        if self.signal is None:
+            self.signal = sig
+        self.event.set()
+
+    @property
+    def status(self) -> int:
+        """The shell's exit status for a process ended by the signal: 130 for Ctrl-C."""
+        return 128 + (self.signal or signal.SIGINT)
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Interrupted
+
+    async def race(self, step: Awaitable[T]) -> T:
+        """`step`'s result; or, as soon as a signal comes, Interrupted, the step cancelled."""
+        task = asyncio.ensure_future(step)
+        await first_of(task, self.event.wait())
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise Interrupted
+
+
+async def first_of(*waits: Awaitable[Any], timeout: float | None = None) -> None:
+    """Until the first of `waits` ends, or `timeout` s. The others are cancelled, except tasks: those are only
+    watched, their owners decide (and read their outcome)."""
+    futures = [asyncio.shield(w) if isinstance(w, asyncio.Task) else asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # read, so that asyncio does not report it as never retrieved
+
+
+async def in_thread(what: str, blocking: Callable[[], T], interrupts: Interrupts) -> T:
+    """`blocking()` (a server's start, say), run in a thread; DemoFailed saying that `what` failed, when it does.
+
+    A signal does not cancel it: a server that a start is about to return must be kept, to be stopped in order,
+    and starts are bounded by their own timeouts. The caller keeps what is returned, then calls
+    `interrupts.check()`; it races the call only where abandoning the thread leaves nothing behind.
+    """
+    try:
+        return await asyncio.to_thread(blocking)
+    except Exception as exc:
+        interrupts.check()  # a Ctrl-C reached a child in our process group too (Maven): not a failure
+        raise DemoFailed(f"{what} failed: {exc}") from exc
+
+
 def run_dev(config: Path | None, events: int) -> int:
     """Entry point of `webhookd dev`; returns the exit status."""
     return asyncio.run(_dev(config, events))
 
 
 async def _dev(config: Path | None, events: int) -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="webhookd-dev-"))
-    broker: KafkaBroker | None = None
-    postgres: EmbeddedPostgres | None = None
-    print("webhookd dev: starting a local broker and Postgres ...")
-    try:
-        broker = await asyncio.to_thread(KafkaBroker.start)
-        postgres = await asyncio.to_thread(EmbeddedPostgres.start, workdir / "pgdata")
-        print(f"webhookd dev: broker pid {broker.pid} on {broker.bootstrap}, Postgres pid {postgres.pid}")
-        receiver_port, metrics_port = free_port(), free_port()
-        overrides = {
-            "WEBHOOKD_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
-            "WEBHOOKD_KAFKA__TOPICS": f"[{TOPIC}]",
-            "WEBHOOKD_POSTGRES__DSN": postgres.dsn,
-            "WEBHOOKD_HTTP__LISTEN": f"127.0.0.1:{metrics_port}",
-        }
-        settings = dev_settings(config, overrides)
-        if settings is None:
-            return 2
-        await create_topic(broker.bootstrap, TOPIC, 3)
-        await _prepare_database(settings, receiver_port)
-        return await _demo(settings, receiver_port, events)
-    finally:
-        print("webhookd dev: stopping the broker and Postgres ...")
-        if broker is not None:
-            await asyncio.to_thread(broker.stop)
-        if postgres is not None:
-            await asyncio.to_thread(postgres.stop)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with Interrupts() as interrupts:
+        workdir = Path(tempfile.mkdtemp(prefix="webhookd-dev-"))
+        broker: KafkaBroker | None = None
+        postgres: EmbeddedPostgres | None = None
+        print("webhookd dev: starting a local broker and Postgres ...")
+        try:
+            broker = await in_thread("starting the local broker (Tansu)", KafkaBroker.start, interrupts)
+            interrupts.check()
+            postgres = await in_thread(
+                "starting the local Postgres", lambda: EmbeddedPostgres.start(workdir / "pgdata"), interrupts
+            )
+            interrupts.check()
+            print(f"webhookd dev: broker pid {broker.pid} on {broker.bootstrap}, Postgres pid {postgres.pid}")
+            receiver_port, metrics_port = free_port(), free_port()
+            overrides = {
+                "WEBHOOKD_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+                "WEBHOOKD_KAFKA__TOPICS": f"[{TOPIC}]",
+                "WEBHOOKD_POSTGRES__DSN": postgres.dsn,
+                "WEBHOOKD_HTTP__LISTEN": f"127.0.0.1:{metrics_port}",
+            }
+            settings = dev_settings(config, overrides)
+            if settings is None:
+                return 2
+            await interrupts.race(create_topic(broker.bootstrap, TOPIC, 3))
+            await interrupts.race(_prepare_database(settings, receiver_port))
+            return await _demo(settings, receiver_port, events, interrupts)
+        except DemoFailed as exc:
+            print(f"webhookd dev: {exc}")
+            return 1
+        except Interrupted:
+            print("webhookd dev: interrupted while starting")
+            return interrupts.status
+        finally:
+            print("webhookd dev: stopping the broker and Postgres ...")
+            if broker is not None:
+                await asyncio.to_thread(broker.stop)
+            if postgres is not None:
+                await asyncio.to_thread(postgres.stop)
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _prepare_database(settings: Settings, receiver_port: int) -> None:
@@ -185,13 +292,28 @@ async def _prepare_database(settings: Settings, receiver_port: int) -> None:
         await conn.close()
 
 
-class DemoRun:
-    """A demo's receiver on loopback and the daemon beside it, with Ctrl-C caught; `finish` stops both."""
+async def wait_started(
+    started: asyncio.Event, serving: asyncio.Task[int], interrupts: Interrupts, timeout: float
+) -> None:
+    """Until the daemon has `started`. DemoFailed as soon as `serving` ends first or after `timeout` s, Interrupted as
+    soon as a signal comes: a daemon that cannot start must not be waited for."""
+    await first_of(started.wait(), serving, interrupts.event.wait(), timeout=timeout)
+    if started.is_set():
+        return
+    if serving.done():
+        raise DemoFailed(f"the daemon did not start (exit status {serving.result()}): see the error it logged")
+    interrupts.check()
+    raise DemoFailed(f"the daemon did not start within {timeout:g} s; its log above shows how far it came")
 
-    def __init__(self, settings: Settings, handle: Handler, path: str, port: int) -> None:
+
+class DemoRun:
+    """A demo's receiver on loopback and the daemon beside it; `finish` stops both."""
+
+    def __init__(self, settings: Settings, handle: Handler, path: str, port: int, interrupts: Interrupts) -> None:
         self._settings, self._handle, self._path, self._port = settings, handle, path, port
         self.service = Service(settings)
-        self.interrupted = asyncio.Event()
+        self._interrupts = interrupts
+        self.interrupted = interrupts.event
         self._runner: web.AppRunner | None = None
         self.serving: asyncio.Task[int] | None = None
 
@@ -201,11 +323,15 @@ class DemoRun:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self._port).start()
-        self.serving = asyncio.create_task(self.service.serve(install_signal_handlers=False))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.interrupted.set)
-        await asyncio.wait_for(self.service.started.wait(), timeout=startup_timeout)
+        self.serving = asyncio.create_task(self._serve())
+        await wait_started(self.service.started, self.serving, self._interrupts, startup_timeout)
+
+    async def _serve(self) -> int:
+        try:
+            return await self.service.serve(install_signal_handlers=False)
+        except Exception as exc:  # a bug: shown with its traceback where the daemon logs, and the demo ends
+            log.error("daemon_failed", exc_info=exc)
+            return 1
 
     @property
     def going(self) -> bool:
@@ -214,7 +340,8 @@ class DemoRun:
     async def finish(self, status: int) -> int:
         """Stop the daemon and the receiver; the worse of `status` and the daemon's own."""
         if self.serving is not None:
-            if not self.service.stopping.is_set():  # a daemon that stopped on its own must not be asked twice
+            # A daemon that stopped (or never started) on its own must not be asked again: a second request exits.
+            if not self.serving.done() and not self.service.stopping.is_set():
                 self.service.request_stop()
             status = max(status, await self.serving)
         if self._runner is not None:
@@ -222,9 +349,9 @@ class DemoRun:
         return status
 
 
-async def _demo(settings: Settings, receiver_port: int, events: int) -> int:
+async def _demo(settings: Settings, receiver_port: int, events: int, interrupts: Interrupts) -> int:
     receiver = DemoReceiver(SAMPLES)
-    run = DemoRun(settings, receiver.handle, "/hooks/{name}", receiver_port)
+    run = DemoRun(settings, receiver.handle, "/hooks/{name}", receiver_port, interrupts)
     producer = AIOKafkaProducer(bootstrap_servers=list(settings.kafka.bootstrap_servers), enable_idempotence=False)
     await producer.start()
     status = 0
@@ -249,9 +376,8 @@ async def _demo(settings: Settings, receiver_port: int, events: int) -> int:
             print(f"  producer  {name:<20} {event_id} for workspace {workspace[:8]}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(run.interrupted.wait(), timeout=0.5)
-        if events:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(receiver.all_seen.wait(), timeout=60)
+        if events and run.serving is not None:
+            await first_of(receiver.all_seen.wait(), run.serving, run.interrupted.wait(), timeout=60)
             missing = len(receiver.expected - receiver.seen)
             arrived = len(receiver.expected) - missing
             print(

@@ -6,7 +6,8 @@ deploys), and the daemon reading Debezium's topics in Twenty's body format. Then
 Twenty's API does (create, update, an update of `updatedAt` alone, trash, restore, destroy, a custom field added)
 and prints what each write made Debezium send and the receiver get, with the signature checked as Twenty's
 documentation tells receivers to. The jars come from Maven Central on the first run. Without Java 17 and Maven it
-says what is missing and exits 2. Ctrl-C stops all of it.
+says what is missing and exits 2. Ctrl-C stops all of it, while it starts too; whatever fails to start ends it at
+once, saying why, with status 1 (as `webhookd dev`, whose `Interrupts` and waits it shares).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from aiohttp import web
 
 from webhookd.children import free_port
 from webhookd.config import Settings
-from webhookd.dev import DemoRun, dev_settings, signature_matches
+from webhookd.dev import DemoFailed, DemoRun, Interrupted, Interrupts, dev_settings, in_thread, signature_matches
 from webhookd.embedded import EmbeddedPostgres, create_database
 from webhookd.embedded.apache_kafka import ApacheKafka
 from webhookd.embedded.jars import JavaMissing, java_executable, maven_executable, resolve_jars
@@ -83,18 +84,35 @@ class CdcReceiver:
 
 
 async def _dev_cdc(config: Path | None, rounds: int) -> int:
+    with Interrupts() as interrupts:
+        try:
+            return await _start_and_demo(config, rounds, interrupts)
+        except DemoFailed as exc:
+            print(f"webhookd dev --cdc: {exc}")
+            return 1
+        except Interrupted:
+            print("webhookd dev --cdc: interrupted while starting")
+            return interrupts.status
+
+
+async def _start_and_demo(config: Path | None, rounds: int, interrupts: Interrupts) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="webhookd-dev-cdc-"))
     kafka: ApacheKafka | None = None
     postgres: EmbeddedPostgres | None = None
     connect: KafkaConnect | None = None
     print("webhookd dev --cdc: fetching the jars (minutes, the first time) and starting Apache Kafka and Postgres ...")
     try:
-        await asyncio.to_thread(resolve_jars)
-        kafka = await asyncio.to_thread(ApacheKafka.start)
-        postgres = await asyncio.to_thread(
-            EmbeddedPostgres.start, workdir / "pgdata", settings=_CDC_SETTINGS, tcp_port=free_port()
+        await in_thread("fetching the jars from Maven Central", resolve_jars, interrupts)
+        interrupts.check()
+        kafka = await in_thread("starting Apache Kafka", ApacheKafka.start, interrupts)
+        interrupts.check()
+        postgres = await in_thread(
+            "starting the local Postgres",
+            lambda: EmbeddedPostgres.start(workdir / "pgdata", settings=_CDC_SETTINGS, tcp_port=free_port()),
+            interrupts,
         )
-        dsn = await create_database(postgres.dsn, "twenty")
+        interrupts.check()
+        dsn = await interrupts.race(create_database(postgres.dsn, "twenty"))
         metrics_port, receiver_port = free_port(), free_port()
         overrides = {
             "WEBHOOKD_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap,
@@ -110,13 +128,21 @@ async def _dev_cdc(config: Path | None, rounds: int) -> int:
         if settings is None:
             return 2
         secret = os.urandom(16).hex()
-        workspace = await _prepare(settings, f"http://127.0.0.1:{receiver_port}/hooks/crm", secret)
+        workspace = await interrupts.race(_prepare(settings, f"http://127.0.0.1:{receiver_port}/hooks/crm", secret))
         print(f"webhookd dev --cdc: Apache Kafka on {kafka.bootstrap}; starting Kafka Connect with Debezium ...")
         connector = _connector(postgres)
-        connect = await asyncio.to_thread(KafkaConnect.start, kafka.bootstrap, connector)
-        await asyncio.to_thread(connect.wait_until_running, 120)
-        await _wait_streaming(settings.postgres.dsn, connector["slot.name"])
-        return await _demo(settings, workspace, CdcReceiver(secret), receiver_port, rounds)
+        bootstrap = kafka.bootstrap
+        connect = await in_thread(
+            "starting Kafka Connect", lambda: KafkaConnect.start(bootstrap, connector), interrupts
+        )
+        interrupts.check()
+        running = connect
+        # Raced, not waited out: once Connect is stopped below, the thread's wait ends by itself.
+        await interrupts.race(
+            in_thread("starting Debezium's connector", lambda: running.wait_until_running(120), interrupts)
+        )
+        await interrupts.race(_wait_streaming(settings.postgres.dsn, connector["slot.name"]))
+        return await _demo(settings, workspace, CdcReceiver(secret), receiver_port, rounds, interrupts)
     finally:
         print("webhookd dev --cdc: stopping Kafka Connect, Apache Kafka and Postgres ...")
         for server in (connect, kafka, postgres):
@@ -133,7 +159,7 @@ async def _wait_streaming(dsn: str, slot: str) -> None:
             if await conn.fetchval("SELECT active FROM pg_replication_slots WHERE slot_name = $1", slot):
                 return
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"Debezium's replication slot {slot} did not start streaming within 60 s")
+        raise DemoFailed(f"Debezium's replication slot {slot} did not start streaming within 60 s")
     finally:
         await conn.close()
 
@@ -176,8 +202,10 @@ async def _prepare(settings: Settings, url: str, secret: str) -> TwentyWorkspace
         await conn.close()
 
 
-async def _demo(settings: Settings, ws: TwentyWorkspace, receiver: CdcReceiver, port: int, rounds: int) -> int:
-    run = DemoRun(settings, receiver.handle, "/hooks/crm", port)
+async def _demo(
+    settings: Settings, ws: TwentyWorkspace, receiver: CdcReceiver, port: int, rounds: int, interrupts: Interrupts
+) -> int:
+    run = DemoRun(settings, receiver.handle, "/hooks/crm", port, interrupts)
     conn = await asyncpg.connect(settings.postgres.dsn)
     status = 0
     try:
