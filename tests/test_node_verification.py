@@ -9,17 +9,15 @@ import contextlib
 import json
 import os
 import random
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from tests.node import needs_node, require_node
 from tests.support import add_webhook, new_workspace, produce, running, settings_for
 
-pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="`node` is not on PATH")
+pytestmark = needs_node
 
 # The check is the one webhooks.mdx documents, line for line; only the server around it is ours. Express is not
 # available, so `req.body` is filled the way express.json() fills it: the UTF-8 body through JSON.parse.
@@ -199,8 +197,7 @@ async def node_receiver(tmp_path: Path, *, with_body: bool = False) -> AsyncIter
 
     `with_body`: each verdict's `detail["body"]` is the body as Node parsed it, for tests that read what arrived.
     """
-    node = shutil.which("node")
-    assert node is not None, "this test checks signatures with the documented Node.js code: install nodejs"
+    node = require_node(optional=False)  # tests/kafka uses it too, and never skips
     script = tmp_path / "receiver.js"
     script.write_text(
         _RECEIVER_JS.replace("const report = {", "const report = { body: req.body,") if with_body else _RECEIVER_JS

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 from typing import Any
 
@@ -12,11 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.node import NODE as NODE  # where the other Node.js checks have always found it
+from tests.node import needs_node, require_node
 from webhookd.payload import MAX_DEPTH, TooDeep, build_body, js_iso_timestamp
 from webhookd.signing import sign
-
-NODE = shutil.which("node")
-needs_node = pytest.mark.skipif(NODE is None, reason="node is not on PATH; JavaScript is the reference here")
 
 # Reads newline-delimited base64 bodies and answers, per line, with the base64 of what
 # JSON.stringify(JSON.parse(body)) encodes to, or "!" and the error JSON.parse raised.
@@ -64,9 +62,8 @@ process.stdout.write(out.join("\n") + "\n");
 
 
 def run_node(script: str, lines: list[str]) -> list[str]:
-    assert NODE is not None
     completed = subprocess.run(
-        [NODE, "-e", script],
+        [require_node(), "-e", script],
         input="".join(line + "\n" for line in lines),
         capture_output=True,
         text=True,
@@ -130,6 +127,20 @@ records = st.dictionaries(keys, json_values, max_size=6)
 
 
 # --- build_body against Node.js ----------------------------------------------------------
+
+
+def test_without_node_the_node_checks_fail_under_ci_and_skip_elsewhere() -> None:
+    def missing(_name: str) -> str | None:
+        return None
+
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        require_node(missing, {"CI": "true"})
+    for environ in ({}, {"CI": ""}, {"CI": "false"}):
+        with pytest.raises(pytest.skip.Exception):
+            require_node(missing, environ)
+    with pytest.raises(pytest.fail.Exception, match="apt-get install nodejs"):
+        require_node(missing, {}, optional=False)  # what the suites on Apache Kafka get
+    assert require_node(lambda _name: "/usr/bin/node", {"CI": "1"}) == "/usr/bin/node"
 
 
 @needs_node

@@ -1,19 +1,23 @@
-"""The verification snippets in the README work: each one, run as written, accepts what webhookd sends (in both
-schemes, and during a secret rotation with either secret) and refuses a wrong secret or a changed body."""
+"""The README's commands work as written: each verification snippet accepts what webhookd sends (in both schemes,
+and during a secret rotation with either secret) and refuses a wrong secret or a changed body, and "Running it"
+checks the shipped configuration with the variables it exports."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
+import yaml
 
-from tests.test_payload import NODE
+from tests.node import needs_node, require_node
 from webhookd.payload import build_body
 from webhookd.signing import Signer
 
@@ -55,9 +59,8 @@ def test_the_python_snippets_accept_deliveries_and_refuse_forgeries() -> None:
     assert not verify_standard("wrong", rotating, BODY)
 
 
-@pytest.mark.skipif(NODE is None, reason="node is not installed")
+@needs_node
 def test_the_node_snippet_accepts_deliveries_and_refuses_forgeries() -> None:
-    assert NODE is not None
     cases = [
         ("verifyTwenty", OLD, signed("twenty", OLD), BODY, True),
         ("verifyTwenty", NEW, signed("both", NEW, OLD), BODY, True),
@@ -77,5 +80,32 @@ def test_the_node_snippet_accepts_deliveries_and_refuses_forgeries() -> None:
         "const verdicts = cases.map((c) => module.exports[c.fn](c.secret, c.headers, Buffer.from(c.body)));\n"
         "console.log(JSON.stringify(verdicts));\n"
     )
-    out = subprocess.run([NODE, "-e", program], input=json.dumps(payload), capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [require_node(), "-e", program], input=json.dumps(payload), capture_output=True, text=True, check=True
+    )
     assert json.loads(out.stdout) == [expected for *_, expected in cases]
+
+
+def test_running_it_checks_the_shipped_config_as_written_with_the_variables_it_exports() -> None:
+    section = README.read_text(encoding="utf-8").split("## Running it\n", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block is not None, "README's Running it has no sh block"
+    lines = [shlex.split(line, comments=True) for line in block.group(1).splitlines()]
+    exported = dict(words[1].split("=", 1) for words in lines if words[:1] == ["export"])
+    (check,) = [words for words in lines if words[:2] == ["webhookd", "check-config"]]
+    webhookd = Path(sys.executable).with_name("webhookd")  # the entry point `pip install .` makes
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")}
+
+    done = subprocess.run(
+        [str(webhookd), *check[1:]],
+        cwd=README.parent,
+        env={**environ, **exported},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert printed["postgres"]["dsn"] == "postgresql://webhookd:***@db.example.internal:5432/twenty"
+    assert printed["kafka"]["bootstrap_servers"] == ["kafka.example.internal:9092"]

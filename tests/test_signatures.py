@@ -9,12 +9,12 @@ import time
 import uuid
 
 import asyncpg
-import pytest
 from standardwebhooks import Webhook as StandardWebhook
 from standardwebhooks import WebhookVerificationError
 
+from tests.node import needs_node
 from tests.support import Received, Receiver, add_webhook, event, new_workspace, produce, running, settings_for
-from tests.test_payload import NODE, VERIFY_SIGNATURE_JS, run_node
+from tests.test_payload import VERIFY_SIGNATURE_JS, run_node
 
 
 def node_verifies(secret: str, request: Received, header: str = "X-Twenty-Webhook-Signature") -> bool:
@@ -58,7 +58,7 @@ async def test_standard_webhooks_deliveries_verify_with_the_standardwebhooks_pac
     assert "X-Twenty-Webhook-Signature" not in plain_request.headers
 
 
-@pytest.mark.skipif(NODE is None, reason="node is not installed")
+@needs_node
 async def test_a_secret_rotation_keeps_both_secrets_valid_for_the_overlap_then_only_the_new(
     kafka: str, dsn: str, topic: str, receiver: Receiver
 ) -> None:
