@@ -5,6 +5,7 @@ Every invocation is started at once by one module fixture, so that the interpret
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import subprocess
@@ -271,3 +272,114 @@ def test_only_not_found_is_reported_as_not_found_and_a_keyerror_from_a_bug_surfa
     else:
         assert cli.main(argv) == status
         assert capsys.readouterr().err == f"webhookd endpoints list: {error}\n"
+
+
+# Every command that takes --config, with the other arguments it requires.
+CONFIG_COMMANDS = {
+    "run": ["run"],
+    "migrate": ["migrate"],
+    "check-config": ["check-config"],
+    "deliveries list": ["deliveries", "list"],
+    "deliveries show": ["deliveries", "show", "7"],
+    "deliveries retry": ["deliveries", "retry", "7"],
+    "deliveries replay": ["deliveries", "replay", "--webhook", "7f1c", "--since", "2h"],
+    "endpoints list": ["endpoints", "list"],
+    "endpoints enable": ["endpoints", "enable", "7f1c"],
+    "endpoints disable": ["endpoints", "disable", "7f1c"],
+    "endpoints limit": ["endpoints", "limit", "7f1c", "20"],
+    "webhooks show": ["webhooks", "show"],
+    "webhooks set": ["webhooks", "set", "7f1c", "--ordered"],
+    "webhooks unset": ["webhooks", "unset", "7f1c", "--all"],
+}
+
+
+def _commands_with_config(parser: argparse.ArgumentParser, prefix: str = "") -> set[str]:
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found |= _commands_with_config(sub, f"{prefix} {name}".strip())
+        elif "--config" in action.option_strings and prefix != "dev":
+            found.add(prefix)
+    return found
+
+
+def test_the_config_commands_listed_here_are_every_command_that_takes_config() -> None:
+    # A new command with --config must be added to CONFIG_COMMANDS, so that the tests below cover it too.
+    assert _commands_with_config(cli._parser()) == set(CONFIG_COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(CONFIG_COMMANDS))
+def test_every_config_command_reads_its_file_from_webhookd_config_when_config_is_not_given(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    # A file that does not exist: the command stops at reading it, before any Kafka or Postgres, and names it.
+    absent = tmp_path / "from-the-environment.yaml"
+    monkeypatch.setenv("WEBHOOKD_CONFIG", str(absent))
+
+    status = cli.main(CONFIG_COMMANDS[command])
+
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "cannot read" in err
+    assert str(absent) in err
+
+
+def test_check_config_with_webhookd_config_prints_the_configuration_of_that_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(GOOD, encoding="utf-8")
+    monkeypatch.setenv("WEBHOOKD_CONFIG", str(config))
+
+    assert cli.main(["check-config"]) == 0
+
+    assert yaml.safe_load(capsys.readouterr().out)["delivery"]["concurrency"] == 64
+
+
+def test_config_given_on_the_command_line_wins_over_webhookd_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(GOOD, encoding="utf-8")
+    monkeypatch.setenv("WEBHOOKD_CONFIG", str(tmp_path / "not-this-one.yaml"))
+
+    assert cli.main(["check-config", "--config", str(config)]) == 0
+
+    assert yaml.safe_load(capsys.readouterr().out)["delivery"]["concurrency"] == 64
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+@pytest.mark.parametrize("command", sorted(CONFIG_COMMANDS))
+def test_without_config_or_webhookd_config_a_command_exits_2_saying_both_ways(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str, value: str | None
+) -> None:
+    if value is None:
+        monkeypatch.delenv("WEBHOOKD_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("WEBHOOKD_CONFIG", value)
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(CONFIG_COMMANDS[command])
+
+    captured = capsys.readouterr()
+    assert exited.value.code == 2
+    assert captured.out == ""
+    assert f"usage: webhookd {command} " in captured.err  # the command's own usage, not the top level's
+    assert captured.err.rstrip().endswith("error: --config FILE is required (or set WEBHOOKD_CONFIG)")
+
+
+def test_dev_keeps_its_own_default_and_ignores_webhookd_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import webhookd.dev
+
+    started: list[Path | None] = []
+
+    def run_dev(config: Path | None, events: int) -> int:
+        started.append(config)
+        return 0
+
+    monkeypatch.setattr(webhookd.dev, "run_dev", run_dev)
+    monkeypatch.setenv("WEBHOOKD_CONFIG", "/nonexistent/production.yaml")
+
+    assert cli.main(["dev"]) == 0
+    assert started == [None]

