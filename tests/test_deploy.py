@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -33,6 +34,8 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"  # the build context is the repository root
 BASE = DEPLOY / "kustomize" / "base"
 DEV = DEPLOY / "kustomize" / "overlays" / "dev"
+# Opted into by an overlay (`components:`), never rendered alone: see sasl_overlay.
+KAFKA_SASL = DEPLOY / "kustomize" / "components" / "kafka-sasl"
 STRIMZI = DEPLOY / "strimzi"
 CONNECTOR_JSON = DEPLOY / "debezium" / "twenty-connector.json"
 JVM_POM = ROOT / "daemon" / "webhookd" / "embedded" / "jvm" / "pom.xml"
@@ -44,12 +47,23 @@ KUBERNETES_VERSION = "1.30"
 CONFIG_FILE = "/etc/webhookd/webhookd.yaml"
 DSN_SECRET = {"name": "webhookd-secrets", "key": "postgres-dsn"}
 SAMPLE_DSN = "postgresql://webhookd:secret@postgres:5432/twenty"
+# The Secret of the kafka-sasl component, read by the daemon and by KEDA's TriggerAuthentication alike.
+KAFKA_SECRET = "webhookd-kafka"
+# What the Secrets would hold in the pod; neither is in Git, so samples stand in for them.
+SAMPLE_SECRETS = {
+    (DSN_SECRET["name"], DSN_SECRET["key"]): SAMPLE_DSN,
+    (KAFKA_SECRET, "username"): "webhookd",
+    (KAFKA_SECRET, "password"): "kafka-secret",
+}
+# The broker the dev overlay expects: Strimzi's quickstart cluster my-cluster in namespace kafka.
+DEV_BOOTSTRAP_SERVERS = ("my-cluster-kafka-bootstrap.kafka.svc:9092",)
 # Shutdown after the drain: up to 10 s to hand unfinished deliveries to the retry table, up to 10 s to commit.
 SHUTDOWN_AFTER_DRAIN_SECONDS = 20
 # Kinds that come with an operator (KEDA, Prometheus operator): kubernetes-validate has no schema for them, so their
 # schema validation is skipped and the fields webhookd relies on are checked one by one below.
 CUSTOM_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
@@ -113,15 +127,56 @@ def mebibytes(quantity: str) -> int:
 def settings_of(objects: tuple[Manifest, ...], tmp_path: Path) -> Settings:
     """The configuration the daemon reads in the pod: the rendered ConfigMap's file plus the container's variables.
 
-    The Secret's DSN is not in Git, so a sample stands in for it.
+    The Secrets are not in Git, so SAMPLE_SECRETS stand in for their keys; a key it lacks fails the test.
     """
     config_file = tmp_path / "webhookd.yaml"
     config_file.write_text(the(objects, "ConfigMap")["data"]["webhookd.yaml"], encoding="utf-8")
-    environ = {"WEBHOOKD_POSTGRES__DSN": SAMPLE_DSN}
-    environ |= {
-        var["name"]: var["value"] for var in daemon_container(the(objects, "Deployment"))["env"] if "value" in var
-    }
+    environ: dict[str, str] = {}
+    for var in daemon_container(the(objects, "Deployment"))["env"]:
+        if "value" in var:
+            environ[var["name"]] = var["value"]
+        else:
+            ref = var["valueFrom"]["secretKeyRef"]
+            environ[var["name"]] = SAMPLE_SECRETS[ref["name"], ref["key"]]
     return load_settings(config_file, environ)
+
+
+def validate_against_schemas(objects: tuple[Manifest, ...]) -> list[str]:
+    """Validate every object but the custom kinds against the Kubernetes schemas; the kinds validated."""
+    validated = []
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            continue  # no schema in kubernetes-validate: see test_custom_resources_carry_what_webhookd_relies_on
+        # Strict: a misspelt or misplaced field is an error, not something the API server would silently drop.
+        # A kind without a schema raises SchemaNotFoundError, so a new custom kind cannot slip through unchecked.
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            where = ".".join(str(step) for step in exc.path)
+            pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {where}: {exc.message}")
+        validated.append(obj["kind"])
+    return validated
+
+
+@pytest.fixture(scope="module")
+def sasl_overlay(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An overlay as a user writes one to opt into the kafka-sasl component: the base plus the component.
+
+    Kustomize takes only relative paths to other kustomizations, hence relpath.
+    """
+    directory = tmp_path_factory.mktemp("sasl-overlay")
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(BASE, directory)],
+                "components": [os.path.relpath(KAFKA_SASL, directory)],
+            }
+        ),
+        encoding="utf-8",
+    )
+    return directory
 
 
 def _queries(node: object) -> Iterator[str]:
@@ -164,25 +219,39 @@ def exported_metric_names() -> set[str]:
 def test_kustomization_renders_with_kubectl_without_warnings(directory: Path) -> None:
     kinds = {obj["kind"] for obj in render(directory)}
 
-    assert {"ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"} <= kinds
+    assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"} <= kinds
+    if directory == BASE:
+        assert {"ScaledObject", "ServiceMonitor", "PrometheusRule"} <= kinds
 
 
 @pytest.mark.parametrize("directory", [BASE, DEV], ids=["base", "dev"])
 def test_rendered_objects_validate_against_the_kubernetes_schemas(directory: Path) -> None:
-    validated = []
-    for obj in render(directory):
-        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
-            continue  # no schema in kubernetes-validate: see test_custom_resources_carry_what_webhookd_relies_on
-        # Strict: a misspelt or misplaced field is an error, not something the API server would silently drop.
-        # A kind without a schema raises SchemaNotFoundError, so a new custom kind cannot slip through unchecked.
-        try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            where = ".".join(str(step) for step in exc.path)
-            pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {where}: {exc.message}")
-        validated.append(obj["kind"])
+    validated = validate_against_schemas(render(directory))
 
-    assert "Deployment" in validated
+    assert {"Namespace", "Deployment", "PodDisruptionBudget"} <= set(validated)
+
+
+@pytest.mark.parametrize(("directory", "namespace"), [(BASE, "webhookd"), (DEV, "webhookd-dev")], ids=["base", "dev"])
+def test_kustomization_creates_the_namespace_it_installs_into(directory: Path, namespace: str) -> None:
+    objects = render(directory)
+
+    # `kubectl apply -k` on a fresh cluster needs the Namespace among the objects, and exactly one.
+    created = the(objects, "Namespace")
+    assert created["metadata"]["name"] == namespace
+    assert created["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == namespace, obj["kind"]
+
+
+@pytest.mark.parametrize("directory", [BASE, DEV], ids=["base", "dev"])
+def test_disruption_budget_lets_drains_evict_pods_that_are_not_ready(directory: Path) -> None:
+    budget = the(render(directory), "PodDisruptionBudget")["spec"]
+
+    # During a Postgres outage no pod is ready; with the default policy a drain would wait for the outage to end.
+    assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    assert budget["maxUnavailable"] == 1
+    assert "minAvailable" not in budget
 
 
 def test_base_labels_every_object_and_selects_pods_by_that_label() -> None:
@@ -258,7 +327,8 @@ def test_base_configuration_is_valid_and_leaves_the_dsn_to_the_secret(tmp_path: 
     assert "dsn" not in (shipped.get("postgres") or {})
     assert settings.postgres.dsn == SAMPLE_DSN
     assert settings.logging.format == "json"
-    assert the(objects, "Deployment")["spec"]["replicas"] == 2
+    # KEDA's ScaledObject owns the count: a `replicas` here would be reset by every `kubectl apply`.
+    assert "replicas" not in the(objects, "Deployment")["spec"]
 
 
 def test_custom_resources_carry_what_webhookd_relies_on(tmp_path: Path) -> None:
@@ -268,17 +338,21 @@ def test_custom_resources_carry_what_webhookd_relies_on(tmp_path: Path) -> None:
         if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
             assert obj["metadata"]["name"] == "webhookd"
 
-    # KEDA watches the lag of the very group and topic the daemon consumes, on the same brokers.
+    # KEDA watches the lag of the very group and topics the daemon consumes, on the same brokers: one trigger per
+    # topic of kafka.topics, each named (a trigger without `topic` misses topics the group has not committed on).
     scaled = the(objects, "ScaledObject")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert scaled["spec"]["scaleTargetRef"]["name"] == the(objects, "Deployment")["metadata"]["name"]
     assert 1 == scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
-    [trigger] = scaled["spec"]["triggers"]
-    assert trigger["type"] == "kafka"
-    assert trigger["metadata"]["consumerGroup"] == kafka.group_id
-    assert trigger["metadata"]["topic"] in kafka.topics
-    assert tuple(trigger["metadata"]["bootstrapServers"].split(",")) == kafka.bootstrap_servers
-    assert int(trigger["metadata"]["lagThreshold"]) > 0
+    triggers = scaled["spec"]["triggers"]
+    assert kafka.topics
+    assert sorted(trigger["metadata"]["topic"] for trigger in triggers) == sorted(kafka.topics)
+    for trigger in triggers:
+        assert trigger["type"] == "kafka"
+        assert trigger["metadata"]["consumerGroup"] == kafka.group_id
+        assert tuple(trigger["metadata"]["bootstrapServers"].split(",")) == kafka.bootstrap_servers
+        assert int(trigger["metadata"]["lagThreshold"]) > 0
+        assert trigger["metadata"]["offsetResetPolicy"] == kafka.auto_offset_reset
 
     monitor = the(objects, "ServiceMonitor")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
@@ -305,8 +379,13 @@ def test_dev_overlay_runs_one_small_console_logging_replica_without_autoscaling_
     dev, base = render(DEV), render(BASE)
     deployment = the(dev, "Deployment")
 
+    # Without the ScaledObject nothing else sets the count.
     assert deployment["spec"]["replicas"] == 1
-    assert not [obj for obj in dev if obj["kind"] in ("ScaledObject", "PrometheusRule")]
+    # Nothing that needs KEDA or the Prometheus operator: a plain dev cluster has neither.
+    assert not [obj for obj in dev if obj["apiVersion"].split("/")[0] in ("keda.sh", "monitoring.coreos.com")]
+    # The broker a dev cluster has (Strimzi's quickstart), not the base's production placeholders.
+    assert settings_of(dev, tmp_path).kafka.bootstrap_servers == DEV_BOOTSTRAP_SERVERS
+    assert settings_of(base, tmp_path).kafka.bootstrap_servers != DEV_BOOTSTRAP_SERVERS
     for obj in dev:
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "webhookd-dev", obj["kind"]
@@ -316,6 +395,36 @@ def test_dev_overlay_runs_one_small_console_logging_replica_without_autoscaling_
         dev_memory = daemon_container(deployment)["resources"][bound]["memory"]
         base_memory = daemon_container(the(base, "Deployment"))["resources"][bound]["memory"]
         assert mebibytes(dev_memory) < mebibytes(base_memory), bound
+
+
+def test_kafka_sasl_component_renders_validates_and_gives_the_daemon_and_keda_one_secret(
+    sasl_overlay: Path, tmp_path: Path
+) -> None:
+    objects = render(sasl_overlay)
+    validate_against_schemas(objects)
+    kafka = settings_of(objects, tmp_path).kafka
+
+    # The daemon authenticates with the Secret's user and password (the configuration validates with them).
+    assert kafka.security_protocol.startswith("SASL_")
+    env = {var["name"]: var for var in daemon_container(the(objects, "Deployment"))["env"]}
+    for name, key in (("WEBHOOKD_KAFKA__SASL_USERNAME", "username"), ("WEBHOOKD_KAFKA__SASL_PASSWORD", "password")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": KAFKA_SECRET, "key": key}
+    # KEDA reads the same Secret, with the same protocol and mechanism, and every trigger uses it.
+    auth = the(objects, "TriggerAuthentication")
+    assert auth["apiVersion"] == "keda.sh/v1alpha1"
+    assert auth["metadata"]["namespace"] == the(objects, "Deployment")["metadata"]["namespace"]
+    refs = {ref["parameter"]: ref for ref in auth["spec"]["secretTargetRef"]}
+    assert refs.keys() == {"sasl", "username", "password", "tls"}
+    assert all(ref["name"] == KAFKA_SECRET for ref in refs.values())
+    assert refs["username"]["key"] == "username"
+    assert refs["password"]["key"] == "password"
+    for trigger in the(objects, "ScaledObject")["spec"]["triggers"]:
+        assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+    # A plain install needs no such Secret.
+    assert "TriggerAuthentication" not in {obj["kind"] for obj in render(BASE)}
+    for directory in (BASE, DEV):
+        base_env = daemon_container(the(render(directory), "Deployment"))["env"]
+        assert not [var for var in base_env if var["name"].startswith("WEBHOOKD_KAFKA__SASL")]
 
 
 # --- Debezium and Strimzi ------------------------------------------------------------------------------------------
