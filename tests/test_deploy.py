@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -686,3 +687,10 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_local() -> N
             assert _in_context(file.relative_to(ROOT).as_posix(), patterns), f"{file} is left out of the context"
     for local in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "daemon/webhookd/__pycache__/x.pyc"):
         assert not _in_context(local, patterns), local
+
+
+def test_the_image_tag_the_base_deploys_is_the_packages_version() -> None:
+    # The version is written in pyproject.toml; the kustomization's image tag must follow it, not drift from it.
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    assert [image["newTag"] for image in kustomization["images"]] == [version]
