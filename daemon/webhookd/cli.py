@@ -105,16 +105,25 @@ def _positive(value: str) -> int:
     return number
 
 
+def _group(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str, description: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """A command of several actions (`webhookd NAME ACTION ...`), as every operator command is."""
+    group = commands.add_parser(name, help=help_text, description=description)
+    return group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
 _WithConfig = Callable[[str, str, "argparse._SubParsersAction[argparse.ArgumentParser]"], argparse.ArgumentParser]
 
 
 def _operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser], with_config: _WithConfig) -> None:
-    deliveries = commands.add_parser(
+    deliveries = _group(
+        commands,
         "deliveries",
-        help="List deliveries, show every attempt of one, replay dead letters or a webhook's window.",
-        description="Deliveries that needed more than one attempt have an id; first-try successes are listed from the "
+        "List deliveries, show every attempt of one, replay dead letters or a webhook's window.",
+        "Deliveries that needed more than one attempt have an id; first-try successes are listed from the "
         "attempt log without one.",
-    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    )
     listing = with_config("list", "List deliveries, newest first, as a table or --json.", deliveries)
     listing.add_argument("--status", choices=("pending", "dead", "delivered"), help="only deliveries in this state")
     _filter_options(listing, event=True)
@@ -151,12 +160,13 @@ def _operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     _json_option(replay)
 
-    endpoints = commands.add_parser(
+    endpoints = _group(
+        commands,
         "endpoints",
-        help="See each webhook's endpoint health; enable, disable or rate-limit it.",
-        description="An endpoint is a webhook's receiver. Its state is healthy, failing, rate_limited, circuit_open or "
+        "See each webhook's endpoint health; enable, disable or rate-limit it.",
+        "An endpoint is a webhook's receiver. Its state is healthy, failing, rate_limited, circuit_open or "
         "disabled, as the running daemons last published it.",
-    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    )
     listing = with_config("list", "List every live webhook's endpoint and its state, as a table or --json.", endpoints)
     listing.add_argument("--state", choices=STATES, help="only endpoints in this state")
     listing.add_argument("--webhook", metavar="WEBHOOK_ID", help="only this webhook")
@@ -191,12 +201,13 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _webhook_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser], with_config: _WithConfig) -> None:
-    webhooks = commands.add_parser(
+    webhooks = _group(
+        commands,
         "webhooks",
-        help="Show, set or unset a webhook's own options: a filter, per-record ordering, custom headers.",
-        description="Options are kept by webhookd beside the subscriptions table, which is never changed; running "
+        "Show, set or unset a webhook's own options: a filter, per-record ordering, custom headers.",
+        "Options are kept by webhookd beside the subscriptions table, which is never changed; running "
         "daemons apply a change within 2 seconds. Header values are never printed.",
-    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    )
     show = with_config("show", "Show one webhook and its options, or list every webhook that has options.", webhooks)
     show.add_argument("id", nargs="?", metavar="WEBHOOK_ID", help="the webhook (default: list them all)")
     _json_option(show)

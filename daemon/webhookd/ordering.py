@@ -27,6 +27,7 @@ import asyncpg
 import structlog
 
 from webhookd.deliver import Delivery
+from webhookd.filters import LazyRecord
 from webhookd.pgerrors import TRANSIENT
 
 log = structlog.get_logger("webhookd.ordering")
@@ -43,8 +44,10 @@ _BATCH_LIMIT = 1000
 _Key = tuple[str, str]  # webhook id, order key
 
 
-def order_key(obj: str, record_id: object) -> str | None:
-    """The record a delivery belongs to, or None when the record has no id to order by."""
+def order_key(obj: str, record: LazyRecord) -> str | None:
+    """The record an event of `obj` is about ("<object>:<data.id>"), or None when it has no id to order by."""
+    value = record.value
+    record_id = value.get("id") if isinstance(value, dict) else None
     if isinstance(record_id, str) and record_id:
         return f"{obj}:{record_id}"
     if isinstance(record_id, int) and not isinstance(record_id, bool):

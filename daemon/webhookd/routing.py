@@ -14,6 +14,7 @@ from webhookd.filters import FilterReason, LazyRecord, WebhookFilter
 from webhookd.metrics import Metrics
 from webhookd.ordering import order_key
 from webhookd.subscriptions import SubscriptionIndex, Webhook
+from webhookd.webhook_options import NO_OPTIONS
 
 
 class Router:
@@ -31,7 +32,7 @@ class Router:
         obj, action = event.object_and_action
         webhooks = self._index.match(event.workspace_id, obj, action)
         for webhook in webhooks:
-            if webhook.options:
+            if webhook.options is not NO_OPTIONS:
                 break
         else:
             return webhooks, None
@@ -39,6 +40,7 @@ class Router:
         kept: list[Webhook] = []
         keys: list[str | None] = []
         ordered = False
+        key: str | None = None
         for webhook in webhooks:
             options = webhook.options
             flt = options.filter
@@ -50,9 +52,9 @@ class Router:
                     continue
             kept.append(webhook)
             if options.ordered:
-                value = record.value
-                keys.append(order_key(obj, value.get("id") if isinstance(value, dict) else None))
-                ordered = True
+                if not ordered:  # once per event, whatever the number of ordered webhooks
+                    key, ordered = order_key(obj, record), True
+                keys.append(key)
             else:
                 keys.append(None)
         return kept, keys if ordered else None

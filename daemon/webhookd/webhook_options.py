@@ -141,7 +141,9 @@ def options_from_json(data: object) -> WebhookOptions:
     ordered = data.get("ordered", False)
     if not isinstance(ordered, bool):
         raise OptionsError("ordered must be true or false")
-    return WebhookOptions(filter=_filter(data.get("filter")), ordered=ordered, headers=_headers(data.get("headers")))
+    options = WebhookOptions(filter=_filter(data.get("filter")), ordered=ordered, headers=_headers(data.get("headers")))
+    # The one empty value, so that routing tells a webhook without options by identity, per event and webhook.
+    return options if options else NO_OPTIONS
 
 
 def _filter(data: object) -> WebhookFilter | None:

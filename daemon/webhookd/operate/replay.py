@@ -456,7 +456,7 @@ async def _insert(conn: Connection, webhook: Webhook, rows: dict[Pair, tuple[Eve
     # Kafka order, so that an ordered webhook's replayed deliveries of one record leave as their events came.
     pairs = sorted(rows, key=lambda p: _position(p.source))
     events = [rows[p][0] for p in pairs]
-    keys = [_order_key(e) if webhook.options.ordered else None for e in events]
+    keys = [order_key(e.object_and_action[0], LazyRecord(e.data)) if webhook.options.ordered else None for e in events]
     written = await conn.fetch(
         _INSERT,
         webhook.id,
@@ -482,11 +482,6 @@ async def _insert(conn: Connection, webhook: Webhook, rows: dict[Pair, tuple[Eve
 def _position(source: str | None) -> tuple[str, int, int]:
     where = parse_source(source)
     return (where.topic, where.partition, where.offset) if where is not None else (source or "", 0, 0)
-
-
-def _order_key(event: Event) -> str | None:
-    record = LazyRecord(event.data).value
-    return order_key(event.object_and_action[0], record.get("id") if isinstance(record, dict) else None)
 
 
 def _event_time(event: Event) -> datetime | None:
