@@ -36,7 +36,7 @@ from bench.receivers import Receiver, capacity, receiver_for, running
 from bench.retry_drain import drain_rate
 from bench.stack import Stack
 from bench.throughput import CONCURRENCY, Run, bodies_for, ceiling, daemon_rate, naive_rate
-from webhookd.logs import setup_logging
+from webhookd.runtime.logs import setup_logging
 
 SECTIONS = (
     "throughput",

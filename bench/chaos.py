@@ -33,9 +33,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
 from bench.proxy import TcpProxy
-from webhookd.children import free_port
+from webhookd.durable.migrate import migrate
 from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic
-from webhookd.store.migrate import migrate
+from webhookd.runtime.children import free_port
 
 WEBHOOKS = 3
 PARTITIONS = 4

@@ -28,13 +28,13 @@ import asyncpg
 import orjson
 
 from bench.throughput import Run
-from webhookd.attempts import AttemptLog
-from webhookd.events import Event
-from webhookd.filters import LazyRecord, build_filter
-from webhookd.metrics import Metrics
-from webhookd.routing import Router
-from webhookd.subscriptions import SubscriptionIndex, Webhook
-from webhookd.webhook_options import NO_OPTIONS, WebhookOptions
+from webhookd.durable.attempts import AttemptLog
+from webhookd.intake.native import Event
+from webhookd.routing.filters import LazyRecord, build_filter
+from webhookd.routing.router import Router
+from webhookd.routing.subscriptions import SubscriptionIndex, Webhook
+from webhookd.routing.webhook_options import NO_OPTIONS, WebhookOptions
+from webhookd.runtime.metrics import Metrics
 
 WORKSPACE: Final = "5a1f3c2e-7b4d-4e8f-9a6b-0c1d2e3f4a5b"
 EVENT_NAME: Final = "opportunity.updated"

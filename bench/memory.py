@@ -22,8 +22,8 @@ import asyncpg
 
 from bench.receivers import SilentReceiver, running
 from bench.stack import SECRET, TABLE, DaemonRun, Stack, event_doc, produce
-from webhookd.subscriptions import SubscriptionStore
-from webhookd.tls import PostgresConnect
+from webhookd.routing.subscriptions import SubscriptionStore
+from webhookd.runtime.tls import PostgresConnect
 
 _OPERATIONS = (["*.*"], ["person.*"], ["*.updated"], ["person.created", "company.updated"], ["opportunity.*"])
 

@@ -33,7 +33,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from webhookd.children import free_port
+from webhookd.runtime.children import free_port
 
 _ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 _STATUS_PATH = "/__status"

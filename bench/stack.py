@@ -23,9 +23,9 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from webhookd.children import free_port
+from webhookd.durable.migrate import migrate
 from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_database, create_topic
-from webhookd.store.migrate import migrate
+from webhookd.runtime.children import free_port
 
 SECRET = "bench-secret"
 TABLE = '"core"."webhook"'

@@ -23,8 +23,8 @@ from aiokafka.structs import OffsetAndMetadata
 
 from bench.receivers import Receiver
 from bench.stack import SECRET, DaemonRun, Stack, event_doc, produce
-from webhookd.payload import build_body
-from webhookd.signing import Signer
+from webhookd.delivery.payload import build_body
+from webhookd.delivery.signing import Signer
 
 CONCURRENCY = 64
 _TIMEOUT = 600.0

@@ -27,11 +27,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from webhookd import cli
-from webhookd.children import free_port
-from webhookd.config import Settings
+from webhookd.durable.migrate import migrate
 from webhookd.embedded import create_database
-from webhookd.service import Service
-from webhookd.store.migrate import migrate
+from webhookd.runtime.children import free_port
+from webhookd.runtime.config import Settings
+from webhookd.runtime.service import Service
 
 Behaviour = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 

@@ -12,11 +12,11 @@ import asyncpg
 import pytest
 
 from tests.support import fetch, new_workspace
-from webhookd import attempts
-from webhookd.attempts import AttemptLog
-from webhookd.deliver import AttemptResult, Delivery
-from webhookd.pgerrors import TRANSIENT
-from webhookd.subscriptions import Webhook
+from webhookd.delivery.sender import AttemptResult, Delivery
+from webhookd.durable import attempts
+from webhookd.durable.attempts import AttemptLog
+from webhookd.durable.transient import TRANSIENT
+from webhookd.routing.subscriptions import Webhook
 
 WEBHOOK = Webhook(
     id="00000000-0000-4000-8000-000000000001",

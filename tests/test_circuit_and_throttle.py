@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from webhookd.circuit import Breaker, BreakerSettings, State
-from webhookd.throttle import Throttle
+from webhookd.endpoints.breaker import Breaker, BreakerSettings, State
+from webhookd.endpoints.throttle import Throttle
 
 SETTINGS = BreakerSettings(
     failure_ratio=0.5,

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from webhookd import cli
-from webhookd.operate import endpoints as operate_endpoints
+from webhookd.operate import endpoint_commands as operate_endpoints
 from webhookd.operate.output import NotFound
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "webhookd.yaml"

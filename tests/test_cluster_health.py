@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import asyncpg
 
 from tests.support import fetch, until
-from webhookd.circuit import BreakerSettings
-from webhookd.deliver import AttemptResult, Delivery
-from webhookd.endpoints import EndpointBook
-from webhookd.health import SEND_NOW, EndpointHealth, Go, Hold
-from webhookd.metrics import Metrics
-from webhookd.pacing import Grant, Pacer
-from webhookd.subscriptions import SubscriptionIndex, Webhook
-from webhookd.tls import PostgresConnect
+from webhookd.delivery.sender import AttemptResult, Delivery
+from webhookd.endpoints.breaker import BreakerSettings
+from webhookd.endpoints.pacing import Grant, Pacer
+from webhookd.endpoints.state import SEND_NOW, EndpointHealth, Go, Hold
+from webhookd.endpoints.sync import EndpointBook
+from webhookd.routing.subscriptions import SubscriptionIndex, Webhook
+from webhookd.runtime.metrics import Metrics
+from webhookd.runtime.tls import PostgresConnect
 
 # A breaker that needs a thousand failures to open (ratio, requests, in a row, window, cooldowns, probe): these
 # tests are about pauses and pace, not circuits.

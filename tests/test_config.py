@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from webhookd.config import ConfigError, Settings, describe, load_settings, parse_duration, redact
+from webhookd.runtime.config import ConfigError, Settings, describe, load_settings, parse_duration, redact
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 DSN = "postgresql://webhookd:hunter2@db.internal:5432/twenty"

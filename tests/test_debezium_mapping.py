@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 import pytest
 
-from webhookd.body_formats import DocsBody, TwentyBody
-from webhookd.events import BadEvent, Event, Skip
+from webhookd.delivery.body_formats import DocsBody, TwentyBody
 from webhookd.intake.debezium import Change, WrappedSchemas, read_change
+from webhookd.intake.native import BadEvent, Event, Skip
 from webhookd.intake.twenty_events import MappingSettings, Position, to_event
 from webhookd.intake.twenty_layout import (
     ColumnRow,
@@ -24,7 +24,7 @@ from webhookd.intake.twenty_layout import (
     schema_for_workspace,
     workspace_id_from_schema,
 )
-from webhookd.subscriptions import Webhook
+from webhookd.routing.subscriptions import Webhook
 
 WS = "3b8e6458-5fc1-4e63-8563-008ccddaa6db"
 SCHEMA = schema_for_workspace(WS)

@@ -24,10 +24,10 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from webhookd.config import Settings, load_settings
-from webhookd.config.schema import TwentySettings
 from webhookd.intake.twenty_layout import schema_for_workspace
-from webhookd.metrics import Metrics
+from webhookd.runtime.config import Settings, load_settings
+from webhookd.runtime.config.schema import TwentySettings
+from webhookd.runtime.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

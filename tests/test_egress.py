@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from tests.support import Receiver, add_webhook, event, fetch, new_workspace, produce, running, settings_for
-from webhookd.egress import EgressPolicy, literal_address
+from webhookd.delivery.egress import EgressPolicy, literal_address
 
 SPELLINGS = (
     "127.0.0.1",

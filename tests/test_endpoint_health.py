@@ -30,7 +30,7 @@ from tests.support import (
     webhookd_command,
     write_config,
 )
-from webhookd.config import Settings
+from webhookd.runtime.config import Settings
 
 
 class Answers:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from webhookd.events import BadEvent, Event, decode
+from webhookd.intake.native import BadEvent, Event, decode
 
 WORKSPACE = "6f1c1b1e-3a2d-4c5b-9e8f-0a1b2c3d4e5f"
 KAFKA_MS = 1739201450123  # 2025-02-10T15:30:50.123Z

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from webhookd import filters
-from webhookd.filters import (
+from webhookd.routing import filters
+from webhookd.routing.filters import (
     FILTER_REASONS,
     FilterError,
     LazyRecord,

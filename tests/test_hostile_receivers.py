@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaProducer
 
 from tests.daemon_tools import RssSampler, fresh_database, fresh_topic, get_text, metric, wait_ready
 from tests.support import DaemonProcess, Receiver, add_webhook, config_for, fetch, new_workspace, write_config
-from webhookd.children import free_port
+from webhookd.runtime.children import free_port
 
 TIMEOUT = 2.0
 BODY_LIMIT = 4096

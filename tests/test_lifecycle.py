@@ -31,11 +31,11 @@ from tests.support import (
     produce,
     settings_for,
 )
-from webhookd import service as service_module
-from webhookd.children import free_port
+from webhookd.durable.outcomes import BadRecord, Recorder
 from webhookd.embedded import KafkaBroker, create_database, create_topic
-from webhookd.record import BadRecord, Recorder
-from webhookd.service import Service
+from webhookd.runtime import service as service_module
+from webhookd.runtime.children import free_port
+from webhookd.runtime.service import Service
 
 
 @contextlib.asynccontextmanager

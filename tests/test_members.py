@@ -8,7 +8,7 @@ import asyncio
 import asyncpg
 
 from tests.support import fetch, running, settings_for
-from webhookd.members import Membership, share
+from webhookd.runtime.members import Membership, share
 
 INTERVAL = 0.1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from webhookd.offsets import PartitionOffsets
+from webhookd.intake.offsets import PartitionOffsets
 
 
 def tracking(*offsets: int) -> PartitionOffsets:

@@ -28,9 +28,9 @@ from tests.support import (
     webhookd_command,
     write_config,
 )
-from webhookd.children import free_port
-from webhookd.config import Settings
 from webhookd.operate.output import UsageError, since
+from webhookd.runtime.children import free_port
+from webhookd.runtime.config import Settings
 
 
 @dataclass

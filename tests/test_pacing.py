@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from tests.support import fetch
-from webhookd.pacing import Grant, LeasedSlots, Pacer, PostgresLedger
+from webhookd.endpoints.pacing import Grant, LeasedSlots, Pacer, PostgresLedger
 
 URL = "https://receiver.example/hooks?token=not-for-postgres"
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from tests.node import NODE as NODE  # where the other Node.js checks have always found it
 from tests.node import needs_node, require_node
-from webhookd.payload import MAX_DEPTH, TooDeep, build_body, js_iso_timestamp
-from webhookd.signing import sign
+from webhookd.delivery.payload import MAX_DEPTH, TooDeep, build_body, js_iso_timestamp
+from webhookd.delivery.signing import sign
 
 # Reads newline-delimited base64 bodies and answers, per line, with the base64 of what
 # JSON.stringify(JSON.parse(body)) encodes to, or "!" and the error JSON.parse raised.

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from webhookd.egress import EgressPolicy, IPAddress, literal_address
-from webhookd.events import BadEvent, Event, decode
+from webhookd.delivery.egress import EgressPolicy, IPAddress, literal_address
+from webhookd.intake.native import BadEvent, Event, decode
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -185,8 +185,8 @@ def test_nested_data_comes_out_byte_for_byte(depth: int, opener: bytes) -> None:
 # free; it decodes one event per depth and checks each body, or stops at the first wrong one.
 DEEP_CHILD = """
 import sys
-from webhookd.events import Event, decode
-from webhookd.payload import MAX_DEPTH
+from webhookd.intake.native import Event, decode
+from webhookd.delivery.payload import MAX_DEPTH
 stamp, envelope = sys.argv[1].encode(), sys.argv[2].encode()
 for opener, closer in ((b"[", b"]"), (b'{"k":', b"}")):
     for depth in range(1, 1101):

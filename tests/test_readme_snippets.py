@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from tests.node import needs_node, require_node
-from webhookd.payload import build_body
-from webhookd.signing import Signer
+from webhookd.delivery.payload import build_body
+from webhookd.delivery.signing import Signer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BODY = build_body("person.created", {"id": "p1", "name": "Zoë", "score": 1.5}, "2025-02-10T15:30:50.123Z")

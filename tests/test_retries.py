@@ -13,10 +13,10 @@ import asyncpg
 from aiohttp import web
 
 from tests.support import Behaviour, Receiver, add_webhook, event, fetch, new_workspace, produce, running, settings_for
-from webhookd.dispatch import Dispatcher
-from webhookd.metrics import Metrics
-from webhookd.record import Recorder
-from webhookd.retries import RetryPoller, RetrySettings
+from webhookd.delivery.dispatch import Dispatcher
+from webhookd.durable.outcomes import Recorder
+from webhookd.durable.retries import RetryPoller, RetrySettings
+from webhookd.runtime.metrics import Metrics
 
 
 def fail_first(times: int, response: Callable[[], web.Response] | None = None, hang: float = 0.0) -> Behaviour:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from webhookd.scheduler import INITIAL_LIMIT, Lane, Scheduler, SchedulerLimits
+from webhookd.delivery.scheduler import INITIAL_LIMIT, Lane, Scheduler, SchedulerLimits
 
 
 class Clock:

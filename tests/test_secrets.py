@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 
 from tests.daemon_tools import fresh_database, fresh_topic, get_text, wait_ready
 from tests.support import DaemonProcess, Receiver, add_webhook, config_for, fetch, new_workspace, write_config
-from webhookd.children import free_port
+from webhookd.runtime.children import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD = "Sup3rS3cretPw"

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from tests.support import add_webhook, new_workspace
-from webhookd.subscriptions import SubscriptionStore
-from webhookd.tls import PostgresConnect
+from webhookd.routing.subscriptions import SubscriptionStore
+from webhookd.runtime.tls import PostgresConnect
 
 REFRESH_SECONDS = 0.3
 

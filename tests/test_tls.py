@@ -46,9 +46,9 @@ from tests.support import (
     webhookd_cli,
 )
 from tests.support import write_config as write_yaml
-from webhookd.children import free_port
-from webhookd.config import ConfigError, Settings, describe, load_settings
-from webhookd.tls import TLSError, delivery_ssl_context, kafka_security, postgres_connect, transport
+from webhookd.runtime.children import free_port
+from webhookd.runtime.config import ConfigError, Settings, describe, load_settings
+from webhookd.runtime.tls import TLSError, delivery_ssl_context, kafka_security, postgres_connect, transport
 
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 

@@ -15,11 +15,11 @@ import asyncpg
 import orjson
 
 from tests.support import Receiver, add_webhook, get_text, metric, produce, running, settings_for
+from webhookd.durable.migrate import migrate
 from webhookd.embedded import create_database, create_topic
 from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
 from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
 from webhookd.intake.twenty_layout import WorkspaceLayout
-from webhookd.store.migrate import migrate
 
 STAMP = "2025-02-10T15:30:50.123456Z"
 

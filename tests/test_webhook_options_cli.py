@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from tests.support import add_webhook, config_for, fetch, new_workspace, webhookd_command, write_config
-from webhookd.operate.webhooks import lock_options
-from webhookd.webhook_options import OptionsError, options_from_json
+from webhookd.operate.webhook_commands import lock_options
+from webhookd.routing.webhook_options import OptionsError, options_from_json
 
 SECRET = "Bearer s3cr3t-t0ken-9f8e7d"
 

@@ -17,8 +17,8 @@ from typing import Any
 import asyncpg
 
 from webhookd import __version__
-from webhookd.config import ConfigError, Settings, describe, load_settings
-from webhookd.operate.endpoints import STATES
+from webhookd.operate.endpoint_commands import STATES
+from webhookd.runtime.config import ConfigError, Settings, describe, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # What `webhookd dev` starts its own broker and Postgres with: the `embedded` extra, which production leaves out.
@@ -302,9 +302,9 @@ def _config_from_environment(parser: argparse.ArgumentParser) -> Path:
 def _run(settings: Settings, config: Path, workers: int) -> int:
     import structlog
 
-    from webhookd.logs import setup_logging
-    from webhookd.service import Service
-    from webhookd.workers import Supervisor
+    from webhookd.runtime.logs import setup_logging
+    from webhookd.runtime.service import Service
+    from webhookd.runtime.workers import Supervisor
 
     setup_logging(settings.logging.level, settings.logging.format)
     if "WEBHOOKD_WORKER" in os.environ:  # one of several workers: its lines say which
@@ -331,7 +331,7 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 async def _connect(settings: Settings) -> asyncpg.Connection[Any] | None:
     """A connection made as the daemon makes its own (TLS included), or None after saying why not."""
-    from webhookd.tls import TLSError, postgres_connect
+    from webhookd.runtime.tls import TLSError, postgres_connect
 
     try:
         postgres = postgres_connect(settings.postgres)
@@ -346,7 +346,7 @@ async def _connect(settings: Settings) -> asyncpg.Connection[Any] | None:
 
 
 async def _operate(settings: Settings, args: argparse.Namespace) -> int:
-    from webhookd.operate import deliveries, endpoints, replay
+    from webhookd.operate import delivery_commands, endpoint_commands, replay
     from webhookd.operate.output import NotFound, UsageError
 
     conn = await _connect(settings)
@@ -356,26 +356,26 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.command == "deliveries":
             action = {
-                "list": deliveries.list_deliveries,
-                "show": deliveries.show_delivery,
-                "retry": deliveries.retry_deliveries,
+                "list": delivery_commands.list_deliveries,
+                "show": delivery_commands.show_delivery,
+                "retry": delivery_commands.retry_deliveries,
                 "replay": replay.command(settings),
             }[args.action]
             return await action(conn, args)
         if args.command == "webhooks":
-            from webhookd.operate import webhooks
+            from webhookd.operate import webhook_commands
 
             change = {
-                "show": webhooks.show_webhooks,
-                "set": webhooks.set_options,
-                "unset": webhooks.unset_options,
+                "show": webhook_commands.show_webhooks,
+                "set": webhook_commands.set_options,
+                "unset": webhook_commands.unset_options,
             }[args.action]
             return await change(conn, args, table)
         step = {
-            "list": endpoints.list_endpoints,
-            "enable": endpoints.enable_endpoints,
-            "disable": endpoints.disable_endpoints,
-            "limit": endpoints.limit_endpoint,
+            "list": endpoint_commands.list_endpoints,
+            "enable": endpoint_commands.enable_endpoints,
+            "disable": endpoint_commands.disable_endpoints,
+            "limit": endpoint_commands.limit_endpoint,
         }[args.action]
         return await step(conn, args, table)
     except UsageError as exc:
@@ -395,7 +395,7 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _migrate(settings: Settings) -> int:
-    from webhookd.store.migrate import migrate
+    from webhookd.durable.migrate import migrate
 
     conn = await _connect(settings)
     if conn is None:

@@ -35,12 +35,12 @@ import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
-from webhookd.children import free_port
-from webhookd.config import ConfigError, Settings, load_settings
+from webhookd.durable.migrate import migrate
 from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_topic
-from webhookd.logs import setup_logging
-from webhookd.service import Service
-from webhookd.store.migrate import migrate
+from webhookd.runtime.children import free_port
+from webhookd.runtime.config import ConfigError, Settings, load_settings
+from webhookd.runtime.logs import setup_logging
+from webhookd.runtime.service import Service
 
 log = structlog.get_logger("webhookd.dev")
 T = TypeVar("T")

@@ -28,15 +28,15 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from webhookd.children import free_port
-from webhookd.config import Settings
 from webhookd.dev import DemoFailed, DemoRun, Interrupted, Interrupts, dev_settings, in_thread, signature_matches
+from webhookd.durable.migrate import migrate
 from webhookd.embedded import EmbeddedPostgres, create_database
 from webhookd.embedded.apache_kafka import ApacheKafka
 from webhookd.embedded.jars import JavaMissing, java_executable, maven_executable, resolve_jars
 from webhookd.embedded.kafka_connect import KafkaConnect
 from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
-from webhookd.store.migrate import migrate
+from webhookd.runtime.children import free_port
+from webhookd.runtime.config import Settings
 
 # The connector a team deploys; the demo changes only where it connects.
 CONNECTOR_FILE = Path(__file__).resolve().parents[2] / "deploy" / "debezium" / "twenty-connector.json"

@@ -19,10 +19,10 @@ from typing import TypeVar
 import pytest
 
 from tests.kafka.debezium import Debezium
-from webhookd.children import free_port
 from webhookd.embedded import EmbeddedPostgres
 from webhookd.embedded.apache_kafka import ApacheKafka
 from webhookd.embedded.jars import JavaMissing, resolve_jars
+from webhookd.runtime.children import free_port
 
 T = TypeVar("T")
 

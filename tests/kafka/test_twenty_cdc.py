@@ -32,8 +32,8 @@ from tests.support import (
     write_config,
 )
 from tests.test_node_verification import SECRETS, Verdict, node_receiver
+from webhookd.durable.migrate import migrate
 from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
-from webhookd.store.migrate import migrate
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "debezium" / "twenty-connector.json"
 # What a deployment sets for its own database; everything else of the shipped connector is used as it is.

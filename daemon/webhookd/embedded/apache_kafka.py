@@ -23,9 +23,9 @@ from pathlib import Path
 
 import psutil
 
-from webhookd.children import free_port
 from webhookd.embedded.jars import jvm_argv, resolve_jars, write_log_config
 from webhookd.embedded.processes import _ChildServer, _log_tail, _spawn, _terminate
+from webhookd.runtime.children import free_port
 
 _NODE_ID = 1
 _START_ATTEMPTS = 3  # a port from free_port() may be taken by someone else before Kafka binds it

@@ -20,8 +20,8 @@ import psutil
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import for_code
 
-from webhookd.children import free_port
 from webhookd.embedded.processes import _ChildServer, _log_tail, _spawn, _terminate
+from webhookd.runtime.children import free_port
 
 # Variables Tansu reads that would change what our broker does if a developer's shell happens to set them.
 _TANSU_ENV_TO_DROP = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT")

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from webhookd.children import end_with_parent
+from webhookd.runtime.children import end_with_parent
 
 POM = Path(__file__).with_name("jvm") / "pom.xml"
 MIN_JAVA = 17  # Kafka 4's broker and Connect need it

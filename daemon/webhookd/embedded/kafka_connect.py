@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from webhookd.children import free_port
 from webhookd.embedded.jars import jvm_argv, resolve_jars, write_log_config
 from webhookd.embedded.processes import _ChildServer, _log_tail, _spawn
+from webhookd.runtime.children import free_port
 
 _START_ATTEMPTS = 3  # the REST port from free_port() may be taken by someone else before Connect binds it
 _JSON_CONVERTER = "org.apache.kafka.connect.json.JsonConverter"

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from webhookd.children import end_with_parent
+from webhookd.runtime.children import end_with_parent
 
 _LOG_TAIL_BYTES = 4000
 

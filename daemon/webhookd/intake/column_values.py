@@ -29,8 +29,14 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from webhookd.events import json_kind
-from webhookd.payload import MAX_SAFE_INTEGER, TooDeep, javascript_compatible, javascript_number, js_iso_timestamp
+from webhookd.delivery.payload import (
+    MAX_SAFE_INTEGER,
+    TooDeep,
+    javascript_compatible,
+    javascript_number,
+    js_iso_timestamp,
+)
+from webhookd.intake.native import json_kind
 
 Decoder = Callable[[Any], Any]
 # How a numeric column reaches the record: Postgres' exact text (Twenty passes `numeric` through as node-postgres

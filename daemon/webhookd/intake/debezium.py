@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import orjson
 
-from webhookd.events import BadEvent, Skip, json_kind, parse_json
+from webhookd.intake.native import BadEvent, Skip, json_kind, parse_json
 
 # The operations of Debezium's envelope: create, update, delete, read (snapshot), truncate, message.
 _OPS = frozenset("cudrtm")

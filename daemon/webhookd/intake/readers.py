@@ -13,12 +13,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
-from webhookd.config import Settings
-from webhookd.events import BadEvent, Event, Skip, decode
 from webhookd.intake.debezium import Change, WrappedSchemas, read_change
+from webhookd.intake.native import BadEvent, Event, Skip, decode
 from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
 from webhookd.intake.twenty_events import MappingSettings, Position, to_event
 from webhookd.intake.twenty_layout import schema_for_workspace
+from webhookd.runtime.config import Settings
 
 
 @dataclass(frozen=True, slots=True)

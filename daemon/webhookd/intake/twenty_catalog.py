@@ -20,6 +20,7 @@ from typing import Final
 import asyncpg
 import structlog
 
+from webhookd.durable.transient import TRANSIENT
 from webhookd.intake.debezium import Change
 from webhookd.intake.twenty_layout import (
     ColumnRow,
@@ -29,7 +30,6 @@ from webhookd.intake.twenty_layout import (
     build_layout,
     workspace_id_from_schema,
 )
-from webhookd.pgerrors import TRANSIENT
 
 log = structlog.get_logger("webhookd.intake.twenty_catalog")
 

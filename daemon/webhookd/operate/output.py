@@ -11,7 +11,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from webhookd.config.values import parse_duration
+from webhookd.runtime.config.values import parse_duration
 
 
 class UsageError(Exception):

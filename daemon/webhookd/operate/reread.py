@@ -15,9 +15,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, OffsetOutOfRangeError
 
-from webhookd.config import Settings
 from webhookd.operate.output import UsageError
-from webhookd.tls import TLSError, transport
+from webhookd.runtime.config import Settings
+from webhookd.runtime.tls import TLSError, transport
 
 # A wanted offset this far past the position is sought rather than read up to: reading is cheaper than a new fetch
 # only while the records in between are few.

@@ -1,0 +1,1 @@
+"""What must survive a crash, in Postgres: outcomes, retries, the attempt log, migrations and the connections."""

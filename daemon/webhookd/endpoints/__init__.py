@@ -1,0 +1,1 @@
+"""What webhookd knows about each receiver: its breaker, rate limit, pacing, health state and their sharing."""

@@ -1,0 +1,1 @@
+"""The process: lifecycle, worker processes, probes, metrics, logs, configuration and transport security."""
