@@ -37,8 +37,7 @@ from typing import Any, Final
 import orjson
 
 from bench.throughput import Run
-from webhookd.delivery.body_formats import DocsBody
-from webhookd.intake.native import BadEvent, Event, Skip, docs_body
+from webhookd.delivery.body_formats import DocsBody, docs_body
 from webhookd.intake.readers import DebeziumReader, NativeReader, NeedsLayout
 from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
 from webhookd.intake.twenty_events import MappingSettings
@@ -50,7 +49,8 @@ from webhookd.intake.twenty_layout import (
     build_layout,
     schema_for_workspace,
 )
-from webhookd.routing.subscriptions import SubscriptionIndex, Webhook
+from webhookd.model import BadEvent, Event, Skip, Webhook
+from webhookd.routing.subscriptions import SubscriptionIndex
 
 WORKSPACE: Final = "3b8e6458-5fc1-4e63-8563-008ccddaa6db"
 SCHEMA: Final = schema_for_workspace(WORKSPACE)

@@ -29,10 +29,10 @@ import orjson
 
 from bench.throughput import Run
 from webhookd.durable.attempts import AttemptLog
-from webhookd.intake.native import Event
+from webhookd.model import Event, Webhook
 from webhookd.routing.filters import LazyRecord, build_filter
 from webhookd.routing.router import Router
-from webhookd.routing.subscriptions import SubscriptionIndex, Webhook
+from webhookd.routing.subscriptions import SubscriptionIndex
 from webhookd.routing.webhook_options import NO_OPTIONS, WebhookOptions
 from webhookd.runtime.metrics import Metrics
 

@@ -12,11 +12,10 @@ import asyncpg
 import pytest
 
 from tests.support import fetch, new_workspace
-from webhookd.delivery.sender import AttemptResult, Delivery
 from webhookd.durable import attempts
 from webhookd.durable.attempts import AttemptLog
 from webhookd.durable.transient import TRANSIENT
-from webhookd.routing.subscriptions import Webhook
+from webhookd.model import AttemptResult, Delivery, Webhook
 
 WEBHOOK = Webhook(
     id="00000000-0000-4000-8000-000000000001",

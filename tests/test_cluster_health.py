@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import asyncpg
 
 from tests.support import fetch, until
-from webhookd.delivery.sender import AttemptResult, Delivery
 from webhookd.endpoints.breaker import BreakerSettings
 from webhookd.endpoints.pacing import Grant, Pacer
-from webhookd.endpoints.state import SEND_NOW, EndpointHealth, Go, Hold
+from webhookd.endpoints.state import EndpointHealth
 from webhookd.endpoints.sync import EndpointBook
-from webhookd.routing.subscriptions import SubscriptionIndex, Webhook
+from webhookd.model import SEND_NOW, AttemptResult, Delivery, Go, Hold, Webhook
+from webhookd.routing.subscriptions import SubscriptionIndex
 from webhookd.runtime.metrics import Metrics
 from webhookd.runtime.tls import PostgresConnect
 

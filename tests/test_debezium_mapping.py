@@ -13,7 +13,6 @@ import pytest
 
 from webhookd.delivery.body_formats import DocsBody, TwentyBody
 from webhookd.intake.debezium import Change, WrappedSchemas, read_change
-from webhookd.intake.native import BadEvent, Event, Skip
 from webhookd.intake.twenty_events import MappingSettings, Position, to_event
 from webhookd.intake.twenty_layout import (
     ColumnRow,
@@ -24,7 +23,7 @@ from webhookd.intake.twenty_layout import (
     schema_for_workspace,
     workspace_id_from_schema,
 )
-from webhookd.routing.subscriptions import Webhook
+from webhookd.model import BadEvent, Event, Skip, SkipReason, Webhook
 
 WS = "3b8e6458-5fc1-4e63-8563-008ccddaa6db"
 SCHEMA = schema_for_workspace(WS)
@@ -203,7 +202,7 @@ def test_a_flattened_delete_rewritten_by_the_transform_is_destroyed() -> None:
         (envelope("c", None, {"id": PERSON}, table="timelineActivity"), "not_sent_by_twenty"),
     ],
 )
-def test_records_nobody_asked_for_are_skipped_by_reason(doc: Any, reason: str) -> None:
+def test_records_nobody_asked_for_are_skipped_by_reason(doc: Any, reason: SkipReason) -> None:
     assert read(doc) == Skip(reason)
 
 

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 
-from webhookd.delivery.sender import Delivery
 from webhookd.durable.outcomes import Recorder
 from webhookd.durable.retries import _CLAIM_MANY, _UNBLOCK
-from webhookd.routing.subscriptions import Webhook
+from webhookd.model import Delivery, Webhook
 
 WORKSPACE = str(uuid.uuid4())
 HOOK = Webhook(str(uuid.uuid4()), WORKSPACE, "https://receiver.example/hook", ("*.*",), b"secret")

@@ -17,10 +17,18 @@ from typing import Literal, Protocol
 
 import orjson
 
-from webhookd.intake.native import Event, docs_body
-from webhookd.routing.subscriptions import Webhook
+from webhookd.model import Event, Webhook
 
 BodyFormatName = Literal["docs", "twenty"]
+
+
+def docs_body(event: Event) -> bytes:
+    """`{"event":E,"data":D,"timestamp":T}`, keys in that order, as the contract and Twenty's docs give it."""
+    return b'{"event":%b,"data":%b,"timestamp":%b}' % (
+        orjson.dumps(event.name),
+        event.data,
+        orjson.dumps(event.timestamp),
+    )
 
 
 class BodyFormat(Protocol):

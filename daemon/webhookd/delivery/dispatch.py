@@ -14,22 +14,21 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import structlog
 
 from webhookd.delivery.ordering import PendingCheck, RecordLines
 from webhookd.delivery.scheduler import Scheduler
-from webhookd.delivery.sender import AttemptResult, Delivery, Sender
+from webhookd.delivery.sender import Sender
 from webhookd.durable.attempts import AttemptLog
 from webhookd.durable.outcomes import Recorder
-from webhookd.endpoints.state import EndpointHealth, Hold
+from webhookd.endpoints.state import EndpointHealth
+from webhookd.model import AttemptResult, Delivery, Hold, Settled
 from webhookd.runtime.metrics import Metrics
 
 log = structlog.get_logger("webhookd.delivery.dispatch")
 
 # How a delivery's attempt settled: sent, waiting in the retry table, or given up.
-Settled = Literal["delivered", "pending", "dead"]
 
 _BUSY = "deferred: the endpoint has answered nothing for a while"
 _BEHIND = "waiting for an earlier delivery of the same record"

@@ -26,8 +26,8 @@ import asyncio
 import asyncpg
 import structlog
 
-from webhookd.delivery.sender import Delivery
 from webhookd.durable.transient import TRANSIENT
+from webhookd.model import Delivery
 from webhookd.routing.filters import LazyRecord
 
 log = structlog.get_logger("webhookd.delivery.ordering")

@@ -10,7 +10,6 @@ import asyncio
 import email.utils
 import re
 import time
-from dataclasses import dataclass, field
 
 import aiohttp
 from yarl import URL
@@ -18,51 +17,10 @@ from yarl import URL
 from webhookd import __version__
 from webhookd.delivery.egress import BlockedDestination, EgressPolicy, literal_address
 from webhookd.delivery.signing import Signer
-from webhookd.routing.subscriptions import Webhook
+from webhookd.model import AttemptResult, AttemptResultLabel, Delivery
 
-
-@dataclass(slots=True)
-class Delivery:
-    """One (event, webhook) pair on its way; `attempts` counts the attempts already made."""
-
-    event_id: str
-    event_name: str
-    workspace_id: str
-    webhook: Webhook
-    body: bytes = field(repr=False)
-    kafka_timestamp_ms: int | None
-    source: str  # topic:partition:offset, for operators
-    attempts: int = 0
-    row_id: int | None = None  # the durable row, once the delivery is on the retry path
-    # For a webhook that keeps each record's order: "<object>:<record id>", and the event's offset in Kafka;
-    # deliveries with the same key to the same webhook leave one after the other, in offset order.
-    order_key: str | None = None
-    order_pos: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptResult:
-    """How one attempt ended; `result` is the metric label."""
-
-    result: str
-    status: int | None = None
-    error: str | None = None
-    retry_after: float | None = None
-    duration: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.result == "2xx"
-
-    @property
-    def retryable(self) -> bool:
-        # A blocked destination stays blocked: retrying would only knock on the same closed door.
-        return self.result != "blocked"
-
-    def describe(self) -> str:
-        if self.status is not None:
-            return f"HTTP {self.status}" + (f": {self.error}" if self.error else "")
-        return f"{self.result}: {self.error}" if self.error else self.result
+# What is neither 2xx nor 3xx-5xx (1xx, or a status past 599) counts as a server error: the receiver is broken.
+_STATUS_CLASSES: dict[int, AttemptResultLabel] = {3: "3xx", 4: "4xx", 5: "5xx"}
 
 
 class Sender:
@@ -116,7 +74,7 @@ class Sender:
                 if 200 <= status < 300:
                     return AttemptResult("2xx", status=status, duration=duration)
                 return AttemptResult(
-                    f"{status // 100}xx" if 300 <= status < 600 else "5xx",
+                    _STATUS_CLASSES.get(status // 100, "5xx"),
                     status=status,
                     error=_excerpt_text(excerpt, response.headers.get("Location")),
                     retry_after=self._retry_after(response.headers.get("Retry-After")),

@@ -18,10 +18,9 @@ from typing import Any
 import asyncpg
 import structlog
 
-from webhookd.delivery.sender import AttemptResult, Delivery
 from webhookd.durable.outcomes import clean_text
 from webhookd.durable.transient import TRANSIENT
-from webhookd.intake.native import Event
+from webhookd.model import AttemptResult, Delivery, Event
 
 log = structlog.get_logger("webhookd.durable.attempts")
 

@@ -18,9 +18,9 @@ from typing import Any
 import asyncpg
 import structlog
 
-from webhookd.delivery.sender import Delivery
 from webhookd.durable.held_connection import HeldConnection
 from webhookd.durable.transient import TRANSIENT
+from webhookd.model import Delivery
 
 log = structlog.get_logger("webhookd.durable.outcomes")
 

@@ -17,12 +17,12 @@ import asyncpg
 import structlog
 
 from webhookd.delivery.dispatch import Dispatcher
-from webhookd.delivery.sender import Delivery
 from webhookd.durable.held_connection import HeldConnection
 from webhookd.durable.outcomes import Recorder
 from webhookd.durable.transient import TRANSIENT
 from webhookd.endpoints.state import EndpointHealth
-from webhookd.routing.subscriptions import SubscriptionIndex, Webhook
+from webhookd.model import Delivery, Webhook
+from webhookd.routing.subscriptions import SubscriptionIndex
 from webhookd.runtime.metrics import Metrics
 
 log = structlog.get_logger("webhookd.durable.retries")

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from webhookd.delivery.sender import AttemptResult, Delivery
 from webhookd.endpoints.breaker import Breaker, BreakerSettings, State
 from webhookd.endpoints.pacing import Pacer
 from webhookd.endpoints.throttle import Throttle
+from webhookd.model import SEND_NOW, AttemptResult, Delivery, Go, Hold
 from webhookd.runtime.metrics import Metrics
 
 log = structlog.get_logger("webhookd.endpoints.state")
@@ -36,28 +36,6 @@ _UNREACHABLE = frozenset({"timeout", "connection_error"})
 # the next sync: the other processes must stop sending within moments. Smaller growth (429s of requests that were in
 # flight together) waits for the sync.
 _URGENT_PAUSE_SECONDS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class Go:
-    """Send, after `wait` seconds; `probe` when this attempt tests an open circuit; `paced` when the endpoint has a
-    rate limit that the cluster keeps together: `EndpointHealth.pace` must give it a slot first."""
-
-    probe: bool = False
-    wait: float = 0.0
-    paced: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Hold:
-    """Do not send now: defer for `retry_in` seconds (reason is the deferral metric label) or, if disabled, dead."""
-
-    reason: str  # circuit_open, rate_limited or disabled
-    retry_in: float
-    error: str
-
-
-SEND_NOW = Go()
 
 
 @dataclass(slots=True)

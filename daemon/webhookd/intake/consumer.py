@@ -22,11 +22,10 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from webhookd.delivery.body_formats import BodyFormat
 from webhookd.delivery.dispatch import Dispatcher
-from webhookd.delivery.sender import Delivery
 from webhookd.durable.outcomes import BadRecord, Recorder
-from webhookd.intake.native import BadEvent, Event, Skip
 from webhookd.intake.offsets import PartitionOffsets
 from webhookd.intake.readers import NeedsLayout, RecordReader
+from webhookd.model import BadEvent, Delivery, Event, Skip
 from webhookd.routing.router import Router
 from webhookd.runtime.metrics import Metrics
 

@@ -18,7 +18,8 @@ from typing import Any, Final
 
 import orjson
 
-from webhookd.intake.native import BadEvent, Skip, json_kind, parse_json
+from webhookd.intake.native import json_kind, parse_json
+from webhookd.model import BadEvent, Skip
 
 # The operations of Debezium's envelope: create, update, delete, read (snapshot), truncate, message.
 _OPS = frozenset("cudrtm")

@@ -5,16 +5,15 @@ A record is parsed exactly once, here; the body sent to receivers is built from 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from webhookd.delivery.payload import TooDeep, javascript_json, js_iso_timestamp
+from webhookd.model import BadEvent, Event
 
 _EVENT_NAME = re.compile(r"[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
 _MAX_ID = 256
@@ -22,48 +21,6 @@ _MAX_ID = 256
 _EVENT_ID = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 # Kafka allows any int64 timestamp; latency and the retry table need one a calendar can hold (up to year 9999).
 _LATEST_USABLE_MS = 253_402_300_799_999
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """A valid change event; the bodies receivers get are written from it (see `body_formats`)."""
-
-    id: str
-    name: str  # "<object>.<action>"
-    workspace_id: str  # canonical lowercase UUID text, as asyncpg returns the column
-    timestamp: str  # as JavaScript's toISOString writes it, or as the producer gave it
-    data: bytes = dataclasses.field(repr=False)  # the record as JSON, in the form JavaScript re-serializes it to
-    kafka_timestamp_ms: int | None
-    updated_fields: tuple[str, ...] | None = None  # for updates, where known
-    object_id: str | None = None  # Twenty's object metadata id, where known
-
-    @property
-    def object_and_action(self) -> tuple[str, str]:
-        obj, _, action = self.name.partition(".")
-        return obj, action
-
-    @property
-    def body(self) -> bytes:
-        """The `docs` body, `{"event":E,"data":D,"timestamp":T}`."""
-        return docs_body(self)
-
-
-@dataclass(frozen=True, slots=True)
-class Skip:
-    """A record that is read and passed over on purpose (a tombstone, a snapshot read, an unchanged update).
-
-    Counted by reason in `webhookd_events_skipped_total`, never logged one by one, never kept.
-    """
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class BadEvent:
-    """A record that can never be delivered: kept for an operator, never retried, never blocking."""
-
-    reason: str  # a short, bounded label, also used as the metric label
-    detail: str  # what exactly is wrong, for the operator
 
 
 def decode(
@@ -117,15 +74,6 @@ def decode(
 def usable_timestamp(timestamp_ms: int | None) -> int | None:
     """The Kafka timestamp where a calendar can hold it (latency and the retry table need that), else None."""
     return timestamp_ms if timestamp_ms is not None and 0 <= timestamp_ms <= _LATEST_USABLE_MS else None
-
-
-def docs_body(event: Event) -> bytes:
-    """`{"event":E,"data":D,"timestamp":T}`, keys in that order, as the contract and Twenty's docs give it."""
-    return b'{"event":%b,"data":%b,"timestamp":%b}' % (
-        orjson.dumps(event.name),
-        event.data,
-        orjson.dumps(event.timestamp),
-    )
 
 
 def parse_json(value: bytes) -> Any:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from webhookd.intake.debezium import Change, WrappedSchemas, read_change
-from webhookd.intake.native import BadEvent, Event, Skip, decode
+from webhookd.intake.native import decode
 from webhookd.intake.twenty_catalog import NotTwenty, TwentyCatalog
 from webhookd.intake.twenty_events import MappingSettings, Position, to_event
 from webhookd.intake.twenty_layout import schema_for_workspace
+from webhookd.model import BadEvent, Event, Skip
 from webhookd.runtime.config import Settings
 
 

@@ -27,8 +27,9 @@ import orjson
 from webhookd.delivery.payload import TooDeep, javascript_json, js_iso_timestamp
 from webhookd.intake.column_values import DEFAULT_PLACEHOLDER, Undecodable, is_unavailable, placeholder_base64
 from webhookd.intake.debezium import Change, change_id
-from webhookd.intake.native import BadEvent, Event, Skip, usable_timestamp
+from webhookd.intake.native import usable_timestamp
 from webhookd.intake.twenty_layout import ColumnPlan, ObjectLayout, WorkspaceLayout
+from webhookd.model import BadEvent, Event, Skip
 
 # Objects whose changes Twenty's server never sends to webhooks (its entity-events listener drops their batches).
 _NOT_SENT_BY_TWENTY: Final = frozenset({"timelineActivity"})

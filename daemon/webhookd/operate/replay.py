@@ -39,14 +39,14 @@ from webhookd.delivery.body_formats import body_format
 from webhookd.delivery.ordering import order_key
 from webhookd.durable.transient import TRANSIENT
 from webhookd.endpoints.sync import Connection
-from webhookd.intake.native import BadEvent, Event, Skip
 from webhookd.intake.readers import NeedsLayout, RecordReader, reader_for
 from webhookd.intake.twenty_catalog import TwentyCatalog
+from webhookd.model import BadEvent, Event, Skip, Webhook
 from webhookd.operate.delivery_commands import print_skipped_disabled, reset_rows
 from webhookd.operate.output import NotFound, UsageError, emit_json, emit_table, since, webhook_id
 from webhookd.operate.reread import Where, fetch_records, parse_source
 from webhookd.routing.filters import LazyRecord
-from webhookd.routing.subscriptions import Webhook, webhook_from_row
+from webhookd.routing.subscriptions import webhook_from_row
 from webhookd.runtime.config import Settings
 from webhookd.runtime.tls import transport
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from webhookd.delivery.ordering import order_key
 from webhookd.durable.attempts import AttemptLog
-from webhookd.intake.native import Event
+from webhookd.model import Event, Webhook
 from webhookd.routing.filters import FilterReason, LazyRecord, WebhookFilter
-from webhookd.routing.subscriptions import SubscriptionIndex, Webhook
+from webhookd.routing.subscriptions import SubscriptionIndex
 from webhookd.routing.webhook_options import NO_OPTIONS
 from webhookd.runtime.metrics import Metrics
 

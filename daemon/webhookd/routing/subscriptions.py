@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -23,6 +22,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from webhookd.delivery.signing import standard_key
 from webhookd.durable.listening import Listening
+from webhookd.model import Webhook
 from webhookd.routing.webhook_options import NO_OPTIONS, OptionsError, WebhookOptions, options_from_json
 from webhookd.runtime.tls import PostgresConnect
 
@@ -37,34 +37,6 @@ log = structlog.get_logger("webhookd.routing.subscriptions")
 # Rows indexed between two yields to the event loop during a full reload: about a few milliseconds of work.
 _ROWS_PER_SLICE = 500
 _PRUNE_PREVIOUS_SECRETS = "DELETE FROM webhookd.previous_secrets WHERE replaced_at < now() - make_interval(secs => $1)"
-
-
-@dataclass(frozen=True, slots=True)
-class Webhook:
-    """One live subscription row, as delivery needs it."""
-
-    id: str
-    workspace_id: str
-    target_url: str = field(repr=False)  # absolute, where requests go; may carry credentials or a token in its path
-    operations: tuple[str, ...]
-    secret: bytes = field(repr=False)
-    host_key: str = ""  # host:port, the unit of per-host concurrency
-    # The secret before the last rotation, valid until `previous_until` (epoch seconds) for receivers that have
-    # not switched yet.
-    previous_secret: bytes | None = field(default=None, repr=False)
-    previous_until: float = 0.0
-
-    # The `targetUrl` as saved, where it lacks the scheme that `target_url` adds; Twenty's body carries it as saved.
-    saved_url: str | None = field(default=None, repr=False)
-    # webhookd's own options for it (`webhookd webhooks set`): filter, per-record order, headers.
-    options: WebhookOptions = NO_OPTIONS
-
-    @property
-    def saved_target_url(self) -> str:
-        return self.target_url if self.saved_url is None else self.saved_url
-
-    def previous_secret_at(self, now: float) -> bytes | None:
-        return self.previous_secret if now < self.previous_until else None
 
 
 class SubscriptionIndex:

@@ -9,16 +9,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from webhookd.model import ATTEMPT_RESULTS, DEFERRALS, OUTCOMES, SKIPS
 from webhookd.routing.filters import FILTER_REASONS
-
-ATTEMPT_RESULTS = ("2xx", "3xx", "4xx", "5xx", "timeout", "connection_error", "blocked")
-OUTCOMES = ("delivered", "dead_lettered")
-# record_order: a delivery of an ordered webhook written to the retry table behind an earlier one of its record.
-DEFERRALS = ("circuit_open", "rate_limited", "endpoint_busy", "record_order")
-# Records read and passed over on purpose: Debezium's tombstones, truncates, logical messages and snapshot reads,
-# updates that changed nothing a receiver sees, changes of schemas that are no Twenty workspace, and changes of
-# objects Twenty never sends to webhooks (timelineActivity).
-SKIPS = ("tombstone", "truncate", "message", "snapshot", "unchanged", "not_twenty", "not_sent_by_twenty")
 
 # Receivers answer in milliseconds to seconds; buckets above the delivery timeout would always be empty.
 _DURATION_STEPS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
