@@ -50,7 +50,7 @@ from webhookd.intake.twenty_layout import (
     schema_for_workspace,
 )
 from webhookd.model import BadEvent, Event, Skip, Webhook
-from webhookd.routing.subscriptions import SubscriptionIndex
+from webhookd.routing.subscription_index import SubscriptionIndex
 
 WORKSPACE: Final = "3b8e6458-5fc1-4e63-8563-008ccddaa6db"
 SCHEMA: Final = schema_for_workspace(WORKSPACE)

@@ -30,9 +30,10 @@ import orjson
 from bench.throughput import Run
 from webhookd.durable.attempts import AttemptLog
 from webhookd.model import Event, Webhook
-from webhookd.routing.filters import LazyRecord, build_filter
+from webhookd.routing.filter_parsing import build_filter
+from webhookd.routing.filters import LazyRecord
 from webhookd.routing.router import Router
-from webhookd.routing.subscriptions import SubscriptionIndex
+from webhookd.routing.subscription_index import SubscriptionIndex
 from webhookd.routing.webhook_options import NO_OPTIONS, WebhookOptions
 from webhookd.runtime.metrics import Metrics
 

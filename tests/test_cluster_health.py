@@ -19,7 +19,7 @@ from webhookd.endpoints.pacing import Grant, Pacer
 from webhookd.endpoints.state import EndpointHealth
 from webhookd.endpoints.sync import EndpointBook
 from webhookd.model import SEND_NOW, AttemptResult, Delivery, Go, Hold, Webhook
-from webhookd.routing.subscriptions import SubscriptionIndex
+from webhookd.routing.subscription_index import SubscriptionIndex
 from webhookd.runtime.metrics import Metrics
 from webhookd.runtime.tls import PostgresConnect
 

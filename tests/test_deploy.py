@@ -26,7 +26,7 @@ import yaml
 
 from webhookd.intake.twenty_layout import schema_for_workspace
 from webhookd.runtime.config import Settings, load_settings
-from webhookd.runtime.config.schema import TwentySettings
+from webhookd.runtime.config.source_settings import TwentySettings
 from webhookd.runtime.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -401,7 +401,7 @@ def _fake_wheel(site_packages: Path) -> Path:
 def test_binaries_the_postgres_user_cannot_reach_are_copied_once_to_where_it_can_run_them(
     private_dir: Path, cache_root: Path
 ) -> None:
-    postgres_module = embedded.postgres
+    postgres_module = embedded.postgres_run_as
     run_as = postgres_module._system_user()
     assert run_as is not None
     package = _fake_wheel(private_dir / "site-packages")
@@ -434,7 +434,7 @@ def test_binaries_the_postgres_user_cannot_reach_are_copied_once_to_where_it_can
 
 @as_root_only
 def test_a_copy_someone_else_could_have_planted_is_refused_naming_it(private_dir: Path, cache_root: Path) -> None:
-    postgres_module = embedded.postgres
+    postgres_module = embedded.postgres_run_as
     run_as = postgres_module._system_user()
     assert run_as is not None
     package = _fake_wheel(private_dir / "site-packages")
@@ -450,7 +450,7 @@ def test_a_copy_someone_else_could_have_planted_is_refused_naming_it(private_dir
 async def test_postgres_starts_from_a_wheel_inside_a_dir_only_root_may_enter(
     monkeypatch: pytest.MonkeyPatch, private_dir: Path, cache_root: Path, scratch: Path
 ) -> None:
-    postgres_module = embedded.postgres
+    postgres_module = embedded.postgres_run_as
     real = postgres_module._wheel_package_dir()
     site_packages = private_dir / "site-packages"
     # Hard links: the real binaries in a checkout's place, in no time.

@@ -11,15 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from webhookd.routing import filters
-from webhookd.routing.filters import (
-    FILTER_REASONS,
-    FilterError,
-    LazyRecord,
-    Predicate,
-    WebhookFilter,
-    build_filter,
-    parse_predicate,
-)
+from webhookd.routing.filter_parsing import FilterError, build_filter, parse_predicate
+from webhookd.routing.filters import FILTER_REASONS, LazyRecord, Predicate, WebhookFilter
 
 OPPORTUNITY = {
     "id": "7f1c0e9a-3b1d-4c3e-9a51-1a2b3c4d5e6f",

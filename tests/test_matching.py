@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from webhookd.model import Webhook
-from webhookd.routing.subscriptions import SubscriptionIndex, webhook_from_row
+from webhookd.routing.subscription_index import SubscriptionIndex
+from webhookd.routing.subscription_rows import webhook_from_row
 
 WS_A = "11111111-1111-4111-8111-111111111111"
 WS_B = "22222222-2222-4222-8222-222222222222"

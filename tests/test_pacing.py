@@ -16,7 +16,8 @@ import asyncpg
 import pytest
 
 from tests.support import fetch
-from webhookd.endpoints.pacing import Grant, LeasedSlots, Pacer, PostgresLedger
+from webhookd.endpoints.pacing import Grant, Pacer, PostgresLedger
+from webhookd.endpoints.slots import LeasedSlots
 
 URL = "https://receiver.example/hooks?token=not-for-postgres"
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
-from webhookd.delivery.scheduler import INITIAL_LIMIT, Lane, Scheduler, SchedulerLimits
+from webhookd.delivery.lanes import INITIAL_LIMIT, Lane
+from webhookd.delivery.scheduler import Scheduler, SchedulerLimits
 
 
 class Clock:

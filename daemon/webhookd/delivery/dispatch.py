@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 
 from webhookd.delivery.ordering import PendingCheck, RecordLines
 from webhookd.delivery.scheduler import Scheduler
 from webhookd.delivery.sender import Sender
+from webhookd.delivery.settling import RecordJob, RetryPolicy, Settlement, settle
 from webhookd.durable.attempts import AttemptLog
 from webhookd.durable.outcomes import Recorder
 from webhookd.endpoints.state import EndpointHealth
@@ -28,43 +27,8 @@ from webhookd.runtime.metrics import Metrics
 
 log = structlog.get_logger("webhookd.delivery.dispatch")
 
-# How a delivery's attempt settled: sent, waiting in the retry table, or given up.
-
 _BUSY = "deferred: the endpoint has answered nothing for a while"
 _BEHIND = "waiting for an earlier delivery of the same record"
-
-
-class RecordJob:
-    """The deliveries of one record; calls `on_done` once the last of them is settled."""
-
-    __slots__ = ("on_done", "remaining")
-
-    def __init__(self, remaining: int, on_done: Callable[[], None]) -> None:
-        self.remaining = remaining
-        self.on_done = on_done
-
-    def one_done(self) -> None:
-        self.remaining -= 1
-        if self.remaining == 0:
-            self.on_done()
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """When to try again: `schedule[n-1]` seconds after attempt n, spread by jitter; after the last, dead."""
-
-    schedule: tuple[float, ...]
-    jitter: float
-
-    def delay_after(self, attempts: int, result: AttemptResult) -> float | None:
-        if not result.retryable or attempts > len(self.schedule):
-            return None
-        base = self.schedule[attempts - 1]
-        # Jitter spreads the retries of a burst that failed together, so a recovering receiver is not hit at once.
-        delay = base * (1 + random.uniform(-self.jitter, self.jitter))
-        if result.retry_after is not None:
-            delay = max(delay, result.retry_after)
-        return delay
 
 
 class Dispatcher:
@@ -103,6 +67,7 @@ class Dispatcher:
         self._held_back_count = 0
         self._busy_deferrals = metrics.deliveries_deferred.labels("endpoint_busy")
         self._retries: dict[asyncio.Task[None], Delivery] = {}
+        self._ordered_retries = 0  # of them, those of ordered webhooks: the retry poller asks on every poll
         # Set whenever a retried delivery is settled: the retry poller claims again as soon as room frees.
         self.retry_settled = asyncio.Event()
         self._interrupted: list[tuple[Delivery, RecordJob]] = []
@@ -122,7 +87,7 @@ class Dispatcher:
     def ordered_retries_in_flight(self) -> bool:
         """Whether a retried delivery of an ordered webhook is under way: its record's next may fall due when it
         settles."""
-        return any(d.order_key is not None for d in self._retries.values())
+        return self._ordered_retries > 0
 
     def busy_webhooks(self) -> list[str]:
         """Webhooks whose endpoint was stalled a moment ago: claiming their retries now would only defer them again."""
@@ -164,6 +129,8 @@ class Dispatcher:
         """Attempt a delivery claimed from the durable retry queue."""
         task = asyncio.create_task(self._retry(delivery))
         self._retries[task] = delivery
+        if delivery.order_key is not None:
+            self._ordered_retries += 1
         task.add_done_callback(self._retry_finished)
 
     def _first_finished(self, task: asyncio.Task[None]) -> None:
@@ -195,7 +162,9 @@ class Dispatcher:
         await self._recorder.hold_back(deliveries, retry_in=retry_in, error=_BUSY)
 
     def _retry_finished(self, task: asyncio.Task[None]) -> None:
-        self._retries.pop(task, None)
+        delivery = self._retries.pop(task, None)
+        if delivery is not None and delivery.order_key is not None:
+            self._ordered_retries -= 1
         self.retry_settled.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._on_fatal(exc)
@@ -235,20 +204,40 @@ class Dispatcher:
             self._health.observe(delivery, verdict, result)
         return result
 
-    def _held(self, delivery: Delivery, hold: Hold) -> tuple[Settled, float]:
-        """The status and delay a held delivery is written with; a disabled endpoint's are dead letters."""
-        if hold.reason == "disabled":
+    def _settle(self, delivery: Delivery, outcome: AttemptResult | Hold) -> Settlement:
+        """The one place a pass ends: its settlement, counted and logged."""
+        disabled = not isinstance(outcome, Hold) and self._health.disabled_reason(delivery.webhook.id) is not None
+        settled = settle(outcome, delivery.attempts, self._policy, disabled=disabled)
+        dead = settled.status == "dead"
+        if dead:
             self._metrics.deliveries_by_outcome["dead_lettered"].inc()
+        if isinstance(outcome, Hold):
+            if dead:
+                log.info(
+                    "delivery_dead_lettered",
+                    event_id=delivery.event_id,
+                    webhook_id=delivery.webhook.id,
+                    workspace_id=delivery.workspace_id,
+                    reason=outcome.error,
+                )
+            else:
+                self._metrics.deliveries_deferred.labels(outcome.reason).inc()
+        elif settled.status == "delivered":
+            self._delivered(delivery, outcome)
+        else:
             log.info(
-                "delivery_dead_lettered",
+                "delivery_dead_lettered" if dead else "delivery_attempt_failed",
                 event_id=delivery.event_id,
                 webhook_id=delivery.webhook.id,
                 workspace_id=delivery.workspace_id,
-                reason=hold.error,
+                attempt=delivery.attempts,
+                result=outcome.result,
+                status=outcome.status,
+                error=outcome.error,
+                duration=round(outcome.duration, 4),
+                retry_in=None if dead else round(settled.retry_in, 3),
             )
-            return "dead", 0.0
-        self._metrics.deliveries_deferred.labels(hold.reason).inc()
-        return "pending", hold.retry_in
+        return settled
 
     async def _first_attempt(self, delivery: Delivery) -> None:
         if delivery.order_key is None:
@@ -273,68 +262,37 @@ class Dispatcher:
     async def _attempt_first(self, delivery: Delivery) -> Settled:
         """The first attempt and its settling; returns the status it settled in: delivered, pending or dead."""
         result = await self._send(delivery)
-        if isinstance(result, Hold):
-            held_status, held_delay = self._held(delivery, result)
-            # Not an attempt: the receiver never saw it, so it keeps its whole retry schedule.
+        if not isinstance(result, Hold):
+            delivery.attempts = 1
+        settled = self._settle(delivery, result)
+        if settled.status != "delivered":
+            # A hold is not an attempt: the receiver never saw it, so it keeps its whole retry schedule.
             await self._recorder.schedule(
-                delivery, status=held_status, retry_in=held_delay, last_status=None, error=result.error
+                delivery,
+                status=settled.status,
+                retry_in=settled.retry_in,
+                last_status=settled.last_status,
+                error=settled.error,
             )
-            return held_status
-        delivery.attempts = 1
-        if result.ok:
-            self._delivered(delivery, result)
-            return "delivered"
-        delay = self._next_try(delivery, result)
-        self._log_failure(delivery, result, delay)
-        if delay is None:
-            self._metrics.deliveries_by_outcome["dead_lettered"].inc()
-        status: Settled = "pending" if delay is not None else "dead"
-        await self._recorder.schedule(
-            delivery, status=status, retry_in=delay or 0.0, last_status=result.status, error=result.describe()
-        )
-        return status
+        return settled.status
 
     async def _retry(self, delivery: Delivery) -> None:
         assert delivery.row_id is not None, "a retried delivery always has its durable row"
         result = await self._send(delivery)
-        if isinstance(result, Hold):
-            held_status, held_delay = self._held(delivery, result)
-            if held_status == "dead":
-                await self._recorder.update(
-                    delivery.row_id,
-                    status=held_status,
-                    attempts=delivery.attempts,
-                    retry_in=0.0,
-                    last_status=None,
-                    error=result.error,
-                )
-            else:
-                await self._recorder.defer(delivery.row_id, retry_in=held_delay)
+        if not isinstance(result, Hold):
+            delivery.attempts += 1
+        settled = self._settle(delivery, result)
+        if not settled.attempted and settled.status == "pending":
+            await self._recorder.defer(delivery.row_id, retry_in=settled.retry_in)
             return
-        delivery.attempts += 1
-        if result.ok:
-            self._delivered(delivery, result)
-            status, delay = "delivered", None
-        else:
-            delay = self._next_try(delivery, result)
-            self._log_failure(delivery, result, delay)
-            status = "pending" if delay is not None else "dead"
-            if delay is None:
-                self._metrics.deliveries_by_outcome["dead_lettered"].inc()
         await self._recorder.update(
             delivery.row_id,
-            status=status,
+            status=settled.status,
             attempts=delivery.attempts,
-            retry_in=delay or 0.0,
-            last_status=result.status,
-            error=None if result.ok else result.describe(),
+            retry_in=settled.retry_in,
+            last_status=settled.last_status,
+            error=settled.error,
         )
-
-    def _next_try(self, delivery: Delivery, result: AttemptResult) -> float | None:
-        """Seconds until the next attempt, or None: dead (schedule used up, or the answer disabled the endpoint)."""
-        if self._health.disabled_reason(delivery.webhook.id) is not None:
-            return None
-        return self._policy.delay_after(delivery.attempts, result)
 
     def _delivered(self, delivery: Delivery, result: AttemptResult) -> None:
         self._metrics.deliveries_by_outcome["delivered"].inc()
@@ -352,20 +310,6 @@ class Dispatcher:
                 status=result.status,
                 duration=round(result.duration, 4),
             )
-
-    def _log_failure(self, delivery: Delivery, result: AttemptResult, delay: float | None) -> None:
-        log.info(
-            "delivery_attempt_failed" if delay is not None else "delivery_dead_lettered",
-            event_id=delivery.event_id,
-            webhook_id=delivery.webhook.id,
-            workspace_id=delivery.workspace_id,
-            attempt=delivery.attempts,
-            result=result.result,
-            status=result.status,
-            error=result.error,
-            duration=round(result.duration, 4),
-            retry_in=round(delay, 3) if delay is not None else None,
-        )
 
     async def drain(self, timeout: float) -> bool:
         """Wait up to `timeout` for every first attempt to settle; True if they all did."""

@@ -1,10 +1,5 @@
-"""Who may send now: the in-flight budget shared fairly across endpoints, each endpoint's own adaptive limit, and a
-cap per receiving host.
-
-An endpoint (one target URL) starts with one request in flight and earns more with every answer while it uses what
-it has (slow start, as TCP does: one more per answer until its first loss, then one more per round of answers), and
-loses half at each timeout or connection error. A receiver that hangs from its first request never holds more than
-its first slot; one that answers fast soon has what its pace needs.
+"""Who may send now: the in-flight budget shared fairly across endpoints, each endpoint's own adaptive limit (its
+`Lane`), and a cap per receiving host.
 
 When more endpoints want slots than there are, freed slots go round the waiting endpoints in turn, and one that
 already holds its fair share (the budget divided among the endpoints in use) is served only when no endpoint under
@@ -29,18 +24,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# Outcomes that say the endpoint cannot take what it was given: its limit is halved.
-_OVERLOADED = frozenset({"timeout", "connection_error"})
-# Every endpoint starts with one slot, as TCP's slow start would with a window of one: a receiver that never answers
-# holds no more than that while it is found stalled, so five of them beside fifty healthy endpoints take under 5% of
-# a budget of 128. One that answers doubles its limit with every round trip.
-INITIAL_LIMIT = 1
-# An endpoint idle this long starts again from the initial limit: what it earned says little about it now.
-_IDLE_RESET_SECONDS = 10.0
+from webhookd.delivery.lanes import INITIAL_LIMIT, Host, Lane, Place
+
 # Idle endpoints are forgotten once this many are known.
 _REMEMBERED = 10_000
 
@@ -54,58 +42,6 @@ class SchedulerLimits:
     wait_seconds: float
 
 
-class _Place(enum.Enum):
-    """Where a lane with waiting deliveries waits for a slot."""
-
-    NOWHERE = 0  # not waiting, or waiting for its own requests to finish (at its limit)
-    READY = 1  # under its fair share, for the budget
-    OVER = 2  # at or over its fair share, for what the others leave
-    HOST = 3  # for its host
-
-
-class _Host:
-    __slots__ = ("blocked", "in_flight", "lanes", "last_progress")
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.lanes = 0  # lanes known for this host
-        self.last_progress = 0.0
-        self.blocked: collections.deque[Lane] = collections.deque()  # lanes waiting for this host's room
-
-
-class Lane:
-    """One endpoint's requests: its queue, what it has in flight, and the limit it has earned."""
-
-    __slots__ = (
-        "busy",
-        "ceiling",
-        "host",
-        "host_key",
-        "in_flight",
-        "key",
-        "last_progress",
-        "limit",
-        "over_entries",
-        "place",
-        "queue",
-        "stalled",
-    )
-
-    def __init__(self, key: str, host_key: str, host: _Host, limit: float, ceiling: float) -> None:
-        self.key = key
-        self.host_key = host_key
-        self.host = host
-        self.queue: collections.deque[asyncio.Future[bool]] = collections.deque()
-        self.in_flight = 0
-        self.limit = limit
-        self.ceiling = ceiling  # where slow start ends: half the limit at the last loss
-        self.last_progress = 0.0  # when it last answered, or began to be asked
-        self.stalled = False
-        self.busy = False  # counted among the endpoints in use
-        self.place = _Place.NOWHERE
-        self.over_entries = 0  # entries of this lane in the over-share queue (all but the last are stale)
-
-
 class Scheduler:
     """Grants slots (`acquire`) and takes them back with the attempt's outcome (`release`)."""
 
@@ -115,7 +51,7 @@ class Scheduler:
         self._wait = limits.wait_seconds
         self._clock = clock
         self._lanes: dict[str, Lane] = {}
-        self._hosts: dict[str, _Host] = {}
+        self._hosts: dict[str, Host] = {}
         self._in_flight = 0
         self._active = 0  # lanes with requests in flight or waiting
         self._ready: collections.deque[Lane] = collections.deque()
@@ -162,10 +98,7 @@ class Scheduler:
         if lane.stalled:
             return None
         if not lane.busy:
-            now = self._now()
-            if now - lane.last_progress > _IDLE_RESET_SECONDS:
-                lane.limit = min(lane.limit, self._initial())
-            lane.last_progress = now
+            lane.resume(self._now(), self._initial())
         host = lane.host
         if (
             not lane.queue
@@ -206,14 +139,14 @@ class Scheduler:
             now = self._now()
             lane.last_progress = host.last_progress = now
             lane.stalled = False
-            self._adapt(lane, result)
+            lane.adapt(result, float(min(self._host_cap, self._concurrency)))
         elif not lane.in_flight:
             lane.stalled = False  # its last request was called off: nothing is left to show that it hangs
         if host.blocked:
             self._unblock(host, 1)
         if lane.queue:
-            if lane.place is _Place.OVER and lane.in_flight < self._fair():
-                self._place(lane, _Place.READY)  # below its share again: its entry in the over queue goes stale
+            if lane.place is Place.OVER and lane.in_flight < self._fair():
+                self._place(lane, Place.READY)  # below its share again: its entry in the over queue goes stale
             else:
                 self._offer(lane)
         self._count(lane)
@@ -232,30 +165,18 @@ class Scheduler:
             self._forget_idle()
         host = self._hosts.get(host_key)
         if host is None:
-            host = self._hosts[host_key] = _Host()
+            host = self._hosts[host_key] = Host()
         host.lanes += 1
         ceiling = float(min(self._host_cap, self._concurrency))
         lane = self._lanes[endpoint] = Lane(endpoint, host_key, host, self._initial(), ceiling)
         return lane
 
     def _forget_idle(self) -> None:
-        for key in [k for k, lane in self._lanes.items() if not lane.busy and lane.place is _Place.NOWHERE]:
+        for key in [k for k, lane in self._lanes.items() if not lane.busy and lane.place is Place.NOWHERE]:
             lane = self._lanes.pop(key)
             lane.host.lanes -= 1
             if lane.host.lanes == 0 and not lane.host.in_flight:
                 del self._hosts[lane.host_key]
-
-    def _adapt(self, lane: Lane, result: str) -> None:
-        if result in _OVERLOADED:
-            lane.ceiling = max(1.0, lane.limit / 2)
-            lane.limit = lane.ceiling
-            return
-        # Grown only while used: an endpoint given more than it needs would hold it all the day it hangs.
-        if 2 * (lane.in_flight + 1) < lane.limit:
-            return
-        most = float(min(self._host_cap, self._concurrency))
-        step = 1.0 if lane.limit < lane.ceiling else 1.0 / lane.limit
-        lane.limit = min(lane.limit + step, most)
 
     def _fair(self) -> int:
         return max(1, self._concurrency // max(1, self._active))
@@ -274,25 +195,25 @@ class Scheduler:
 
     def _offer(self, lane: Lane) -> None:
         """Put a lane with waiting deliveries where it waits for a slot (nowhere, if at its own limit)."""
-        if lane.place is not _Place.NOWHERE or not lane.queue or lane.in_flight >= lane.limit:
+        if lane.place is not Place.NOWHERE or not lane.queue or lane.in_flight >= lane.limit:
             return
         if lane.host.in_flight >= self._host_cap:
-            self._place(lane, _Place.HOST)
+            self._place(lane, Place.HOST)
         elif lane.in_flight < self._fair():
-            self._place(lane, _Place.READY)
+            self._place(lane, Place.READY)
         else:
-            self._place(lane, _Place.OVER)
+            self._place(lane, Place.OVER)
 
-    def _place(self, lane: Lane, place: _Place) -> None:
+    def _place(self, lane: Lane, place: Place) -> None:
         lane.place = place
-        if place is _Place.READY:
+        if place is Place.READY:
             self._ready.append(lane)
-        elif place is _Place.OVER:
+        elif place is Place.OVER:
             self._over.append(lane)
             lane.over_entries += 1
             if len(self._over) > 2 * len(self._lanes) + 64:
                 self._compact_over()
-        elif place is _Place.HOST:
+        elif place is Place.HOST:
             lane.host.blocked.append(lane)
 
     def _compact_over(self) -> None:
@@ -300,16 +221,16 @@ class Scheduler:
         kept: collections.deque[Lane] = collections.deque()
         for lane in self._over:
             lane.over_entries -= 1
-            if lane.place is _Place.OVER and lane.over_entries == 0:
+            if lane.place is Place.OVER and lane.over_entries == 0:
                 kept.append(lane)
         for lane in kept:
             lane.over_entries = 1
         self._over = kept
 
-    def _unblock(self, host: _Host, count: int) -> None:
+    def _unblock(self, host: Host, count: int) -> None:
         for _ in range(min(count, len(host.blocked))):
             lane = host.blocked.popleft()
-            lane.place = _Place.NOWHERE
+            lane.place = Place.NOWHERE
             self._offer(lane)
 
     def _pump(self) -> None:
@@ -320,11 +241,11 @@ class Scheduler:
             elif self._over:
                 lane = self._over.popleft()
                 lane.over_entries -= 1
-                if lane.place is not _Place.OVER or lane.over_entries:
+                if lane.place is not Place.OVER or lane.over_entries:
                     continue  # stale: the lane was promoted, or a later entry of it stands
             else:
                 return
-            lane.place = _Place.NOWHERE
+            lane.place = Place.NOWHERE
             self._serve(lane)
 
     def _serve(self, lane: Lane) -> None:
@@ -337,7 +258,7 @@ class Scheduler:
         if lane.in_flight >= lane.limit:
             return  # its own next release offers it again
         if lane.host.in_flight >= self._host_cap:
-            self._place(lane, _Place.HOST)
+            self._place(lane, Place.HOST)
             return
         waiter = queue.popleft()
         self._take(lane)
@@ -369,17 +290,14 @@ class Scheduler:
                 continue
             if lane.in_flight:
                 self._stall(lane)
-            elif lane.queue and lane.place is _Place.HOST and now - lane.host.last_progress >= self._wait:
+            elif lane.queue and lane.place is Place.HOST and now - lane.host.last_progress >= self._wait:
                 # Waiting for a host that holds every slot without an answer: it is as stuck as its endpoints.
                 self._defer_queue(lane)
         self._pump()
         return watching
 
     def _stall(self, lane: Lane) -> None:
-        if not lane.stalled:
-            lane.stalled = True
-            lane.ceiling = max(1.0, lane.limit / 2)
-            lane.limit = 1.0
+        lane.stall()
         self._defer_queue(lane)
 
     def _defer_queue(self, lane: Lane) -> None:

@@ -22,7 +22,7 @@ from webhookd.durable.outcomes import Recorder
 from webhookd.durable.transient import TRANSIENT
 from webhookd.endpoints.state import EndpointHealth
 from webhookd.model import Delivery, Webhook
-from webhookd.routing.subscriptions import SubscriptionIndex
+from webhookd.routing.subscription_index import SubscriptionIndex
 from webhookd.runtime.metrics import Metrics
 
 log = structlog.get_logger("webhookd.durable.retries")

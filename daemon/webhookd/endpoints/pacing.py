@@ -42,7 +42,6 @@ each time a process's demand stops, so a receiver gets at most its rate, never m
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import math
 import random
@@ -55,6 +54,7 @@ import asyncpg
 import structlog
 
 from webhookd.durable.transient import TRANSIENT
+from webhookd.endpoints.slots import LeasedSlots
 from webhookd.endpoints.throttle import Throttle, burst_seconds
 
 log = structlog.get_logger("webhookd.endpoints.pacing")
@@ -67,8 +67,6 @@ _LEASE_TIMEOUT = 1.0
 # After a failed lease, endpoints are paced in memory at this process's share for this long before Postgres is
 # asked again: an outage costs one timeout per period, not one per delivery.
 _OFFLINE_SECONDS = 5.0
-# A leased slot not taken this long after its time is dropped (see the module's docstring).
-_STALE_SECONDS = 1.0
 # Calls are counted over periods of this length to size leases to a process's demand.
 _DEMAND_SECONDS = 0.25
 # Endpoints idle this long are forgotten here, and schedules idle this long removed from Postgres.
@@ -125,34 +123,6 @@ def batch_size(rate: float) -> int:
 def endpoint_key(url: str) -> bytes:
     """The key of an endpoint's schedule: what Postgres may hold instead of a URL that may carry a token."""
     return hashlib.sha256(url.encode()).digest()
-
-
-class LeasedSlots:
-    """Slots leased and not handed out yet, as times on this process's clock, earliest first."""
-
-    __slots__ = ("_times",)
-
-    def __init__(self) -> None:
-        self._times: collections.deque[float] = collections.deque()
-
-    def __len__(self) -> int:
-        return len(self._times)
-
-    def add(self, start: float, count: int, interval: float) -> None:
-        self._times.extend(start + i * interval for i in range(count))
-
-    def take(self, now: float, max_wait: float) -> float | None:
-        """The earliest slot if it is at most `max_wait` away, taken; else None (and the slot stays)."""
-        times = self._times
-        while times and times[0] < now - _STALE_SECONDS:
-            times.popleft()
-        if times and times[0] <= now + max_wait:
-            return times.popleft()
-        return None
-
-    @property
-    def last(self) -> float | None:
-        return self._times[-1] if self._times else None
 
 
 class _Pace:

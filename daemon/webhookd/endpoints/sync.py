@@ -31,8 +31,9 @@ from yarl import URL
 from webhookd.durable.listening import Listening
 from webhookd.durable.outcomes import clean_text
 from webhookd.durable.transient import TRANSIENT
-from webhookd.endpoints.state import Changes, EndpointHealth
-from webhookd.routing.subscriptions import SubscriptionIndex
+from webhookd.endpoints.changes import Changes
+from webhookd.endpoints.state import EndpointHealth
+from webhookd.routing.subscription_index import SubscriptionIndex
 from webhookd.runtime.tls import PostgresConnect
 
 log = structlog.get_logger("webhookd.endpoints.sync")

@@ -11,7 +11,6 @@ partitions, so that the group never mistakes a busy member for a dead one.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,9 +21,11 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from webhookd.delivery.body_formats import BodyFormat
 from webhookd.delivery.dispatch import Dispatcher
-from webhookd.durable.outcomes import BadRecord, Recorder
+from webhookd.durable.outcomes import Recorder
 from webhookd.intake.offsets import PartitionOffsets
 from webhookd.intake.readers import NeedsLayout, RecordReader
+from webhookd.intake.rejects import Rejects
+from webhookd.intake.topics import TopicSelection
 from webhookd.model import BadEvent, Delivery, Event, Skip
 from webhookd.routing.router import Router
 from webhookd.runtime.metrics import Metrics
@@ -57,7 +58,7 @@ class Consumer:
     def __init__(
         self,
         kafka: AIOKafkaConsumer,
-        subscription: Subscription,
+        topics: TopicSelection,
         reader: RecordReader,
         body_format: BodyFormat,
         dispatcher: Dispatcher,
@@ -69,7 +70,7 @@ class Consumer:
         on_fatal: Callable[[BaseException], None],
     ) -> None:
         self._kafka = kafka
-        self._subscription = subscription
+        self._topics = topics
         self._reader = reader
         self._body_format = body_format
         self._dispatcher = dispatcher
@@ -79,7 +80,7 @@ class Consumer:
         self._settings = settings
         self._on_fatal = on_fatal  # for the failures of the tasks started here, which nobody else awaits
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
-        self._bad_writes: set[asyncio.Task[None]] = set()
+        self._rejects = Rejects(recorder, metrics, on_fatal)
         self._paused = False
         self._room_freed = asyncio.Event()
         self._waiting_for_room = False
@@ -88,9 +89,9 @@ class Consumer:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        pattern = self._subscription.pattern()
+        pattern = self._topics.pattern()
         if pattern is None:
-            self._kafka.subscribe(list(self._subscription.topics), listener=_Rebalance(self))
+            self._kafka.subscribe(list(self._topics.topics), listener=_Rebalance(self))
         else:
             self._kafka.subscribe(pattern=pattern, listener=_Rebalance(self))
         await self._kafka.start()
@@ -154,7 +155,7 @@ class Consumer:
         Unsettled deliveries bound the work; bad events waiting for their write and the records tracked behind an
         unfinished one bound the memory, should Postgres stall while records without subscribers keep flowing.
         """
-        busy = self._dispatcher.pending + len(self._bad_writes)
+        busy = self._dispatcher.pending + self._rejects.writing
         tracked = sum(o.tracked for o in self._partitions.values())
         return min(self._settings.max_pending - busy, self._settings.max_tracked - tracked)
 
@@ -171,7 +172,7 @@ class Consumer:
 
     async def _handle(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord) -> None:
         offsets.started(record.offset)
-        self._metrics.events_consumed.labels(self._subscription.label(tp.topic)).inc()
+        self._metrics.events_consumed.labels(self._topics.label(tp.topic)).inc()
         event = self._read(tp, record)
         if isinstance(event, NeedsLayout):
             # Rare: a workspace's first change, or a table or column added since its layout was read.
@@ -180,10 +181,10 @@ class Consumer:
             if isinstance(event, NeedsLayout):  # the layout was read, and is already outdated again
                 event = BadEvent("layout_changing", f"the layout of schema {event.schema} changed while read")
         if isinstance(event, BadEvent):
-            self._keep_bad(tp, offsets, record, event)
+            self._rejects.keep(tp, record, event, lambda: offsets.finished(record.offset))
             return
         if isinstance(event, Skip):
-            self._skipped(event)
+            self._rejects.skipped(event)
             offsets.finished(record.offset)
             return
         self._dispatch(tp, offsets, record, event)
@@ -237,38 +238,6 @@ class Consumer:
         ]
         self._dispatcher.submit(deliveries, self._settled(offsets, record.offset))
 
-    def _skipped(self, skip: Skip) -> None:
-        counter = self._metrics.skips_by_reason.get(skip.reason)
-        if counter is None:
-            counter = self._metrics.events_skipped.labels(skip.reason)
-        counter.inc()
-
-    def _keep_bad(self, tp: TopicPartition, offsets: PartitionOffsets, record: ConsumerRecord, bad: BadEvent) -> None:
-        self._metrics.events_invalid.labels(bad.reason).inc()
-        log.warning(
-            "bad_event",
-            topic=tp.topic,
-            partition=tp.partition,
-            offset=record.offset,
-            reason=bad.reason,
-            detail=bad.detail,
-        )
-        kept = BadRecord(tp.topic, tp.partition, record.offset, f"{bad.reason}: {bad.detail}", record.value or b"")
-
-        async def keep() -> None:
-            await self._recorder.bad_event(kept)
-            offsets.finished(record.offset)
-
-        task = asyncio.create_task(keep())
-        self._bad_writes.add(task)
-        task.add_done_callback(self._bad_write_done)
-
-    def _bad_write_done(self, task: asyncio.Task[None]) -> None:
-        self._bad_writes.discard(task)
-        # The recorder retries what may pass; what reaches here will not, and the record can never be committed past.
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self._on_fatal(exc)
-
     async def commit(self, only: set[TopicPartition] | None = None) -> str | None:
         """Commit each partition's settled prefix (of the partitions in `only`, if given).
 
@@ -312,12 +281,12 @@ class Consumer:
             position = offsets.committed if offsets.committed is not None else offsets.commit_position()
             if highwater is not None and position is not None:
                 lag = max(highwater - position, 0)
-                if tp.topic in self._subscription.topics:
+                if tp.topic in self._topics.topics:
                     self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
                 else:
                     matched += lag
-        if self._subscription.topic_pattern is not None:
-            self._metrics.consumer_lag.labels(self._subscription.topic_pattern, _ALL_PARTITIONS).set(matched)
+        if self._topics.topic_pattern is not None:
+            self._metrics.consumer_lag.labels(self._topics.topic_pattern, _ALL_PARTITIONS).set(matched)
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """Partitions are leaving us: let their deliveries settle (within the timeout), commit, forget them."""
@@ -331,7 +300,7 @@ class Consumer:
         await self.commit(ours)
         for tp in ours:
             self._partitions.pop(tp).revoked = True
-            if tp.topic in self._subscription.topics:
+            if tp.topic in self._topics.topics:
                 self._metrics.consumer_lag.remove(tp.topic, str(tp.partition))
         log.info("partitions_revoked", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in ours))
 
@@ -344,8 +313,7 @@ class Consumer:
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}:{tp.partition}" for tp in partitions))
 
     async def wait_bad_writes(self) -> None:
-        if self._bad_writes:
-            await asyncio.wait(list(self._bad_writes))
+        await self._rejects.wait()
 
     async def stop(self) -> None:
         try:
@@ -359,32 +327,6 @@ class Consumer:
                 raise
             log.warning("kafka_stop_incomplete", error="a fetch was cancelled under aiokafka's own stop")
             await self._kafka._client.close()  # what stop() did not reach; it would otherwise reconnect forever
-
-
-@dataclass(frozen=True)
-class Subscription:
-    """Which topics the group reads: the named ones, and every topic whose whole name matches the pattern."""
-
-    topics: tuple[str, ...]
-    topic_pattern: str | None = None
-
-    def label(self, topic: str) -> str:
-        """The `topic` label of a record's metrics: the pattern, for a topic only the pattern names.
-
-        Debezium's topics are one per table of each workspace, named after the workspace's schema: as labels they
-        would be as many series as workspaces, and carry workspace ids, which no label may.
-        """
-        if self.topic_pattern is None or topic in self.topics:
-            return topic
-        return self.topic_pattern
-
-    def pattern(self) -> str | None:
-        """One regular expression for aiokafka, which takes a list of topics or a pattern but not both."""
-        if self.topic_pattern is None:
-            return None
-        named = "|".join(re.escape(topic) for topic in self.topics)
-        # aiokafka matches from the start only; the end anchor makes it the whole name, as Kafka's clients do.
-        return f"(?:{self.topic_pattern})\\Z" if not named else f"(?:{named})\\Z|(?:{self.topic_pattern})\\Z"
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no type information

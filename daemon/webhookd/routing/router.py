@@ -12,7 +12,7 @@ from webhookd.delivery.ordering import order_key
 from webhookd.durable.attempts import AttemptLog
 from webhookd.model import Event, Webhook
 from webhookd.routing.filters import FilterReason, LazyRecord, WebhookFilter
-from webhookd.routing.subscriptions import SubscriptionIndex
+from webhookd.routing.subscription_index import SubscriptionIndex
 from webhookd.routing.webhook_options import NO_OPTIONS
 from webhookd.runtime.metrics import Metrics
 

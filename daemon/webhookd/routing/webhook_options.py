@@ -18,7 +18,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from webhookd.routing.filters import FilterError, WebhookFilter, build_filter
+from webhookd.routing.filter_parsing import FilterError, build_filter
+from webhookd.routing.filters import WebhookFilter
 
 
 class OptionsError(ValueError):

@@ -22,11 +22,12 @@ import structlog
 from aiokafka import AIOKafkaConsumer
 
 from webhookd.delivery.body_formats import body_format
-from webhookd.delivery.dispatch import Dispatcher, RetryPolicy
+from webhookd.delivery.dispatch import Dispatcher
 from webhookd.delivery.egress import EgressPolicy, GuardedResolver
 from webhookd.delivery.ordering import PendingCheck
 from webhookd.delivery.scheduler import Scheduler, SchedulerLimits
 from webhookd.delivery.sender import Sender, close_session
+from webhookd.delivery.settling import RetryPolicy
 from webhookd.delivery.signing import Signer
 from webhookd.durable.attempts import AttemptLog
 from webhookd.durable.outcomes import Recorder
@@ -36,8 +37,9 @@ from webhookd.endpoints.breaker import BreakerSettings
 from webhookd.endpoints.pacing import Pacer, PostgresLedger
 from webhookd.endpoints.state import EndpointHealth
 from webhookd.endpoints.sync import EndpointBook
-from webhookd.intake.consumer import Consumer, ConsumeSettings, Subscription
+from webhookd.intake.consumer import Consumer, ConsumeSettings
 from webhookd.intake.readers import reader_for
+from webhookd.intake.topics import TopicSelection
 from webhookd.intake.twenty_catalog import TwentyCatalog
 from webhookd.routing.router import Router
 from webhookd.routing.subscriptions import SubscriptionStore
@@ -330,7 +332,7 @@ class Service:
         catalog = TwentyCatalog(pool, s.twenty.metadata_refresh_seconds)
         consumer = Consumer(
             kafka,
-            Subscription(tuple(s.kafka.topics), s.kafka.topic_pattern),
+            TopicSelection(tuple(s.kafka.topics), s.kafka.topic_pattern),
             reader_for(s, catalog),
             body_format(s.delivery.body_format),
             dispatcher,

@@ -17,7 +17,8 @@ from typing import Any, Literal, get_origin
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from webhookd.runtime.config.schema import _COMBINATION, _SECTIONS, Settings
+from webhookd.runtime.config.schema import _SECTIONS, Settings
+from webhookd.runtime.config.section_rules import _COMBINATION
 from webhookd.runtime.config.values import redact
 
 ENV_PREFIX = "WEBHOOKD_"

@@ -1,7 +1,7 @@
 """What a valid configuration value is: the checks behind every key, and DSN password redaction.
 
 Each check turns a raw YAML or environment value into the typed value or raises ValueError with a message a user
-can act on; the `Annotated` types below attach them to the fields of `webhookd.runtime.config.schema`. `redact` hides
+can act on; the `Annotated` types below attach them to the fields of the section models (`*_settings`). `redact` hides
 Postgres DSN passwords wherever text might reach a repr, an error or `describe`.
 """
 
