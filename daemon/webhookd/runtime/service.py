@@ -13,51 +13,22 @@ import asyncio
 import contextlib
 import os
 import signal
-from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import asyncpg
 import structlog
-from aiokafka import AIOKafkaConsumer
 
-from webhookd.delivery.body_formats import body_format
-from webhookd.delivery.dispatch import Dispatcher
-from webhookd.delivery.egress import EgressPolicy, GuardedResolver
-from webhookd.delivery.ordering import PendingCheck
-from webhookd.delivery.scheduler import Scheduler, SchedulerLimits
-from webhookd.delivery.sender import Sender, close_session
-from webhookd.delivery.settling import RetryPolicy
-from webhookd.delivery.signing import Signer
-from webhookd.durable.attempts import AttemptLog
-from webhookd.durable.outcomes import Recorder
-from webhookd.durable.retries import RetryPoller, RetrySettings
+from webhookd.delivery.sender import close_session
 from webhookd.durable.transient import TRANSIENT
-from webhookd.endpoints.breaker import BreakerSettings
-from webhookd.endpoints.pacing import Pacer, PostgresLedger
-from webhookd.endpoints.state import EndpointHealth
-from webhookd.endpoints.sync import EndpointBook
-from webhookd.intake.consumer import Consumer, ConsumeSettings
-from webhookd.intake.readers import reader_for
-from webhookd.intake.topics import TopicSelection
-from webhookd.intake.twenty_catalog import TwentyCatalog
-from webhookd.routing.router import Router
-from webhookd.routing.subscriptions import SubscriptionStore
 from webhookd.runtime.config import Settings
-from webhookd.runtime.members import Membership
 from webhookd.runtime.metrics import Metrics
+from webhookd.runtime.policy import STALL_SECONDS, ShutdownClock
 from webhookd.runtime.probes import Probes, build_app, start_server
-from webhookd.runtime.tls import TLSError, Transport, transport
+from webhookd.runtime.tls import TLSError, transport
+from webhookd.runtime.wiring import Parts, build
 
 log = structlog.get_logger("webhookd.runtime.service")
 
-# Liveness fails only if the consume loop has not polled for this long: far beyond any healthy pause.
-_STALL_SECONDS = 60.0
-# Records read past an unfinished one; a few bytes each, so this caps memory, not throughput.
-_MAX_TRACKED_RECORDS = 100_000
-# Bounds on the shutdown steps that wait for Postgres or Kafka, which may be the very thing that is down.
-_HANDOFF_SECONDS = 10.0
-_FINAL_COMMIT_SECONDS = 10.0
 # The newest migration's tables: present, the schema is current.
 _SCHEMA_CURRENT = (
     "SELECT to_regclass('webhookd.deliveries') IS NOT NULL AND to_regclass('webhookd.endpoints') IS NOT NULL "
@@ -68,26 +39,6 @@ _SCHEMA_CURRENT = (
 
 class StartupError(Exception):
     """Something the daemon needs is missing or unreachable; the message says what and how to fix it."""
-
-
-@dataclass
-class _Resources:
-    pool: asyncpg.Pool
-    session: aiohttp.ClientSession
-    recorder: Recorder
-    store: SubscriptionStore
-    dispatcher: Dispatcher
-    consumer: Consumer
-    poller: RetryPoller
-    health: EndpointHealth
-    book: EndpointBook
-    attempts: AttemptLog
-    catalog: TwentyCatalog
-    membership: Membership
-    pacer: Pacer
-    pending_check: PendingCheck
-    web: Any  # aiohttp.web.AppRunner
-    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
 
 class Service:
@@ -101,7 +52,8 @@ class Service:
         self._fatal: BaseException | None = None
         self._final_commit_failed = False
         self._stop_requests = 0
-        self._res: _Resources | None = None
+        self._res: Parts | None = None
+        self._clock: ShutdownClock | None = None
 
     def request_stop(self) -> None:
         """Signal-handler entry: first call drains, second forces an immediate exit."""
@@ -174,7 +126,7 @@ class Service:
                 raise StartupError(
                     "the webhookd schema is missing or out of date: run `webhookd migrate --config FILE`"
                 )
-            self._res = await self._build(pool, links)
+            self._res = await build(self.settings, self.metrics, pool, links, self._on_fatal)
         except BaseException:
             # Until _build returns, the pool is nowhere _close_partial can find it.
             await pool.close()
@@ -237,152 +189,6 @@ class Service:
             listen=s.http.listen,
         )
 
-    async def _build(self, pool: asyncpg.Pool, links: Transport) -> _Resources:
-        s = self.settings
-        policy = EgressPolicy(s.egress.allow_private, tuple(s.egress.allowed_cidrs))
-        connector = aiohttp.TCPConnector(
-            limit=s.delivery.concurrency,
-            limit_per_host=s.delivery.per_host_concurrency,
-            resolver=GuardedResolver(policy),
-            ttl_dns_cache=30,
-            enable_cleanup_closed=True,
-            ssl=links.delivery,  # always verifying: system CAs plus delivery.ca_file
-        )
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("Accept",))
-        sender = Sender(
-            session,
-            policy,
-            timeout_seconds=s.delivery.timeout_seconds,
-            body_limit=s.delivery.response_body_limit_bytes,
-            max_retry_after=s.delivery.max_retry_after_seconds,
-            signer=Signer(s.delivery.signature_scheme),
-            https_only=s.egress.https_only,
-        )
-        recorder = Recorder(pool)
-        e = s.endpoints
-        membership = Membership(pool, e.sync_interval_seconds)
-        pacer = Pacer(PostgresLedger(pool), members=lambda: membership.live)
-        health = EndpointHealth(
-            BreakerSettings(
-                failure_ratio=e.circuit_failure_ratio,
-                min_requests=e.circuit_min_requests,
-                consecutive_failures=e.circuit_consecutive_failures,
-                window_seconds=e.circuit_window_seconds,
-                cooldown_seconds=e.circuit_cooldown_seconds,
-                max_cooldown_seconds=e.circuit_max_cooldown_seconds,
-                # The probe may wait for its host and the global budget before its request even starts.
-                probe_seconds=s.delivery.timeout_seconds + s.delivery.host_wait_seconds + 5,
-            ),
-            default_rate=e.rate_limit_per_second,
-            max_wait=s.delivery.host_wait_seconds,
-            metrics=self.metrics,
-            pacer=pacer,
-        )
-        attempts = AttemptLog(pool, e.attempt_log_retention_seconds)
-        store = SubscriptionStore(
-            links.postgres,
-            pool,
-            s.postgres.subscriptions_table_sql,
-            s.postgres.subscriptions_refresh_seconds,
-            rotation_overlap=s.delivery.secret_rotation_overlap_seconds,
-            on_count=self.metrics.subscriptions.set,
-        )
-        book = EndpointBook(pool, health, e.sync_interval_seconds, e.disable_after_seconds, links.postgres, store.index)
-        scheduler = Scheduler(
-            SchedulerLimits(
-                concurrency=s.delivery.concurrency,
-                host_concurrency=s.delivery.per_host_concurrency,
-                wait_seconds=s.delivery.host_wait_seconds,
-            )
-        )
-        # per_host_concurrency holds for the cluster: each process takes its share of it, again whenever the number
-        # of processes changes.
-        cap = s.delivery.per_host_concurrency
-        membership.follow(lambda _live: scheduler.set_host_concurrency(membership.share(cap)))
-        pending_check = PendingCheck(pool)
-        dispatcher = Dispatcher(
-            sender,
-            recorder,
-            self.metrics,
-            RetryPolicy(tuple(s.delivery.retry_schedule), s.delivery.retry_jitter),
-            scheduler,
-            busy_retry_seconds=s.delivery.host_busy_retry_seconds,
-            health=health,
-            attempts=attempts,
-            on_fatal=self._on_fatal,
-            pending_check=pending_check,
-        )
-        kafka = AIOKafkaConsumer(
-            bootstrap_servers=list(s.kafka.bootstrap_servers),
-            group_id=s.kafka.group_id,
-            group_instance_id=s.kafka.group_instance_id,
-            client_id=s.kafka.client_id,
-            enable_auto_commit=False,
-            auto_offset_reset=s.kafka.auto_offset_reset,
-            session_timeout_ms=s.kafka.session_timeout_ms,
-            # A revocation waits up to the drain timeout for deliveries; the group must wait at least as long.
-            rebalance_timeout_ms=int((s.delivery.drain_timeout_seconds + 10) * 1000),
-            heartbeat_interval_ms=max(s.kafka.session_timeout_ms // 3, 100),
-            max_poll_records=s.kafka.max_poll_records,
-            fetch_max_wait_ms=s.kafka.fetch_max_wait_ms,
-            # How soon a topic created since (one per table, for Debezium) is found by kafka.topic_pattern.
-            metadata_max_age_ms=s.kafka.metadata_max_age_ms,
-            **links.kafka,
-        )
-        catalog = TwentyCatalog(pool, s.twenty.metadata_refresh_seconds)
-        consumer = Consumer(
-            kafka,
-            TopicSelection(tuple(s.kafka.topics), s.kafka.topic_pattern),
-            reader_for(s, catalog),
-            body_format(s.delivery.body_format),
-            dispatcher,
-            Router(store.index, attempts, self.metrics),
-            recorder,
-            self.metrics,
-            ConsumeSettings(
-                max_pending=s.delivery.effective_max_pending_deliveries,
-                max_tracked=_MAX_TRACKED_RECORDS,
-                max_poll_records=s.kafka.max_poll_records,
-                commit_interval=s.kafka.commit_interval_ms / 1000,
-                revoke_timeout=s.delivery.drain_timeout_seconds,
-            ),
-            on_fatal=self._on_fatal,
-        )
-        poller = RetryPoller(
-            pool,
-            dispatcher,
-            store.index,
-            health,
-            recorder,
-            self.metrics,
-            RetrySettings(
-                poll_interval=s.delivery.retry_poll_interval_seconds,
-                # Twice what may be sent at once: while as many retries as that are sent, as many again are being
-                # claimed or are writing their outcomes, so that a backlog keeps every slot busy.
-                max_in_flight=2 * s.delivery.concurrency,
-                # Long enough to cover waiting for a slot, the attempt and writing its outcome; expiry only risks a
-                # duplicate, while a killed replica's claims wait this long before another replica takes them.
-                lease_seconds=3 * s.delivery.timeout_seconds + s.delivery.host_wait_seconds + 5,
-            ),
-        )
-        return _Resources(
-            pool,
-            session,
-            recorder,
-            store,
-            dispatcher,
-            consumer,
-            poller,
-            health,
-            book,
-            attempts,
-            catalog,
-            membership=membership,
-            pacer=pacer,
-            pending_check=pending_check,
-            web=None,
-        )
-
     async def _wait_or_fail(self, aw: Any, task: asyncio.Task[None], what: str) -> None:
         """Until `aw` is done; raises what ended `task` first, if it did, or StartupError after 30 s."""
         waiter = asyncio.ensure_future(aw)
@@ -412,7 +218,9 @@ class Service:
                 if exc is not None or not self.stopping.is_set():
                     self._on_fatal(exc or RuntimeError(f"{task.get_name()} stopped unexpectedly"))
             self.stopping.set()
-            await asyncio.wait({consume}, timeout=5)
+            # The shutdown's time starts now: the consume loop's own end is part of it.
+            self._clock = ShutdownClock(self.settings)
+            await asyncio.wait({consume}, timeout=self._clock.step(5))
         finally:
             stop_wait.cancel()
             consume.cancel()
@@ -421,29 +229,29 @@ class Service:
         res = self._res
         if res is None:
             return
-        s = self.settings
+        clock = self._clock if self._clock is not None else ShutdownClock(self.settings)
         log.debug("shutdown_draining", pending=res.dispatcher.pending)
-        if not await res.dispatcher.drain(s.delivery.drain_timeout_seconds):
+        if not await res.dispatcher.drain(clock.drain()):
             try:
-                moved = await asyncio.wait_for(asyncio.shield(res.dispatcher.hand_off()), _HANDOFF_SECONDS)
+                moved = await asyncio.wait_for(asyncio.shield(res.dispatcher.hand_off()), clock.step(10))
                 log.info("handed_off_to_retry", deliveries=moved)
             except Exception as exc:
                 # Postgres is away (or the recorder died): those offsets stay uncommitted and are read again later.
                 log.warning("hand_off_incomplete", error=str(exc) or type(exc).__name__)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(res.consumer.wait_bad_writes(), _HANDOFF_SECONDS)
+            await asyncio.wait_for(res.consumer.wait_bad_writes(), clock.step(10))
         # Retries stop before the recorder so that their last outcomes are written, and their claims released.
         poller = res.tasks.pop("retries", None)
         if poller is not None:
             poller.cancel()
         claimed = await res.dispatcher.cancel_retries()
         with contextlib.suppress(Exception):  # expired leases free these rows anyway
-            await asyncio.wait_for(res.poller.release(claimed), 5)
-        await res.recorder.close(timeout=5)
+            await asyncio.wait_for(res.poller.release(claimed), clock.step(5))
+        await res.recorder.close(timeout=clock.step(5))
         # What the last attempts showed is worth keeping, but never worth a stuck shutdown.
-        await res.attempts.close(timeout=5)
+        await res.attempts.close(timeout=clock.step(5))
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(res.book.sync(), 5)
+            await asyncio.wait_for(res.book.sync(), clock.step(3))
         # Heartbeats stop first, so that none puts the row back; without the row the others take this process's
         # share back at their next heartbeat, not a few missed ones later.
         heartbeat = res.tasks.pop("members", None)
@@ -451,11 +259,12 @@ class Service:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(res.membership.leave(), 5)
+            await asyncio.wait_for(res.membership.leave(), clock.step(2))
+        commit_seconds = clock.commit(10)
         try:
-            failure = await asyncio.wait_for(res.consumer.commit(), _FINAL_COMMIT_SECONDS)
+            failure = await asyncio.wait_for(res.consumer.commit(), commit_seconds)
         except TimeoutError:
-            failure = f"no answer from Kafka within {_FINAL_COMMIT_SECONDS:g} s"
+            failure = f"no answer from Kafka within {commit_seconds:.1f} s"
         except Exception as exc:
             failure = f"{type(exc).__name__}: {exc}"
         if failure is not None:
@@ -468,12 +277,16 @@ class Service:
         await asyncio.gather(*res.tasks.values(), *([poller] if poller else []), return_exceptions=True)
         log.debug("shutdown_leaving_group")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(res.consumer.stop(), _FINAL_COMMIT_SECONDS)
+            await asyncio.wait_for(res.consumer.stop(), clock.last(10))
         log.debug("shutdown_closing")
         if res.web is not None:
             await res.web.cleanup()
         await close_session(res.session)
-        await res.pool.close()
+        # The pool's close waits for connections in use; terminate() is the way out when that is all that is left.
+        try:
+            await asyncio.wait_for(res.pool.close(), clock.last(5))
+        except TimeoutError:
+            res.pool.terminate()
         log.info("stopped", exit_status=self._exit_status())
 
     async def _close_partial(self) -> None:
@@ -493,7 +306,7 @@ class Service:
         res = self._res
         if res is None:
             return False
-        return asyncio.get_running_loop().time() - res.consumer.last_poll < _STALL_SECONDS
+        return asyncio.get_running_loop().time() - res.consumer.last_poll < STALL_SECONDS
 
     async def _ready(self) -> bool:
         res = self._res
