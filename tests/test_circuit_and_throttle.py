@@ -136,3 +136,13 @@ def test_a_receivers_pause_holds_everything_until_it_ends_even_without_a_rate_li
     assert not throttle.pause(101.0, 5), "a shorter pause must not cut the longer one"
     assert throttle.reserve(110.0, max_wait=1.0) == (False, 10.0)
     assert throttle.reserve(120.0, max_wait=1.0) == (True, 0.0)
+
+
+def test_a_slot_given_back_is_the_next_deliverys_at_once() -> None:
+    throttle = Throttle(rate=2)
+    for _ in range(2):  # the second's burst
+        assert throttle.reserve(100.0, max_wait=0.0)[0]
+    assert not throttle.reserve(100.0, max_wait=0.0)[0]
+    throttle.give_back()  # the second one's endpoint stalled before it was sent
+    assert throttle.reserve(100.0, max_wait=0.0) == (True, 0.0)
+    assert not throttle.reserve(100.0, max_wait=0.0)[0]

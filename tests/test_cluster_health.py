@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
+import pytest
 
 from tests.support import fetch, until
 from webhookd.endpoints.breaker import BreakerSettings
@@ -187,3 +188,25 @@ async def test_with_a_pacer_the_rate_is_not_also_paced_in_memory_and_a_pause_sti
     verdict = await admitted(h, delivery(hook))
     assert isinstance(verdict, Hold)
     assert verdict.retry_in >= 10.0
+
+
+@pytest.mark.parametrize("paced_by_cluster", [False, True], ids=["in_memory", "cluster"])
+async def test_a_slot_of_the_rate_limit_given_back_by_a_stalled_endpoint_is_the_next_deliverys(
+    paced_by_cluster: bool,
+) -> None:
+    # A schedule of one slot a lease and none after it: a slot not given back would be lost for 3 s.
+    h = EndpointHealth(BREAKER, default_rate=None, max_wait=0.0, metrics=Metrics(), pacer=None)
+    if paced_by_cluster:
+        ledger = Schedule()
+        h = health(Pacer(ledger))
+    hook = webhook("http://receiver.test/stalled")
+    h.apply_rate(hook.id, 1.0)
+    first = await admitted(h, delivery(hook))
+    assert isinstance(first, Go)
+    if paced_by_cluster:
+        ledger.free_in = 3.0  # the cluster's schedule has nothing more for a while
+    else:
+        assert isinstance(await admitted(h, delivery(hook)), Hold), "the rate limit let a second delivery through"
+    # What the dispatcher does when the scheduler finds the endpoint stalled: the delivery goes back unsent.
+    h.give_back(delivery(hook), first)
+    assert sends_now(await admitted(h, delivery(hook)))

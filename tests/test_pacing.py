@@ -253,3 +253,22 @@ async def test_an_unlimited_endpoint_leaves_no_schedule_in_postgres(dsn: str) ->
         await pool.close()
     assert ledger.leases == 0
     assert await fetch(dsn, "SELECT * FROM webhookd.pacing") == []
+
+
+async def test_a_slot_given_back_goes_to_the_next_delivery_without_asking_postgres_again() -> None:
+    ledger = ScriptedLedger(granted=1)  # one slot per lease
+    p, _, _ = pacer(ledger)
+    assert await p.reserve(URL, 10.0, max_wait=1.0) is None
+    p.give_back(URL)  # its endpoint stalled before the delivery was sent
+    assert await p.reserve(URL, 10.0, max_wait=1.0) is None
+    assert ledger.asked == [1], "the slot given back was lost: Postgres was asked for another"
+
+
+async def test_without_postgres_a_slot_given_back_goes_to_the_next_delivery() -> None:
+    ledger = ScriptedLedger(error=OSError("connection refused"))
+    p, _, sleeps = pacer(ledger)
+    for _ in range(10):  # the second's burst at 10/s
+        assert await p.reserve(URL, 10.0, max_wait=1.0) is None
+    p.give_back(URL)
+    assert await p.reserve(URL, 10.0, max_wait=1.0) is None
+    assert [s for s in sleeps.seconds if s > 1e-9] == [], "the slot given back was not the next delivery's"

@@ -187,7 +187,7 @@ class Dispatcher:
         # records' offsets (and, through backpressure, every other receiver's events) until its timeout.
         lane = await self._scheduler.acquire(webhook.target_url, webhook.host_key)
         if lane is None:
-            self._health.abandon(delivery, verdict)
+            self._health.give_back(delivery, verdict)
             retry_in = self._busy_retry_seconds
             self._busy_until[webhook.id] = time.monotonic() + retry_in
             return Hold("endpoint_busy", retry_in, _BUSY)

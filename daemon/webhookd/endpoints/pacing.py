@@ -286,6 +286,17 @@ class Pacer:
             await self._sleep(wait)
         return None
 
+    def give_back(self, endpoint_url: str) -> None:
+        """A slot that `reserve` gave and that was not used: the next delivery to the endpoint gets it instead."""
+        pace = self._paces.get(endpoint_url)
+        if pace is None:
+            return
+        now = self._clock()
+        if pace.fallback is not None and now < self._offline_until:
+            pace.fallback.give_back()
+        else:
+            pace.slots.put_back(now)
+
     def forget_idle(self) -> None:
         """Drop the endpoints nobody has asked about for a while (their state here holds nothing worth keeping)."""
         cutoff = self._clock() - _IDLE_SECONDS

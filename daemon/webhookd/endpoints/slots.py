@@ -35,6 +35,10 @@ class LeasedSlots:
             return times.popleft()
         return None
 
+    def put_back(self, at: float) -> None:
+        """A slot taken and not used is handed out again first (no later than the earliest one held)."""
+        self._times.appendleft(min(at, self._times[0]) if self._times else at)
+
     @property
     def last(self) -> float | None:
         return self._times[-1] if self._times else None

@@ -135,9 +135,20 @@ class EndpointHealth:
         return Hold("rate_limited", seconds * random.uniform(1.0, 1.5), "deferred: the receiver asked to wait")
 
     def abandon(self, delivery: Delivery, go: Go) -> None:
-        """An admitted delivery was not sent (no slot in the pace, or its endpoint stalled)."""
+        """An admitted delivery was not sent: it got no slot in the pace, so only its probe is given up."""
         if go.probe:
             self._endpoint(delivery.webhook.id, delivery.webhook.target_url).breaker.abandon_probe(self._clock())
+
+    def give_back(self, delivery: Delivery, go: Go) -> None:
+        """An admitted delivery that had its slot in the rate limit was not sent (its endpoint stalled): the slot and
+        the probe go to the next delivery, so that a stall never costs the endpoint part of its rate."""
+        self.abandon(delivery, go)
+        url = delivery.webhook.target_url
+        if go.paced:
+            assert self._pacer is not None, "only a pacer's admit asks for pacing"
+            self._pacer.give_back(url)
+        else:
+            self._endpoint(delivery.webhook.id, url).throttle.give_back()
 
     def observe(self, delivery: Delivery, go: Go, result: AttemptResult) -> None:
         """Learn from one attempt's outcome (never called for attempts the egress policy blocked)."""

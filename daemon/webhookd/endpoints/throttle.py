@@ -41,6 +41,12 @@ class Throttle:
         self._tat = start + interval
         return True, wait
 
+    def give_back(self) -> None:
+        """A slot reserved and then not used (its endpoint stalled before it was sent) is the next one's again."""
+        if self.rate is not None:
+            # A schedule moved back behind the present is the same as one at the present: `reserve` starts there.
+            self._tat -= 1.0 / self.rate
+
     def pause(self, now: float, seconds: float) -> bool:
         """Send nothing for `seconds`; True if that extends the pause already in force."""
         until = now + seconds
