@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 CHAOS_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install run run-cdc test test-kafka lint fmt clean chaos bench
+.PHONY: install run run-cdc test test-kafka lint fmt clean chaos bench lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,18 @@ chaos: $(VENV)/.installed-test
 # One table: rates against the raw aiohttp ceiling, latency, memory, table size, workers; see BENCHMARKS.md.
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench --out bench/latest.md $(BENCH_ARGS)
+
+# deploy/requirements.lock, which the image installs with --require-hashes: pyproject.toml's runtime dependencies
+# (no extras) pinned with the hashes of every file PyPI has for each pin. Resolved by the interpreter running it, so
+# it must be the image's Python 3.11. Pins that still satisfy pyproject.toml are kept; `make lock LOCK_ARGS=--upgrade`
+# takes the newest. tests/test_deploy.py fails when the two disagree.
+lock: | $(BIN)/python
+	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
+		echo "make lock resolves for the image's Python, 3.11: make lock PYTHON=python3.11 VENV=.venv-3.11" >&2; \
+		exit 1; }
+	$(BIN)/pip install --quiet 'pip-tools>=7.4,<8'
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --generate-hashes --strip-extras \
+		--no-emit-index-url --no-emit-find-links $(LOCK_ARGS) --output-file deploy/requirements.lock pyproject.toml
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check daemon tests bench

