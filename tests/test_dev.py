@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from tests.support import webhookd_cli
-from webhookd.dev_lifecycle import DemoFailed, Interrupted, Interrupts, wait_started
+from webhookd.demo.lifecycle import DemoFailed, Interrupted, Interrupts, wait_started
 
 DEV_CONFIG = Path(__file__).resolve().parent.parent / "config" / "dev.yaml"
 

@@ -110,10 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return EXIT_USAGE
         if args.cdc:
-            from webhookd.dev_cdc import run_dev_cdc  # the embedded services are an optional install
+            from webhookd.demo.cdc import run_dev_cdc  # the embedded services are an optional install
 
             return run_dev_cdc(args.config, args.events)
-        from webhookd.dev import run_dev
+        from webhookd.demo.native import run_dev
 
         return run_dev(args.config, args.events)
     try:

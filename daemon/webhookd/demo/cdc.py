@@ -28,8 +28,8 @@ import asyncpg
 import orjson
 from aiohttp import web
 
-from webhookd.dev_lifecycle import DemoFailed, DemoRun, Interrupted, Interrupts, dev_settings, in_thread
-from webhookd.dev_receiver import signature_matches
+from webhookd.demo.lifecycle import DemoFailed, DemoRun, Interrupted, Interrupts, dev_settings, in_thread
+from webhookd.demo.receiver import signature_matches
 from webhookd.durable.migrate import migrate
 from webhookd.embedded import EmbeddedPostgres, create_database
 from webhookd.embedded.apache_kafka import ApacheKafka

@@ -7,8 +7,8 @@ endpoints fails every first attempt, to show retries. Ctrl-C stops all of it and
 
 Whatever fails to start (the broker, Postgres, the daemon) ends the demo at once, saying why, with status 1; a
 Ctrl-C (or SIGTERM) while things start stops what has started, in order, with status 128 + the signal's number.
-What both demos share to start and stop is in `webhookd.dev_lifecycle`; the sample webhooks' receiver is in
-`webhookd.dev_receiver`.
+What both demos share to start and stop is in `webhookd.demo.lifecycle`; the sample webhooks' receiver is in
+`webhookd.demo.receiver`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from webhookd.dev_lifecycle import DemoFailed, DemoRun, Interrupted, Interrupts, dev_settings, first_of, in_thread
-from webhookd.dev_receiver import DemoReceiver, SampleWebhook
+from webhookd.demo.lifecycle import DemoFailed, DemoRun, Interrupted, Interrupts, dev_settings, first_of, in_thread
+from webhookd.demo.receiver import DemoReceiver, SampleWebhook
 from webhookd.durable.migrate import migrate
 from webhookd.embedded import EmbeddedPostgres, KafkaBroker, create_topic
 from webhookd.runtime.children import free_port

@@ -21,7 +21,7 @@ from webhookd.runtime.config import ConfigError, Settings, load_settings
 from webhookd.runtime.logs import setup_logging
 from webhookd.runtime.service import Service
 
-log = structlog.get_logger("webhookd.dev")
+log = structlog.get_logger("webhookd.demo")
 T = TypeVar("T")
 
 DEV_DEFAULTS = {
