@@ -370,7 +370,7 @@ def test_without_config_or_webhookd_config_a_command_exits_2_saying_both_ways(
 
 
 def test_dev_keeps_its_own_default_and_ignores_webhookd_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    import webhookd.demo.native
+    import webhookd.demo.walk
 
     started: list[Path | None] = []
 
@@ -378,7 +378,7 @@ def test_dev_keeps_its_own_default_and_ignores_webhookd_config(monkeypatch: pyte
         started.append(config)
         return 0
 
-    monkeypatch.setattr(webhookd.demo.native, "run_dev", run_dev)
+    monkeypatch.setattr(webhookd.demo.walk, "run_dev", run_dev)
     monkeypatch.setenv("WEBHOOKD_CONFIG", "/nonexistent/production.yaml")
 
     assert cli.main(["dev"]) == 0

@@ -282,7 +282,7 @@ async def run_operator_commands(kafka: str, dsn: str, topic: str, tmp: Path) -> 
 # outside. This runs the very same command-line entry point after writing them down for the test.
 DEV_WRAPPER = """
 import sys
-import webhookd.demo.native as dev
+import webhookd.demo.walk as dev
 from webhookd.cli import main
 with open(sys.argv[1], "w") as out:
     out.write("\\n".join(sample.secret for sample in dev.SAMPLES))

@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from webhookd.demo.cdc import run_dev_cdc  # the embedded services are an optional install
 
             return run_dev_cdc(args.config, args.events)
-        from webhookd.demo.native import run_dev
+        from webhookd.demo.walk import run_dev
 
         return run_dev(args.config, args.events)
     try:
