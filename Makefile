@@ -60,7 +60,7 @@ bench: $(VENV)/.installed-test
 # deploy/requirements.lock, which the image installs with --require-hashes: pyproject.toml's runtime dependencies
 # (no extras) pinned with the hashes of every file PyPI has for each pin. Resolved by the interpreter running it, so
 # it must be the image's Python 3.11. Pins that still satisfy pyproject.toml are kept; `make lock LOCK_ARGS=--upgrade`
-# takes the newest. tests/test_deploy.py fails when the two disagree.
+# takes the newest. tests/shipped/test_deploy.py fails when the two disagree.
 lock: | $(BIN)/python
 	@$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
 		echo "make lock resolves for the image's Python, 3.11: make lock PYTHON=python3.11 VENV=.venv-3.11" >&2; \

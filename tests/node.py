@@ -34,7 +34,8 @@ def require_node(
     pytest.skip(f"`node` is not on PATH; {INSTALL} to run the Node.js checks (under CI this fails)")
 
 
-# For `skipif(NODE is None)` guards (tests/test_signatures.py has one): None only where a test may skip. Under CI it
-# names `node` even when it is missing, so that the guarded test runs into `require_node`, which fails saying why.
+# For `skipif(NODE is None)` guards (tests/delivery/test_signatures.py has one): None only where a test may skip.
+# Under CI it names `node` even when it is missing, so that the guarded test runs into `require_node`, which fails
+# saying why.
 NODE: str | None = shutil.which("node") or ("node" if in_ci() else None)
 needs_node = pytest.mark.skipif(NODE is None, reason=f"`node` is not on PATH; {INSTALL} to run the Node.js checks")

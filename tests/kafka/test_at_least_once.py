@@ -1,5 +1,5 @@
-"""At least once on Apache Kafka: the crash and rebalance tests of tests/test_crash_recovery.py, run here against a
-real Kafka node, and two daemons of one group, one of them SIGKILLed mid-stream, losing nothing."""
+"""At least once on Apache Kafka: the crash and rebalance tests of tests/durable/test_crash_recovery.py, run here
+against a real Kafka node, and two daemons of one group, one of them SIGKILLed mid-stream, losing nothing."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from pathlib import Path
 from aiohttp import web
 
 from tests.daemon_tools import wait_ready
+from tests.durable.test_crash_recovery import (
+    test_a_daemon_killed_mid_stream_loses_nothing_after_restart,
+    test_a_second_daemon_joining_takes_partitions_and_nothing_is_lost,
+)
 from tests.support import (
     DaemonProcess,
     Receiver,
@@ -22,10 +26,6 @@ from tests.support import (
     new_workspace,
     produce,
     write_config,
-)
-from tests.test_crash_recovery import (
-    test_a_daemon_killed_mid_stream_loses_nothing_after_restart,
-    test_a_second_daemon_joining_takes_partitions_and_nothing_is_lost,
 )
 
 __all__ = [

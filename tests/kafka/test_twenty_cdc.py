@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from tests.delivery.test_node_verification import SECRETS, Verdict, node_receiver
 from tests.kafka.debezium import Debezium
 from tests.kafka.test_at_least_once import PATHS, _slow
 from tests.support import (
@@ -31,7 +32,6 @@ from tests.support import (
     settings_for,
     write_config,
 )
-from tests.test_node_verification import SECRETS, Verdict, node_receiver
 from webhookd.durable.migrate import migrate
 from webhookd.embedded.twenty import TwentyWorkspace, create_twenty_core
 

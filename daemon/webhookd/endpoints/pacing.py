@@ -23,7 +23,7 @@ or, if more, a second's worth of the calls lately seen (deliveries come one afte
 not taken at once serve the next ones within their `max_wait`), at most a quarter of a second of the rate
 (`_LEASE_SECONDS`). Deliveries that ask while a lease is in flight share it. So a process that sends an endpoint its
 whole rate asks at most about four times a second whatever the rate, and processes contending for one endpoint add
-their refusals. Measured at 50/s (tests/test_pacing.py): one busy process, 0.12 round trips a delivery; 4 busy
+their refusals. Measured at 50/s (tests/endpoints/test_pacing.py): one busy process, 0.12 round trips a delivery; 4 busy
 processes contending, 0.11-0.13, refusals included. An endpoint that gets a delivery now and then costs one round
 trip per delivery. Unlimited endpoints never reach Postgres: `reserve` returns at once.
 

@@ -10,7 +10,7 @@ import yaml
 
 from webhookd.runtime.config import ConfigError, Settings, describe, load_settings, parse_duration, redact
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 DSN = "postgresql://webhookd:hunter2@db.internal:5432/twenty"
 DSN_ENV = {"WEBHOOKD_POSTGRES__DSN": DSN}
 

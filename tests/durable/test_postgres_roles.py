@@ -38,7 +38,7 @@ from webhookd.embedded import _postgres_bin_dir, create_database
 from webhookd.embedded.twenty import create_twenty_core
 from webhookd.intake.twenty_catalog import TwentyCatalog
 
-ROLES_SQL = Path(__file__).resolve().parent.parent / "deploy" / "postgres" / "roles.sql"
+ROLES_SQL = Path(__file__).resolve().parents[2] / "deploy" / "postgres" / "roles.sql"
 SUBSCRIPTIONS = '"core"."webhook"'
 
 

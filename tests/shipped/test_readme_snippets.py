@@ -21,7 +21,7 @@ from tests.node import needs_node, require_node
 from webhookd.delivery.payload import build_body
 from webhookd.delivery.signing import Signer
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 BODY = build_body("person.created", {"id": "p1", "name": "Zoë", "score": 1.5}, "2025-02-10T15:30:50.123Z")
 OLD, NEW = "old-secret-Ω", "new-secret"
 

@@ -31,7 +31,7 @@ from tests.daemon_tools import fresh_database, fresh_topic, get_text, wait_ready
 from tests.support import DaemonProcess, Receiver, add_webhook, config_for, fetch, new_workspace, write_config
 from webhookd.runtime.children import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "Sup3rS3cretPw"
 
 # Each secret carries a marker of its own, letters and digits only, so a leak shows whatever escaping the output

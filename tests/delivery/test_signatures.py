@@ -12,9 +12,9 @@ import asyncpg
 from standardwebhooks import Webhook as StandardWebhook
 from standardwebhooks import WebhookVerificationError
 
+from tests.delivery.test_payload import VERIFY_SIGNATURE_JS, run_node
 from tests.node import needs_node
 from tests.support import Received, Receiver, add_webhook, event, new_workspace, produce, running, settings_for
-from tests.test_payload import VERIFY_SIGNATURE_JS, run_node
 
 
 def node_verifies(secret: str, request: Received, header: str = "X-Twenty-Webhook-Signature") -> bool:

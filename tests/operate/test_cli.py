@@ -20,7 +20,7 @@ from webhookd import cli
 from webhookd.operate import endpoint_commands as operate_endpoints
 from webhookd.operate.output import NotFound
 
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "webhookd.yaml"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "webhookd.yaml"
 PASSWORD = "hunter2-Pa55"
 DSN = f"postgresql://webhookd:{PASSWORD}@db.internal:5432/twenty"
 

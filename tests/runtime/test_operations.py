@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.shipped.test_deploy import metric_names_in_deploy
 from tests.support import (
     DaemonProcess,
     Receiver,
@@ -27,7 +28,6 @@ from tests.support import (
     settings_for,
     write_config,
 )
-from tests.test_deploy import metric_names_in_deploy
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-")
 

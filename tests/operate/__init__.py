@@ -1,0 +1,1 @@
+"""The command line and the operator commands, against a real Postgres (and Kafka, for a replay)."""

@@ -1,0 +1,1 @@
+"""The process: lifecycle, configuration, workers, TLS, probes and metrics, members, secrets kept secret."""
