@@ -31,10 +31,11 @@ run: $(VENV)/.installed-run
 run-cdc: $(VENV)/.installed-run
 	$(BIN)/webhookd dev --cdc --config config/dev.yaml
 
-# Two test processes, each with its own broker and Postgres: most tests wait on daemons and receivers rather than on
-# a core. The tests marked `alone` compare rates and run afterwards, by themselves (exit status 5: none selected).
+# Three test processes, each with its own broker and Postgres: most tests wait on daemons and receivers rather than on
+# a core, so even on two cores a third process takes a third off the wall time and barely slows a test down.
+# The tests marked `alone` compare rates and run afterwards, by themselves (exit status 5: none selected).
 test: $(VENV)/.installed-test lint
-	$(BIN)/pytest -n 2 --dist loadfile -m "not alone" $(PYTEST_ARGS)
+	$(BIN)/pytest -n 3 --dist loadfile -m "not alone" $(PYTEST_ARGS)
 	$(BIN)/pytest -m alone $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # The suites on Apache Kafka, Kafka Connect and Debezium (tests/kafka), which `test` leaves out: they need Java 17+

@@ -11,12 +11,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -116,6 +118,15 @@ class Receiver:
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
 
 
+# The Tansu brokers the fixtures started, by bootstrap address. Tansu holds a new group's first assignment for about
+# half the session timeout (in whole seconds), and a member that comes back or dies for about the whole of it; nearly
+# every test starts a daemon, so on these brokers the groups get 2 s, the most that still joins in one second (6 s
+# joins in three). Heartbeats then go every 0.67 s: only a loop stalled for over a second loses its partitions.
+# Apache Kafka refuses a session under its group.min.session.timeout.ms (6 s unless set), and an outside broker
+# may be either, so every other broker keeps 6 s.
+tansu_brokers: set[str] = set()
+
+
 def config_for(bootstrap: str, dsn: str, topic: str, /, **sections: dict[str, Any]) -> dict[str, Any]:
     """Configuration for a test daemon: its own group, loopback allowed, fast commits; `sections` override keys."""
     data: dict[str, Any] = {
@@ -123,7 +134,7 @@ def config_for(bootstrap: str, dsn: str, topic: str, /, **sections: dict[str, An
             "bootstrap_servers": bootstrap,
             "topics": [topic],
             "group_id": f"g-{topic}",
-            "session_timeout_ms": 6000,
+            "session_timeout_ms": 2000 if bootstrap in tansu_brokers else 6000,
             "commit_interval_ms": 200,
             "fetch_max_wait_ms": 20,  # Tansu holds a fetch for the full wait even when records arrive
         },
@@ -240,15 +251,60 @@ async def committed_offset(kafka: str, group: str, tp: TopicPartition) -> int | 
         await consumer.stop()
 
 
+# A migrated database per server (by admin DSN) and test process, the template of every database the tests ask for:
+# copying one costs less than running every migration again.
+_templates: dict[str, str] = {}
+_template_lock = asyncio.Lock()
+
+
 async def migrated_database(admin_dsn: str) -> str:
     """A new database on the server of `admin_dsn`, with webhookd's schema and Twenty's table; returns its DSN."""
-    dsn = await create_database(admin_dsn, f"t_{uuid.uuid4().hex[:12]}")
-    conn = await asyncpg.connect(dsn)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    template = await _template(admin_dsn)
+    conn = await asyncpg.connect(admin_dsn)
     try:
-        await migrate(conn, '"core"."webhook"')
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{_database_name(template)}"')
     finally:
         await conn.close()
-    return dsn
+    return urlunsplit(urlsplit(template)._replace(path=f"/{name}"))
+
+
+async def _template(admin_dsn: str) -> str:
+    async with _template_lock:
+        if admin_dsn not in _templates:
+            dsn = await create_database(admin_dsn, f"template_{uuid.uuid4().hex[:12]}")
+            conn = await asyncpg.connect(dsn)
+            try:
+                await migrate(conn, '"core"."webhook"')
+            finally:
+                await conn.close()
+            # A copy is refused while anyone is connected to its template, so no one may connect to it any more.
+            conn = await asyncpg.connect(admin_dsn)
+            try:
+                await conn.execute(
+                    f'ALTER DATABASE "{_database_name(dsn)}" WITH IS_TEMPLATE true ALLOW_CONNECTIONS false'
+                )
+            finally:
+                await conn.close()
+            _templates[admin_dsn] = dsn
+        return _templates[admin_dsn]
+
+
+def _database_name(dsn: str) -> str:
+    return urlsplit(dsn).path.lstrip("/")
+
+
+async def drop_template(admin_dsn: str) -> None:
+    """Drop the template `migrated_database` made on this server, if it made one."""
+    template = _templates.pop(admin_dsn, None)
+    if template is None:
+        return
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'ALTER DATABASE "{_database_name(template)}" WITH IS_TEMPLATE false')
+        await conn.execute(f'DROP DATABASE "{_database_name(template)}"')
+    finally:
+        await conn.close()
 
 
 async def get_text(url: str) -> tuple[int, str]:
@@ -337,7 +393,7 @@ async def webhookd_command(*args: str) -> tuple[int, str]:
 
     def call() -> tuple[int, str]:
         out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with _output_of_this_thread(out):
             try:
                 status = cli.main(list(args))
             except SystemExit as exc:  # argparse's way out, for --help and bad usage
@@ -345,6 +401,51 @@ async def webhookd_command(*args: str) -> tuple[int, str]:
         return status, out.getvalue()
 
     return await asyncio.to_thread(call)
+
+
+class _ByThread(io.TextIOBase):
+    """sys.stdout or sys.stderr while commands run in threads of this process: what a command's thread writes goes
+    to that command's output, the rest where it went before. A daemon running in this process logs to sys.stdout
+    too, and a line it logs in the middle of a command must not end up in what the command printed."""
+
+    def __init__(self, before: TextIO) -> None:
+        self.before = before
+
+    def _target(self) -> TextIO:
+        return _thread_outputs.get(threading.get_ident(), self.before)
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return self._target().isatty()
+
+    def writable(self) -> bool:
+        return True
+
+
+_thread_outputs: dict[int, TextIO] = {}
+_thread_outputs_lock = threading.Lock()
+_streams_before: list[TextIO] = []
+
+
+@contextlib.contextmanager
+def _output_of_this_thread(out: TextIO) -> Iterator[None]:
+    with _thread_outputs_lock:
+        if not _thread_outputs:
+            _streams_before[:] = [sys.stdout, sys.stderr]
+            sys.stdout, sys.stderr = _ByThread(sys.stdout), _ByThread(sys.stderr)
+        _thread_outputs[threading.get_ident()] = out
+    try:
+        yield
+    finally:
+        with _thread_outputs_lock:
+            del _thread_outputs[threading.get_ident()]
+            if not _thread_outputs:
+                sys.stdout, sys.stderr = _streams_before
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
