@@ -14,7 +14,7 @@ from aiohttp import web
 
 from tests.support import Behaviour, Receiver, add_webhook, event, fetch, new_workspace, produce, running, settings_for
 from webhookd.delivery.dispatch import Dispatcher
-from webhookd.durable.outcomes import Recorder
+from webhookd.durable.outcomes import OutcomeWriter
 from webhookd.durable.retries import RetryPoller, RetrySettings
 from webhookd.runtime.metrics import Metrics
 
@@ -184,7 +184,7 @@ class _CountingPoller(RetryPoller):
     """Claims as many rows as asked for (a backlog that never ends), submitting them to `_Busy`."""
 
     def __init__(self, pool: asyncpg.Pool, busy: _Busy, settings: RetrySettings) -> None:
-        nothing = cast(Any, None)  # the index, endpoint health and recorder only serve the real claim
+        nothing = cast(Any, None)  # the index, endpoint health and outcomes only serve the real claim
         super().__init__(pool, cast(Dispatcher, busy), nothing, nothing, nothing, Metrics(), settings)
         self.busy = busy
         self.claims: list[int] = []
@@ -236,20 +236,20 @@ async def test_an_outcome_never_undoes_what_another_replica_settled_and_writes_s
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
         await conn.execute("UPDATE webhookd.deliveries SET status = 'delivered' WHERE id = $1", ids[0])
-        recorder = Recorder(pool)
-        recorder.start()
-        outcomes = [
-            recorder.update(row, status="dead", attempts=2, retry_in=0, last_status=500, error="HTTP 500")
+        outcomes = OutcomeWriter(pool)
+        outcomes.start()
+        writes = [
+            outcomes.update(row, status="dead", attempts=2, retry_in=0, last_status=500, error="HTTP 500")
             for row in ids[:2]
         ]
-        await asyncio.gather(*outcomes)
-        # The recorder keeps its connection between batches; cut it, and the next write takes another.
+        await asyncio.gather(*writes)
+        # The outcome writer keeps its connection between batches; cut it, and the next write takes another.
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
-        await recorder.update(ids[2], status="pending", attempts=2, retry_in=60, last_status=None, error="x\x00y")
-        await recorder.close(5)
+        await outcomes.update(ids[2], status="pending", attempts=2, retry_in=60, last_status=None, error="x\x00y")
+        await outcomes.close(5)
     finally:
         await conn.close()
         await asyncio.wait_for(pool.close(), 10)

@@ -31,7 +31,7 @@ from tests.support import (
     produce,
     settings_for,
 )
-from webhookd.durable.outcomes import BadRecord, Recorder
+from webhookd.durable.outcomes import BadRecord, OutcomeWriter
 from webhookd.embedded import KafkaBroker, create_database, create_topic
 from webhookd.runtime import policy
 from webhookd.runtime.children import free_port
@@ -167,10 +167,10 @@ async def test_a_failed_bad_event_write_stops_the_daemon_with_status_1(
 ) -> None:
     refused = asyncpg.UndefinedTableError('relation "webhookd.bad_events" does not exist')
 
-    async def refuse(_self: Recorder, _bad: BadRecord) -> None:
+    async def refuse(_self: OutcomeWriter, _bad: BadRecord) -> None:
         raise refused
 
-    monkeypatch.setattr(Recorder, "bad_event", refuse)
+    monkeypatch.setattr(OutcomeWriter, "bad_event", refuse)
     service = Service(settings_for(kafka, dsn, topic))
     with capture_logs() as logs:
         async with serving(service) as task:

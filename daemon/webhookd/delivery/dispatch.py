@@ -20,7 +20,7 @@ from webhookd.delivery.scheduler import Scheduler
 from webhookd.delivery.sender import Sender
 from webhookd.delivery.settling import RecordJob, RetryPolicy, Settlement, settle
 from webhookd.durable.attempts import AttemptLog
-from webhookd.durable.outcomes import Recorder
+from webhookd.durable.outcomes import OutcomeWriter
 from webhookd.endpoints.state import EndpointHealth
 from webhookd.model import AttemptResult, Delivery, Hold, Settled
 from webhookd.runtime.metrics import Metrics
@@ -37,7 +37,7 @@ class Dispatcher:
     def __init__(
         self,
         sender: Sender,
-        recorder: Recorder,
+        outcomes: OutcomeWriter,
         metrics: Metrics,
         policy: RetryPolicy,
         scheduler: Scheduler,
@@ -53,7 +53,7 @@ class Dispatcher:
         self._behind = metrics.deliveries_deferred.labels("record_order")
         self._health = health
         self._attempts = attempts
-        self._recorder = recorder
+        self._outcomes = outcomes
         self._metrics = metrics
         self._policy = policy
         self._scheduler = scheduler
@@ -159,7 +159,7 @@ class Dispatcher:
         for delivery in deliveries:
             self._busy_until[delivery.webhook.id] = until
         self._busy_deferrals.inc(len(deliveries))
-        await self._recorder.hold_back(deliveries, retry_in=retry_in, error=_BUSY)
+        await self._outcomes.hold_back(deliveries, retry_in=retry_in, error=_BUSY)
 
     def _retry_finished(self, task: asyncio.Task[None]) -> None:
         delivery = self._retries.pop(task, None)
@@ -253,7 +253,7 @@ class Dispatcher:
                 must_wait = await self._pending_check.pending(delivery.webhook.id, delivery.order_key)
             if must_wait:
                 self._behind.inc()
-                await self._recorder.behind(delivery, error=_BEHIND)
+                await self._outcomes.behind(delivery, error=_BEHIND)
             else:
                 holds_back = await self._attempt_first(delivery) == "pending"
         finally:
@@ -267,7 +267,7 @@ class Dispatcher:
         settled = self._settle(delivery, result)
         if settled.status != "delivered":
             # A hold is not an attempt: the receiver never saw it, so it keeps its whole retry schedule.
-            await self._recorder.schedule(
+            await self._outcomes.schedule(
                 delivery,
                 status=settled.status,
                 retry_in=settled.retry_in,
@@ -283,9 +283,9 @@ class Dispatcher:
             delivery.attempts += 1
         settled = self._settle(delivery, result)
         if not settled.attempted and settled.status == "pending":
-            await self._recorder.defer(delivery.row_id, retry_in=settled.retry_in)
+            await self._outcomes.defer(delivery.row_id, retry_in=settled.retry_in)
             return
-        await self._recorder.update(
+        await self._outcomes.update(
             delivery.row_id,
             status=settled.status,
             attempts=delivery.attempts,
@@ -333,7 +333,7 @@ class Dispatcher:
         async def persist(delivery: Delivery, job: RecordJob) -> None:
             # Not counted as an attempt: the receiver may never have seen it, and it deserves its full schedule.
             delivery.attempts = 0
-            await self._recorder.schedule(
+            await self._outcomes.schedule(
                 delivery, status="pending", retry_in=0.0, last_status=None, error="interrupted"
             )
             job.one_done()

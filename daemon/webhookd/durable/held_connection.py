@@ -1,4 +1,4 @@
-"""One pool connection that a long-running task keeps between its queries (the retry poller, the recorder)."""
+"""One pool connection that a long-running task keeps between its queries (the retry poller, the outcome writer)."""
 
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ class _Write:
     done: asyncio.Future[None]
 
 
-class Recorder:
+class OutcomeWriter:
     """Gathers writes from every delivery and commits them together; `close` flushes what is queued."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -118,7 +118,7 @@ class Recorder:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
-        self._task = asyncio.create_task(self._run(), name="recorder")
+        self._task = asyncio.create_task(self._run(), name="outcomes")
         return self._task
 
     async def schedule(
@@ -192,7 +192,7 @@ class Recorder:
                 batch = []
         except BaseException as exc:
             # Whoever waits on a write must learn that it will never happen, rather than wait forever.
-            failure = exc if isinstance(exc, Exception) else RuntimeError("the recorder stopped")
+            failure = exc if isinstance(exc, Exception) else RuntimeError("the outcome writer stopped")
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             for write in batch:

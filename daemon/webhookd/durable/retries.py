@@ -18,7 +18,7 @@ import structlog
 
 from webhookd.delivery.dispatch import Dispatcher
 from webhookd.durable.held_connection import HeldConnection
-from webhookd.durable.outcomes import Recorder
+from webhookd.durable.outcomes import OutcomeWriter
 from webhookd.durable.transient import TRANSIENT
 from webhookd.endpoints.state import EndpointHealth
 from webhookd.model import Delivery, Webhook
@@ -100,7 +100,7 @@ class RetryPoller:
         dispatcher: Dispatcher,
         index: SubscriptionIndex,
         health: EndpointHealth,
-        recorder: Recorder,
+        outcomes: OutcomeWriter,
         metrics: Metrics,
         settings: RetrySettings,
     ) -> None:
@@ -109,7 +109,7 @@ class RetryPoller:
         self._health = health
         self._dispatcher = dispatcher
         self._index = index
-        self._recorder = recorder
+        self._outcomes = outcomes
         self._metrics = metrics
         self._settings = settings
 
@@ -191,7 +191,7 @@ class RetryPoller:
                 rows += await conn.fetch(_CLAIM_PROBES, probes, self._settings.lease_seconds, own, probing)
         unsubscribed = self._hand_over(rows)
         # One transaction for all of them: a deleted webhook can leave a whole backlog behind.
-        await self._recorder.dead_letters(unsubscribed, error=_UNSUBSCRIBED)
+        await self._outcomes.dead_letters(unsubscribed, error=_UNSUBSCRIBED)
         return len(rows)
 
     def _hand_over(self, rows: list[asyncpg.Record]) -> list[tuple[int, int]]:

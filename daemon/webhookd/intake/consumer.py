@@ -21,7 +21,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from webhookd.delivery.body_formats import BodyFormat
 from webhookd.delivery.dispatch import Dispatcher
-from webhookd.durable.outcomes import Recorder
+from webhookd.durable.outcomes import OutcomeWriter
 from webhookd.intake.offsets import PartitionOffsets
 from webhookd.intake.readers import NeedsLayout, RecordReader
 from webhookd.intake.rejects import Rejects
@@ -63,7 +63,7 @@ class Consumer:
         body_format: BodyFormat,
         dispatcher: Dispatcher,
         router: Router,
-        recorder: Recorder,
+        outcomes: OutcomeWriter,
         metrics: Metrics,
         settings: ConsumeSettings,
         *,
@@ -75,12 +75,12 @@ class Consumer:
         self._body_format = body_format
         self._dispatcher = dispatcher
         self._router = router
-        self._recorder = recorder
+        self._outcomes = outcomes
         self._metrics = metrics
         self._settings = settings
         self._on_fatal = on_fatal  # for the failures of the tasks started here, which nobody else awaits
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
-        self._rejects = Rejects(recorder, metrics, on_fatal)
+        self._rejects = Rejects(outcomes, metrics, on_fatal)
         self._paused = False
         self._room_freed = asyncio.Event()
         self._waiting_for_room = False

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import structlog
 from aiokafka import ConsumerRecord, TopicPartition
 
-from webhookd.durable.outcomes import BadRecord, Recorder
+from webhookd.durable.outcomes import BadRecord, OutcomeWriter
 from webhookd.model import BadEvent, Skip
 from webhookd.runtime.metrics import Metrics
 
@@ -23,8 +23,8 @@ log = structlog.get_logger("webhookd.intake.rejects")
 class Rejects:
     """Counts skipped records and writes bad ones; `writing` is how many writes are under way."""
 
-    def __init__(self, recorder: Recorder, metrics: Metrics, on_fatal: Callable[[BaseException], None]) -> None:
-        self._recorder = recorder
+    def __init__(self, outcomes: OutcomeWriter, metrics: Metrics, on_fatal: Callable[[BaseException], None]) -> None:
+        self._outcomes = outcomes
         self._metrics = metrics
         self._on_fatal = on_fatal  # the failures of the writes started here, which nobody else awaits
         self._writes: set[asyncio.Task[None]] = set()
@@ -53,7 +53,7 @@ class Rejects:
         kept = BadRecord(tp.topic, tp.partition, record.offset, f"{bad.reason}: {bad.detail}", record.value or b"")
 
         async def keep() -> None:
-            await self._recorder.bad_event(kept)
+            await self._outcomes.bad_event(kept)
             finished()
 
         task = asyncio.create_task(keep())
@@ -62,7 +62,7 @@ class Rejects:
 
     def _written(self, task: asyncio.Task[None]) -> None:
         self._writes.discard(task)
-        # The recorder retries what may pass; what reaches here will not, and the record can never be committed past.
+        # The writer retries what may pass; what reaches here will not, and the record can never be committed past.
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._on_fatal(exc)
 

@@ -132,7 +132,7 @@ class Service:
             await pool.close()
             raise
         res = self._res
-        res.tasks["recorder"] = res.recorder.start()
+        res.tasks["outcomes"] = res.outcomes.start()
         res.tasks["order_check"] = res.pending_check.start()
         try:
             await res.book.load()
@@ -236,18 +236,18 @@ class Service:
                 moved = await asyncio.wait_for(asyncio.shield(res.dispatcher.hand_off()), clock.step(10))
                 log.info("handed_off_to_retry", deliveries=moved)
             except Exception as exc:
-                # Postgres is away (or the recorder died): those offsets stay uncommitted and are read again later.
+                # Postgres is away (or the writer died): those offsets stay uncommitted and are read again later.
                 log.warning("hand_off_incomplete", error=str(exc) or type(exc).__name__)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(res.consumer.wait_bad_writes(), clock.step(10))
-        # Retries stop before the recorder so that their last outcomes are written, and their claims released.
+        # Retries stop before the outcome writer so that their last outcomes are written, and their claims released.
         poller = res.tasks.pop("retries", None)
         if poller is not None:
             poller.cancel()
         claimed = await res.dispatcher.cancel_retries()
         with contextlib.suppress(Exception):  # expired leases free these rows anyway
             await asyncio.wait_for(res.poller.release(claimed), clock.step(5))
-        await res.recorder.close(timeout=clock.step(5))
+        await res.outcomes.close(timeout=clock.step(5))
         # What the last attempts showed is worth keeping, but never worth a stuck shutdown.
         await res.attempts.close(timeout=clock.step(5))
         with contextlib.suppress(Exception):

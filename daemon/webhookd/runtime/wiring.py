@@ -24,7 +24,7 @@ from webhookd.delivery.sender import Sender
 from webhookd.delivery.settling import RetryPolicy
 from webhookd.delivery.signing import Signer
 from webhookd.durable.attempts import AttemptLog
-from webhookd.durable.outcomes import Recorder
+from webhookd.durable.outcomes import OutcomeWriter
 from webhookd.durable.retries import RetryPoller, RetrySettings
 from webhookd.endpoints.breaker import BreakerSettings
 from webhookd.endpoints.pacing import Pacer, PostgresLedger
@@ -57,7 +57,7 @@ class Parts:
 
     pool: asyncpg.Pool
     session: aiohttp.ClientSession
-    recorder: Recorder
+    outcomes: OutcomeWriter
     store: SubscriptionStore
     dispatcher: Dispatcher
     consumer: Consumer
@@ -95,7 +95,7 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
         signer=Signer(s.delivery.signature_scheme),
         https_only=s.egress.https_only,
     )
-    recorder = Recorder(pool)
+    outcomes = OutcomeWriter(pool)
     e = s.endpoints
     membership = Membership(pool, e.sync_interval_seconds)
     pacer = Pacer(PostgresLedger(pool), members=lambda: membership.live)
@@ -138,7 +138,7 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
     pending_check = PendingCheck(pool)
     dispatcher = Dispatcher(
         sender,
-        recorder,
+        outcomes,
         metrics,
         RetryPolicy(tuple(s.delivery.retry_schedule), s.delivery.retry_jitter),
         scheduler,
@@ -172,7 +172,7 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
         body_format(s.delivery.body_format),
         dispatcher,
         Router(store.index, attempts, metrics),
-        recorder,
+        outcomes,
         metrics,
         ConsumeSettings(
             max_pending=s.delivery.effective_max_pending_deliveries,
@@ -188,7 +188,7 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
         dispatcher,
         store.index,
         health,
-        recorder,
+        outcomes,
         metrics,
         RetrySettings(
             poll_interval=s.delivery.retry_poll_interval_seconds,
@@ -199,7 +199,7 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
     return Parts(
         pool,
         session,
-        recorder,
+        outcomes,
         store,
         dispatcher,
         consumer,
