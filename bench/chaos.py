@@ -40,6 +40,7 @@ from webhookd.runtime.children import free_port
 
 WEBHOOKS = 3
 PARTITIONS = 4
+GROUP = "chaos"  # the daemon's consumer group
 TIMEOUT_SECONDS = 1.0
 
 
@@ -211,7 +212,7 @@ async def _produce(bootstrap: str, topic: str, workspace: str, events: int) -> d
 
 def _config(bootstrap: str, dsn: str, topic: str, workdir: Path) -> Path:
     config: dict[str, Any] = {
-        "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": "chaos", "session_timeout_ms": 3000},
+        "kafka": {"bootstrap_servers": bootstrap, "topics": [topic], "group_id": GROUP, "session_timeout_ms": 3000},
         "postgres": {"dsn": dsn},
         "delivery": {
             "timeout_seconds": TIMEOUT_SECONDS,
@@ -233,21 +234,16 @@ def _config(bootstrap: str, dsn: str, topic: str, workdir: Path) -> Path:
     return path
 
 
-async def _committed_to_the_end(bootstrap: str, group: str, ends: dict[TopicPartition, int]) -> bool:
-    """Whether the group's commits have reached `ends`, the ends the producer saw (Tansu answers aiokafka's
-    `end_offsets` with 1 for every partition)."""
-    # A consumer of the group that never subscribes only reads the group's commits; it does not join the group.
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+async def _committed_to_the_end(reader: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    """Whether the group's commits, as `reader` reads them, have reached `ends`: the ends the producer saw (Tansu
+    answers aiokafka's `end_offsets` with 1 for every partition)."""
     try:
-        await consumer.start()
         for tp, end in ends.items():
-            if await consumer.committed(tp) != end:
+            if await reader.committed(tp) != end:
                 return False
         return True
     except KafkaError:
         return False  # the broker is still out of reach: not yet
-    finally:
-        await consumer.stop()
 
 
 async def run(plan: Plan, workdir: Path, say: Any = print) -> Report:
@@ -328,11 +324,18 @@ async def run(plan: Plan, workdir: Path, say: Any = print) -> Report:
         # The run ends once everything is delivered and committed. A stop while the last commit still waits on a
         # broker that was cut a moment ago ends in status 1 (final_commit_failed), rightly, and reads those records
         # again later; this run is about what faults lose, not about when it stops.
-        while not await _committed_to_the_end(broker.bootstrap, "chaos", ends):
-            if time.monotonic() - started > plan.deadline_seconds:
-                break
-            supervise()
-            await asyncio.sleep(0.2)
+        # A consumer of the group that never subscribes only reads the group's commits; it does not join the group.
+        reader = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=GROUP, enable_auto_commit=False)
+        await reader.start()
+        try:
+            while not await _committed_to_the_end(reader, ends):
+                if time.monotonic() - started > plan.deadline_seconds:
+                    faults.append("the group's commits never reached the end of the partitions")
+                    break
+                supervise()
+                await asyncio.sleep(0.2)
+        finally:
+            await reader.stop()
         status = daemon.stop()
         if status not in (0, None):
             faults.append(f"the daemon exited {status} at the end")

@@ -108,7 +108,12 @@ async def run_roles_sql(db: Database) -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # timed out: psql must not outlive the test
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 0, out.decode(errors="replace")
 
 

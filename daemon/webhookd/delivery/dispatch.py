@@ -85,8 +85,7 @@ class Dispatcher:
         return len(self._retries)
 
     def ordered_retries_in_flight(self) -> bool:
-        """Whether a retried delivery of an ordered webhook is under way: its record's next may fall due when it
-        settles."""
+        """Whether an ordered webhook's retry is under way: its record's next may fall due when it settles."""
         return self._ordered_retries > 0
 
     def busy_webhooks(self) -> list[str]:
@@ -111,8 +110,7 @@ class Dispatcher:
                 and self._scheduler.stalled(webhook.target_url)
                 and self._health.disabled_reason(webhook.id) is None
             ):
-                # Its endpoint answers nothing: straight to the retry table, without a task and an admission each,
-                # which would cost the healthy endpoints' deliveries their CPU.
+                # Its endpoint answers nothing: to the retry table without a task each, CPU the healthy ones need.
                 held = held or []
                 held.append(delivery)
                 continue
@@ -206,7 +204,9 @@ class Dispatcher:
 
     def _settle(self, delivery: Delivery, outcome: AttemptResult | Hold) -> Settlement:
         """The one place a pass ends: its settlement, counted and logged."""
-        disabled = not isinstance(outcome, Hold) and self._health.disabled_reason(delivery.webhook.id) is not None
+        # Only a failure asks whether the endpoint is disabled now: the one outcome that the answer changes.
+        failed = not isinstance(outcome, Hold) and not outcome.ok
+        disabled = failed and self._health.disabled_reason(delivery.webhook.id) is not None
         settled = settle(outcome, delivery.attempts, self._policy, disabled=disabled)
         dead = settled.status == "dead"
         if dead:

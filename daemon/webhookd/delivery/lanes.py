@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+from collections.abc import Callable
 
 # Outcomes that say the endpoint cannot take what it was given: its limit is halved.
 _OVERLOADED = frozenset({"timeout", "connection_error"})
@@ -76,10 +77,11 @@ class Lane:
         self.place = Place.NOWHERE
         self.over_entries = 0  # entries of this lane in the over-share queue (all but the last are stale)
 
-    def resume(self, now: float, initial: float) -> None:
-        """Begin to be asked again after a quiet spell; one idle too long starts over from `initial`."""
+    def resume(self, now: float, initial: Callable[[], float]) -> None:
+        """Begin to be asked again after a quiet spell; one idle too long starts over from `initial()` (asked only
+        then: this runs on every acquire of an idle lane)."""
         if now - self.last_progress > _IDLE_RESET_SECONDS:
-            self.limit = min(self.limit, initial)
+            self.limit = min(self.limit, initial())
         self.last_progress = now
 
     def adapt(self, result: str, most: float) -> None:

@@ -98,7 +98,7 @@ class Scheduler:
         if lane.stalled:
             return None
         if not lane.busy:
-            lane.resume(self._now(), self._initial())
+            lane.resume(self._now(), self._initial)
         host = lane.host
         if (
             not lane.queue

@@ -157,7 +157,7 @@ class DemoRun:
     """A demo's receiver on loopback and the daemon beside it; `finish` stops both."""
 
     def __init__(self, settings: Settings, handle: Handler, path: str, port: int, interrupts: Interrupts) -> None:
-        self._settings, self._handle, self._path, self._port = settings, handle, path, port
+        self._handle, self._path, self._port = handle, path, port
         self.service = Service(settings)
         self._interrupts = interrupts
         self.interrupted = interrupts.event

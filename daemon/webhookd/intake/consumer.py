@@ -75,10 +75,8 @@ class Consumer:
         self._body_format = body_format
         self._dispatcher = dispatcher
         self._router = router
-        self._outcomes = outcomes
         self._metrics = metrics
         self._settings = settings
-        self._on_fatal = on_fatal  # for the failures of the tasks started here, which nobody else awaits
         self._partitions: dict[TopicPartition, PartitionOffsets] = {}
         self._rejects = Rejects(outcomes, metrics, on_fatal)
         self._paused = False
@@ -221,7 +219,6 @@ class Consumer:
         if not webhooks:
             offsets.finished(record.offset)
             return
-        keys = order_keys if order_keys is not None else [None] * len(webhooks)
         deliveries = [
             Delivery(
                 event_id=event.id,
@@ -231,11 +228,13 @@ class Consumer:
                 body=body,
                 kafka_timestamp_ms=event.kafka_timestamp_ms,
                 source=source,
-                order_key=key,
-                order_pos=None if key is None else record.offset,
             )
-            for webhook, body, key in zip(webhooks, self._body_format.bodies(event, webhooks), keys, strict=True)
+            for webhook, body in zip(webhooks, self._body_format.bodies(event, webhooks), strict=True)
         ]
+        if order_keys is not None:  # only where a webhook keeps its records' order
+            for delivery, key in zip(deliveries, order_keys, strict=True):
+                if key is not None:
+                    delivery.order_key, delivery.order_pos = key, record.offset
         self._dispatcher.submit(deliveries, self._settled(offsets, record.offset))
 
     async def commit(self, only: set[TopicPartition] | None = None) -> str | None:

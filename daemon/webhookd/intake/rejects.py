@@ -34,10 +34,7 @@ class Rejects:
         return len(self._writes)
 
     def skipped(self, skip: Skip) -> None:
-        counter = self._metrics.skips_by_reason.get(skip.reason)
-        if counter is None:
-            counter = self._metrics.events_skipped.labels(skip.reason)
-        counter.inc()
+        self._metrics.skips_by_reason[skip.reason].inc()  # every SkipReason has its counter
 
     def keep(self, tp: TopicPartition, record: ConsumerRecord, bad: BadEvent, finished: Callable[[], None]) -> None:
         """Count, log and write the bad event; `finished` once it is written."""

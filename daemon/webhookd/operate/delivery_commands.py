@@ -92,7 +92,7 @@ WHERE d.id = ANY($1::bigint[])
 """
 
 
-def _filters(args: argparse.Namespace, table_alias: str = "") -> tuple[list[str], list[Any]]:
+def _filters(args: argparse.Namespace) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     values: list[Any] = []
 

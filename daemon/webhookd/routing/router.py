@@ -24,8 +24,6 @@ class Router:
         self._index = index
         self._attempts = attempts
         self._filtered = metrics.filtered_by_reason
-        # Why each filter keeps pairs back, written once per filter rather than once per pair.
-        self._why: dict[tuple[WebhookFilter, FilterReason], str] = {}
 
     def route(self, event: Event, source: str) -> tuple[list[Webhook], list[str | None] | None]:
         """The webhooks to deliver `event` to, and each one's order key (None for all: no webhook keeps order)."""
@@ -48,7 +46,7 @@ class Router:
                 reason = flt.rejects(action, event.updated_fields, record)
                 if reason is not None:
                     self._filtered[reason].inc()
-                    self._attempts.add_filtered(event, webhook.id, source, self._why_kept(flt, reason))
+                    self._attempts.add_filtered(event, webhook.id, source, _why_kept(flt, reason))
                     continue
             kept.append(webhook)
             if options.ordered:
@@ -59,18 +57,9 @@ class Router:
                 keys.append(None)
         return kept, keys if ordered else None
 
-    def _why_kept(self, flt: WebhookFilter, reason: FilterReason) -> str:
-        why = self._why.get((flt, reason))
-        if why is None:
-            if len(self._why) >= _WHY_REMEMBERED:
-                self._why.clear()
-            if reason == "updated_fields":
-                why = "filtered: updatedFields has none of " + ", ".join(sorted(flt.updated_fields or ()))
-            else:
-                why = "filtered: the record fails " + " and ".join(p.text for p in flt.where)
-            self._why[(flt, reason)] = why
-        return why
 
-
-# Far more filters than a deployment has; a full cache is dropped, not evicted one by one.
-_WHY_REMEMBERED = 10_000
+def _why_kept(flt: WebhookFilter, reason: FilterReason) -> str:
+    # Written for each pair kept back: hashing the filter to find it in a cache cost more than writing it.
+    if reason == "updated_fields":
+        return "filtered: updatedFields has none of " + ", ".join(sorted(flt.updated_fields or ()))
+    return "filtered: the record fails " + " and ".join(p.text for p in flt.where)
