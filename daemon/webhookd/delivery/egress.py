@@ -1,8 +1,8 @@
 """Where deliveries may go: no private, loopback or link-local destination unless the operator allows it.
 
 Webhook URLs are typed in by customers, so a daemon inside a cluster must not become a way to reach the cluster.
-The check runs on the addresses a name resolves to, inside the resolver aiohttp connects with, so the connection
-goes to the very address that was checked (no second lookup, hence no DNS rebinding).
+The check runs on the addresses a name resolves to, in the delivery client just before it connects, so the
+connection goes to the very address that was checked (no second lookup, hence no DNS rebinding).
 """
 
 from __future__ import annotations
@@ -11,9 +11,6 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,7 +30,7 @@ _DENIED: tuple[IPNetwork, ...] = tuple(
 
 
 class BlockedDestination(OSError):
-    """Raised by the resolver when every address of a host is forbidden; aiohttp wraps it as a connect error."""
+    """Raised when every address of a host is forbidden: the attempt is `blocked`, never made."""
 
     def __init__(self, host: str) -> None:
         super().__init__(f"{host} resolves only to addresses that egress rules forbid")
@@ -95,23 +92,3 @@ def literal_address(host: str) -> IPAddress | None:
         return ipaddress.IPv4Address(socket.inet_aton(text))
     except (OSError, ValueError):
         return None
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves with the system resolver and drops every address the policy forbids."""
-
-    def __init__(self, policy: EgressPolicy, inner: AbstractResolver | None = None) -> None:
-        self._policy = policy
-        self._inner = inner if inner is not None else DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if self._policy.allows(ipaddress.ip_address(r["host"].split("%")[0]))]
-        if not allowed:
-            raise BlockedDestination(host)
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()

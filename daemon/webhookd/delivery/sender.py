@@ -6,16 +6,17 @@ drip, redirect, huge body, reset) escapes as an exception or holds more than a s
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import email.utils
 import re
 import time
+from dataclasses import dataclass
 
-import aiohttp
 from yarl import URL
 
 from webhookd import __version__
 from webhookd.delivery.egress import BlockedDestination, EgressPolicy, literal_address
+from webhookd.delivery.http_client import HttpClient, Origin
 from webhookd.delivery.signing import Signer
 from webhookd.model import AttemptResult, AttemptResultLabel, Delivery
 
@@ -23,90 +24,120 @@ from webhookd.model import AttemptResult, AttemptResultLabel, Delivery
 _STATUS_CLASSES: dict[int, AttemptResultLabel] = {3: "3xx", 4: "4xx", 5: "5xx"}
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A target URL as every attempt to it uses it: where to connect, and the head its requests share."""
+
+    origin: Origin | None
+    head: str  # the request line and the headers that depend only on the URL, each line ending in CRLF
+    refusal: str | None = None  # why the egress rules forbid it (None: allowed so far; names are checked at connect)
+    fault: str | None = None  # why no request can be made of it at all
+
+
 class Sender:
-    """Sends attempts through one shared aiohttp session (keep-alive, one connection pool)."""
+    """Lays out each attempt's request (signed now) and carries it through the delivery HTTP client."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: HttpClient,
         policy: EgressPolicy,
         timeout_seconds: float,
-        body_limit: int,
         max_retry_after: float,
         signer: Signer,
         https_only: bool = False,
     ) -> None:
-        self._session = session
+        self._client = client
         self._signer = signer
         self._https_only = https_only
         self._policy = policy
-        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
-        self._body_limit = body_limit
+        self._timeout = timeout_seconds
         self._max_retry_after = max_retry_after
         self._user_agent = f"webhookd/{__version__}"
-        # Each target URL parsed and judged once, not per attempt: both are pure functions of the URL text.
-        self._targets: dict[str, tuple[URL, str | None]] = {}
+        # Each target URL parsed, judged and laid out once, not per attempt: all are pure functions of its text.
+        self._targets: dict[str, Target] = {}
 
-    def headers(self, delivery: Delivery, now: float) -> dict[str, str]:
+    def request(self, delivery: Delivery, target: Target, now: float) -> bytes:
+        """The whole request of one attempt, signed at `now`."""
         webhook = delivery.webhook
-        headers = {"Content-Type": "application/json", "User-Agent": self._user_agent}
-        if webhook.options.headers:
-            # The webhook's own headers (`webhooks set --header`), which never name one of the signature's.
-            headers.update(webhook.options.headers)
-        headers.update(
-            self._signer.headers(delivery.event_id, delivery.body, webhook.secret, webhook.previous_secret_at(now), now)
-        )
-        return headers
+        event_id = delivery.event_id
+        if "\n" in event_id or "\r" in event_id:
+            raise ValueError("the event id holds a line break, which no header may carry")
+        custom = webhook.options.headers
+        # The webhook's own headers (`webhooks set --header`) never name one of the signature's; they were checked then.
+        own = "".join([f"{name}: {value}\r\n" for name, value in custom]) if custom else ""
+        body = delivery.body
+        signature = self._signer.lines(event_id, body, webhook.secret, webhook.previous_secret_at(now), now)
+        return f"{target.head}{own}{signature}Content-Length: {len(body)}\r\n\r\n".encode() + body
 
     async def attempt(self, delivery: Delivery) -> AttemptResult:
         started = time.monotonic()
+        target = self._targets.get(delivery.webhook.target_url) or self._learn(delivery.webhook.target_url)
+        if target.refusal is not None:
+            return AttemptResult("blocked", error=target.refusal)
         try:
-            url, refusal = self._target(delivery.webhook.target_url)
-            if refusal is not None:
-                return AttemptResult("blocked", error=refusal)
-            headers = self.headers(delivery, time.time())
-            async with self._session.post(
-                url, data=delivery.body, headers=headers, allow_redirects=False, timeout=self._timeout
-            ) as response:
-                excerpt = await self._read_capped(response)
-                status = response.status
-                duration = time.monotonic() - started
-                if 200 <= status < 300:
-                    return AttemptResult("2xx", status=status, duration=duration)
-                return AttemptResult(
-                    _STATUS_CLASSES.get(status // 100, "5xx"),
-                    status=status,
-                    error=_excerpt_text(excerpt, response.headers.get("Location")),
-                    retry_after=self._retry_after(response.headers.get("Retry-After")),
-                    duration=duration,
-                )
+            if target.origin is None:
+                raise ValueError(target.fault)
+            request = self.request(delivery, target, time.time())
+            response = await self._client.exchange(target.origin, request, self._timeout)
         except TimeoutError:
             return AttemptResult("timeout", error="no answer in time", duration=time.monotonic() - started)
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, BlockedDestination):
-                return AttemptResult("blocked", error=str(exc.os_error), duration=time.monotonic() - started)
+        except BlockedDestination as exc:
+            return AttemptResult("blocked", error=str(exc), duration=time.monotonic() - started)
+        except (OSError, ValueError) as exc:
             return _connection_error(exc, started)
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            return _connection_error(exc, started)
+        duration = time.monotonic() - started
+        status = response.status
+        if 200 <= status < 300:
+            return AttemptResult("2xx", status=status, duration=duration)
+        return AttemptResult(
+            _STATUS_CLASSES.get(status // 100, "5xx"),
+            status=status,
+            error=_excerpt_text(response.excerpt, response.location),
+            retry_after=self._retry_after(response.retry_after),
+            duration=duration,
+        )
 
-    def _target(self, text: str) -> tuple[URL, str | None]:
-        """The URL, parsed, and why the policy forbids it (None: allowed so far; names are checked when resolved)."""
-        known = self._targets.get(text)
-        if known is None:
-            if len(self._targets) >= _TARGETS_REMEMBERED:
-                self._targets.clear()
+    async def close(self) -> None:
+        await self._client.close()
+
+    def _learn(self, text: str) -> Target:
+        if len(self._targets) >= _TARGETS_REMEMBERED:
+            self._targets.clear()
+        target = self._targets[text] = self._target(text)
+        return target
+
+    def _target(self, text: str) -> Target:
+        try:
             url = URL(text)
-            if self._https_only and url.scheme != "https":
-                known = url, "egress.https_only forbids plain http targets"
-            else:
-                known = url, self._refusal(url)
-            self._targets[text] = known
-        return known
+        except (TypeError, ValueError) as exc:
+            return Target(None, "", fault=f"the target URL cannot be read: {exc}")
+        if url.scheme not in ("http", "https"):
+            return Target(None, "", fault=f"the target URL's scheme {url.scheme!r} is neither http nor https")
+        if self._https_only and url.scheme != "https":
+            return Target(None, "", refusal="egress.https_only forbids plain http targets")
+        host = url.raw_host
+        if not host or url.port is None:
+            return Target(None, "", fault="the target URL names no host")
+        refusal = self._refusal(host)
+        authorization = ""
+        if url.user is not None:
+            # Credentials in the URL become Basic authentication, as browsers and HTTP clients make of them.
+            try:
+                credentials = f"{url.user}:{url.password or ''}".encode("latin-1")
+            except UnicodeEncodeError:
+                return Target(None, "", fault="the target URL's credentials are not Latin-1 text")
+            authorization = f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n"
+        path, host_port = url.raw_path_qs or "/", url.host_port_subcomponent or host
+        if any(c in path or c in host_port for c in "\r\n\0 "):
+            return Target(None, "", fault="the target URL holds a space or a control character")
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host_port}\r\n{authorization}"
+            f"Content-Type: application/json\r\nUser-Agent: {self._user_agent}\r\n"
+        )
+        return Target(Origin(url.scheme == "https", host, url.port), head, refusal)
 
-    def _refusal(self, url: URL) -> str | None:
-        """Why the policy forbids this URL's literal address, or None (names are checked when resolved)."""
-        # aiohttp connects to raw_host and skips the resolver for anything IPv6-like, so that is what is checked.
-        host = url.raw_host or ""
+    def _refusal(self, host: str) -> str | None:
+        """Why the policy forbids this host's literal address, or None (names are checked when resolved)."""
         if "%" in host:
             # A zone id only makes sense for link-local addresses, and getaddrinfo reads forms ipaddress does not.
             return "an address with a zone id is a forbidden destination"
@@ -116,18 +147,6 @@ class Sender:
         if literal is not None and not self._policy.allows(literal):
             return f"{literal} is a forbidden destination"
         return None
-
-    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
-        # Read small bodies whole so the connection can be reused; past the cap, stop and let aiohttp close it.
-        chunks: list[bytes] = []
-        remaining = self._body_limit
-        while remaining > 0:
-            chunk = await response.content.read(remaining)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
 
     def _retry_after(self, value: str | None) -> float | None:
         if not value:
@@ -167,9 +186,3 @@ def _excerpt_text(excerpt: bytes, location: str | None) -> str | None:
         where = "".join(c if c.isprintable() else "\ufffd" for c in _URL_IN_TEXT.sub(r"\1\2/…", location[:200]))
         text = f"redirect to {where}" + (f"; {text}" if text else "")
     return text or None
-
-
-async def close_session(session: aiohttp.ClientSession) -> None:
-    await session.close()
-    # aiohttp closes TLS transports on the next loop iterations; give them that, as its docs advise.
-    await asyncio.sleep(0.05)

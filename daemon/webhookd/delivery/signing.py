@@ -49,22 +49,31 @@ class Signer:
         self._standard = scheme in ("standard-webhooks", "both")
 
     def headers(self, event_id: str, body: bytes, secret: bytes, previous: bytes | None, now: float) -> dict[str, str]:
-        headers: dict[str, str] = {}
+        return dict(self.pairs(event_id, body, secret, previous, now))
+
+    def lines(self, event_id: str, body: bytes, secret: bytes, previous: bytes | None, now: float) -> str:
+        """The same headers as they go on the wire: `Name: value` lines, each ending in CRLF."""
+        return "".join([f"{name}: {value}\r\n" for name, value in self.pairs(event_id, body, secret, previous, now)])
+
+    def pairs(
+        self, event_id: str, body: bytes, secret: bytes, previous: bytes | None, now: float
+    ) -> list[tuple[str, str]]:
+        headers: list[tuple[str, str]] = []
         if self._twenty:
             ms = int(now * 1000)
-            headers["X-Twenty-Webhook-Timestamp"] = str(ms)
-            headers["X-Twenty-Webhook-Signature"] = sign(secret, ms, body)
+            headers.append(("X-Twenty-Webhook-Timestamp", str(ms)))
+            headers.append(("X-Twenty-Webhook-Signature", sign(secret, ms, body)))
             # Twenty's check reads one signature from one header, so the old secret's goes in a header of its own.
             if previous is not None:
-                headers["X-Twenty-Webhook-Signature-Previous"] = sign(previous, ms, body)
-            headers["X-Twenty-Webhook-Nonce"] = os.urandom(16).hex()
-            headers["X-Twenty-Webhook-Event-Id"] = event_id
+                headers.append(("X-Twenty-Webhook-Signature-Previous", sign(previous, ms, body)))
+            headers.append(("X-Twenty-Webhook-Nonce", os.urandom(16).hex()))
+            headers.append(("X-Twenty-Webhook-Event-Id", event_id))
         if self._standard:
             seconds = int(now)
             signatures = [sign_standard(standard_key(secret), event_id, seconds, body)]
             if previous is not None:
                 signatures.append(sign_standard(standard_key(previous), event_id, seconds, body))
-            headers["webhook-id"] = event_id
-            headers["webhook-timestamp"] = str(seconds)
-            headers["webhook-signature"] = " ".join(signatures)
+            headers.append(("webhook-id", event_id))
+            headers.append(("webhook-timestamp", str(seconds)))
+            headers.append(("webhook-signature", " ".join(signatures)))
         return headers

@@ -18,7 +18,6 @@ from typing import Any
 import asyncpg
 import structlog
 
-from webhookd.delivery.sender import close_session
 from webhookd.durable.transient import TRANSIENT
 from webhookd.runtime.config import Settings
 from webhookd.runtime.metrics import Metrics
@@ -281,7 +280,7 @@ class Service:
         log.debug("shutdown_closing")
         if res.web is not None:
             await res.web.cleanup()
-        await close_session(res.session)
+        await res.sender.close()
         # The pool's close waits for connections in use; terminate() is the way out when that is all that is left.
         try:
             await asyncio.wait_for(res.pool.close(), clock.last(5))
@@ -299,7 +298,7 @@ class Service:
                 await res.consumer.stop()
             if res.web is not None:
                 await res.web.cleanup()
-            await close_session(res.session)
+            await res.sender.close()
             await res.pool.close()
 
     def _alive(self) -> bool:

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import asyncpg
 from aiokafka import AIOKafkaConsumer
 
 from webhookd.delivery.body_formats import body_format
 from webhookd.delivery.dispatch import Dispatcher
-from webhookd.delivery.egress import EgressPolicy, GuardedResolver
+from webhookd.delivery.egress import EgressPolicy
+from webhookd.delivery.http_client import ClientLimits, HttpClient
 from webhookd.delivery.ordering import PendingCheck
 from webhookd.delivery.scheduler import Scheduler, SchedulerLimits
 from webhookd.delivery.sender import Sender
@@ -56,7 +56,7 @@ class Parts:
     """The parts of one daemon process, built from the settings; the Service starts, watches and stops them."""
 
     pool: asyncpg.Pool
-    session: aiohttp.ClientSession
+    sender: Sender
     outcomes: OutcomeWriter
     store: SubscriptionStore
     dispatcher: Dispatcher
@@ -77,20 +77,19 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
     """Every part of one daemon process, connected; nothing started yet."""
     s = settings
     policy = EgressPolicy(s.egress.allow_private, tuple(s.egress.allowed_cidrs))
-    connector = aiohttp.TCPConnector(
-        limit=s.delivery.concurrency,
-        limit_per_host=s.delivery.per_host_concurrency,
-        resolver=GuardedResolver(policy),
-        ttl_dns_cache=30,
-        enable_cleanup_closed=True,
-        ssl=links.delivery,  # always verifying: system CAs plus delivery.ca_file
+    client = HttpClient(
+        policy,
+        links.delivery,  # always verifying: system CAs plus delivery.ca_file
+        ClientLimits(
+            body_limit=s.delivery.response_body_limit_bytes,
+            idle_per_origin=s.delivery.per_host_concurrency,
+            idle_total=s.delivery.concurrency,
+        ),
     )
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=False, skip_auto_headers=("Accept",))
     sender = Sender(
-        session,
+        client,
         policy,
         timeout_seconds=s.delivery.timeout_seconds,
-        body_limit=s.delivery.response_body_limit_bytes,
         max_retry_after=s.delivery.max_retry_after_seconds,
         signer=Signer(s.delivery.signature_scheme),
         https_only=s.egress.https_only,
@@ -198,7 +197,7 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
     )
     return Parts(
         pool,
-        session,
+        sender,
         outcomes,
         store,
         dispatcher,
