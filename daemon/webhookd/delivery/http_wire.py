@@ -17,6 +17,8 @@ import httptools
 # What a receiver may send before its body: far above any real response's, far below what would cost memory.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
+# Interim answers (100 Continue, 103 Early Hints) before the real one: a few are HTTP, an endless stream is not.
+MAX_INTERIM = 8
 
 
 class ProtocolError(OSError):
@@ -48,6 +50,7 @@ class WireProtocol(asyncio.Protocol):
         self.open = False
         self.reusable = False
         self.idle_since = 0.0
+        self._interim = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -70,6 +73,7 @@ class WireProtocol(asyncio.Protocol):
         assert self._waiter is None, "one exchange at a time"
         self.reusable = False
         self._reset()
+        self._interim = 0
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         self._transport.write(request)
         return waiter
@@ -101,7 +105,9 @@ class WireProtocol(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # A 101 (or any upgrade) is an answer, though not one a webhook can accept; the connection is spent.
+            # llhttp has already completed the message, so the exchange may be settled: the close must not wait on it.
             self._finish(reusable=False)
+            self.close()
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(self._violation or f"the answer is not valid HTTP/1.1: {exc}"))
         else:
@@ -125,6 +131,13 @@ class WireProtocol(asyncio.Protocol):
             self._fail(ProtocolError("the connection was closed in the middle of the answer's headers"))
 
     # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # An answer after ours, in the same read: the receiver speaks out of turn, and the stream cannot be
+            # trusted to carry another exchange.
+            self._violation = "the receiver sent more than one answer"
+            raise ProtocolError(self._violation)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers += 1
@@ -155,10 +168,14 @@ class WireProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if not self._headers_done:
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                self._violation = f"the answer began with more than {MAX_INTERIM} interim answers"
+                raise ProtocolError(self._violation)
             self._reset()  # the interim answer ended; count the real one's head afresh
             self._got_bytes = True
             return
-        self._finish(reusable=self._parser.should_keep_alive())
+        self._finish(reusable=self._parser.should_keep_alive() and not self._parser.should_upgrade())
 
     # --
 
