@@ -33,15 +33,21 @@ class Latency:
     max: float
 
 
-async def latency_at(stack: Stack, delay: float, rate: float, seconds: float, prefer_nginx: bool = True) -> Latency:
-    """Produce `rate` events a second for `seconds` to one webhook; milliseconds from timestamp to receiver."""
+async def latency_at(
+    stack: Stack, delay: float, rate: float, seconds: float, concurrency: int, prefer_nginx: bool = True
+) -> Latency:
+    """Produce `rate` events a second for `seconds` to one webhook; milliseconds from timestamp to receiver.
+
+    The daemon runs at `concurrency`, its one receiving host included: as the throughput run that measured the
+    capacity `rate` is half of.
+    """
     receiver: NginxReceiver | LatencyReceiver = (
         NginxReceiver(delay, latency_log=True) if NginxReceiver.available() and prefer_nginx else LatencyReceiver(delay)
     )
     with running(receiver):
         topic, workspace = await stack.new_topic(), str(uuid.uuid4())
         await stack.add_webhooks([f"http://127.0.0.1:{receiver.port}/latency"], workspace)
-        async with DaemonRun(stack, topic):
+        async with DaemonRun(stack, topic, delivery={"concurrency": concurrency, "per_host_concurrency": concurrency}):
             await receiver.latencies()  # nothing yet; the daemon is ready
             producer = AIOKafkaProducer(bootstrap_servers=stack.broker.bootstrap, enable_idempotence=False)
             await producer.start()

@@ -30,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
+import psutil
 import uvloop
 from aiohttp import web
 
@@ -47,6 +48,10 @@ class Receiver(Protocol):
 
     @property
     def count(self) -> int: ...
+
+    def pids(self) -> list[int]:
+        """The receiver's processes, whose CPU the bench reports beside the daemon's."""
+        ...
 
     def start(self) -> None: ...
 
@@ -126,6 +131,14 @@ http {{
         # stub_status counts every request as it arrives (with a delay, up to that delay before it is answered),
         # its own reads (this one included) among them.
         return int(text.splitlines()[2].split()[2]) - self._status_reads
+
+    def pids(self) -> list[int]:
+        """nginx's master and its worker."""
+        if self._proc is None:
+            return []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return [self._proc.pid, *(p.pid for p in psutil.Process(self._proc.pid).children())]
+        return []
 
     async def latencies(self) -> list[float]:
         """Milliseconds from `sent_ms` to arrival of each request logged since the last call."""
@@ -209,6 +222,9 @@ class AiohttpReceivers:
         for proc in self._procs:
             proc.start()
         _wait_listening(self.port, "the aiohttp receivers")
+
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs if proc.pid is not None]
 
     def stop(self) -> None:
         for proc in self._procs:

@@ -1,6 +1,8 @@
-"""Signed deliveries a second, three ways, to the same receiver at the same concurrency.
+"""Signed deliveries a second, four ways, to the same receiver at the same concurrency.
 
 - The raw ceiling: plain aiohttp POSTs of the same bodies, signed the same way, without Kafka or Postgres.
+- The lean ceiling: webhookd's own sender and HTTP client in the same bare loop (what the daemon's bookkeeping is
+  measured against once aiohttp is out of the way).
 - webhookd end to end: from producing the events to the receiver's last 2xx (produce, Kafka, match, sign, POST,
   commit), `webhookd run` as its own process, ready before the clock starts.
 - A naive consumer, as a user would write it first: one event at a time, look its webhooks up, await each POST,
@@ -10,21 +12,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import asyncpg
 import orjson
+import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from bench.receivers import Receiver
 from bench.stack import SECRET, DaemonRun, Stack, event_doc, produce
+from webhookd.delivery.egress import EgressPolicy
+from webhookd.delivery.http_client import ClientLimits, HttpClient
 from webhookd.delivery.payload import build_body
+from webhookd.delivery.sender import Sender
 from webhookd.delivery.signing import Signer
+from webhookd.model import Delivery, Webhook
 
 CONCURRENCY = 64
 _TIMEOUT = 600.0
@@ -40,14 +49,25 @@ def bodies_for(events: int, webhooks: int) -> list[bytes]:
 
 @dataclass(frozen=True)
 class Run:
-    """One measured run: deliveries a second, and CPU microseconds the measured process spent on each."""
+    """One measured run: deliveries a second, CPU microseconds the measured process spent on each, and the cores
+    that other processes took meanwhile (by name: the broker, the receiver, the bench itself), if asked."""
 
     rate: float
     cpu_us: float
+    cores: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, deliveries: int, seconds: float, cpu_seconds: float) -> Run:
         return cls(deliveries / seconds, cpu_seconds / deliveries * 1e6)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU of these processes so far (those that have ended count nothing)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += sum(psutil.Process(pid).cpu_times()[:2])
+    return total
 
 
 async def ceiling(url: str, bodies: list[bytes], concurrency: int = CONCURRENCY) -> Run:
@@ -73,6 +93,28 @@ async def ceiling(url: str, bodies: list[bytes], concurrency: int = CONCURRENCY)
         return Run.of(len(bodies), time.monotonic() - started, time.process_time() - cpu)
 
 
+async def lean_ceiling(url: str, bodies: list[bytes], concurrency: int = CONCURRENCY) -> Run:
+    """webhookd's sender and HTTP client in the same bare loop: sign, lay out, POST, classify; nothing else."""
+    policy = EgressPolicy(allow_private=True)
+    limits = ClientLimits(body_limit=4096, idle_per_origin=concurrency, idle_total=concurrency)
+    sender = Sender(HttpClient(policy, ssl.create_default_context(), limits), policy, 10.0, 60.0, Signer("twenty"))
+    webhook = Webhook("bench", "bench", url, ("*.*",), SECRET.encode())
+    queue = [Delivery(f"b{i}", "person.updated", "bench", webhook, body, None, "") for i, body in enumerate(bodies)]
+    try:
+
+        async def worker() -> None:
+            while queue:
+                result = await sender.attempt(queue.pop())
+                if result.result != "2xx":
+                    raise RuntimeError(f"the receiver answered {result.result}: {result.error}")
+
+        started, cpu = time.monotonic(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return Run.of(len(bodies), time.monotonic() - started, time.process_time() - cpu)
+    finally:
+        await sender.close()
+
+
 async def until_count(count: Callable[[], int], target: int, started: float) -> None:
     while count() < target:
         if time.monotonic() - started > _TIMEOUT:
@@ -80,7 +122,15 @@ async def until_count(count: Callable[[], int], target: int, started: float) -> 
         await asyncio.sleep(0.02)
 
 
-async def daemon_rate(stack: Stack, receiver: Receiver, events: int, webhooks: int, workers: int = 1) -> Run:
+async def daemon_rate(
+    stack: Stack,
+    receiver: Receiver,
+    events: int,
+    webhooks: int,
+    workers: int = 1,
+    concurrency: int = CONCURRENCY,
+    watch: dict[str, list[int]] | None = None,
+) -> Run:
     """`webhookd run` end to end: deliveries a second, from the moment it is ready to the last of events x webhooks.
 
     The events are in Kafka before the daemon starts, so the clock runs only while webhookd works: consume, match,
@@ -95,12 +145,23 @@ async def daemon_rate(stack: Stack, receiver: Receiver, events: int, webhooks: i
         (event_doc(f"{run}-{i}", workspace, {"i": i, "name": "Ada Lovelace"}) for i in range(events)),
     )
     target = receiver.count + events * webhooks
-    delivery = {"concurrency": CONCURRENCY, "per_host_concurrency": CONCURRENCY}
+    delivery = {"concurrency": concurrency, "per_host_concurrency": concurrency}
     async with DaemonRun(stack, topic, workers, delivery=delivery) as daemon:
         # Counted from here: with several workers, the first to join delivers while the others are still starting.
+        watched = watch or {}
+        others = {name: cpu_seconds(pids) for name, pids in watched.items()}
         started, cpu, before = time.monotonic(), daemon.cpu_seconds(), receiver.count
+        machine = psutil.cpu_times()
         await until_count(lambda: receiver.count, target, started)
-        return Run.of(target - before, time.monotonic() - started, daemon.cpu_seconds() - cpu)
+        seconds = time.monotonic() - started
+        measured = Run.of(target - before, seconds, daemon.cpu_seconds() - cpu)
+        if watch is None:
+            return measured
+        cores = {name: (cpu_seconds(pids) - others[name]) / seconds for name, pids in watched.items()}
+        now = psutil.cpu_times()
+        cores["machine"] = ((now.user + now.system) - (machine.user + machine.system)) / seconds
+        cores["webhookd"] = measured.rate * measured.cpu_us / 1e6
+        return Run(measured.rate, measured.cpu_us, cores)
 
 
 async def naive_rate(stack: Stack, receiver: Receiver, events: int) -> Run:
