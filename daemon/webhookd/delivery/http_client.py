@@ -111,7 +111,11 @@ class HttpClient:
         deadline: float,
         loop: asyncio.AbstractEventLoop,
     ) -> Response:
-        waiter = connection.exchange(request)
+        try:
+            waiter = connection.exchange(request)
+        except StaleConnection:
+            connection.close()
+            raise
         timer = loop.call_at(deadline, _expire, waiter)
         try:
             return await waiter

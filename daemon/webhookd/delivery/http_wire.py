@@ -69,13 +69,21 @@ class WireProtocol(asyncio.Protocol):
 
     def exchange(self, request: bytes) -> asyncio.Future[Response]:
         """Send `request`; the future ends with the response, or with the error that ended the connection."""
-        assert self._transport is not None, "an exchange needs an open connection"
         assert self._waiter is None, "one exchange at a time"
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            # The receiver's close is on its way to connection_lost: the connection only looks open.
+            raise StaleConnection("the connection was closed while idle")
         self.reusable = False
         self._reset()
         self._interim = 0
         waiter = self._waiter = asyncio.get_running_loop().create_future()
-        self._transport.write(request)
+        try:
+            transport.write(request)
+        except RuntimeError as exc:  # uvloop's word for a transport that closed under it
+            self._waiter = None
+            self.close()
+            raise StaleConnection("the connection was closed while idle") from exc
         return waiter
 
     def close(self) -> None:
