@@ -145,7 +145,9 @@ async def daemon_rate(
         (event_doc(f"{run}-{i}", workspace, {"i": i, "name": "Ada Lovelace"}) for i in range(events)),
     )
     target = receiver.count + events * webhooks
-    delivery = {"concurrency": concurrency, "per_host_concurrency": concurrency}
+    # delivery.per_host_concurrency holds for the whole cluster, each worker taking its share: scaled with the
+    # workers, every worker has the same budget to the receiver as a daemon of one, and the cap never binds.
+    delivery = {"concurrency": concurrency, "per_host_concurrency": concurrency * workers}
     async with DaemonRun(stack, topic, workers, delivery=delivery) as daemon:
         # Counted from here: with several workers, the first to join delivers while the others are still starting.
         watched = watch or {}
@@ -160,6 +162,8 @@ async def daemon_rate(
         cores = {name: (cpu_seconds(pids) - others[name]) / seconds for name, pids in watched.items()}
         now = psutil.cpu_times()
         cores["machine"] = ((now.user + now.system) - (machine.user + machine.system)) / seconds
+        # Time the hypervisor gave the machine's cores to others: what makes a shared machine's runs disagree.
+        cores["steal"] = (getattr(now, "steal", 0.0) - getattr(machine, "steal", 0.0)) / seconds
         cores["webhookd"] = measured.rate * measured.cpu_us / 1e6
         return Run(measured.rate, measured.cpu_us, cores)
 
