@@ -153,7 +153,7 @@ def _run(settings: Settings, config: Path, workers: int) -> int:
     async def serve() -> int:
         if workers > 1:
             return await Supervisor(settings, config, workers).serve()
-        return await Service(settings).serve()
+        return await Service(settings, owns_process=True).serve()
 
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
         return runner.run(serve())
@@ -161,7 +161,7 @@ def _run(settings: Settings, config: Path, workers: int) -> int:
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop where it is installed (a dependency on Linux and macOS): the same asyncio API with the socket, timer
-    and task machinery in C, which is most of what a delivery costs besides aiohttp; else asyncio's own loop."""
+    and task machinery in C, which is much of what a delivery costs besides its request; else asyncio's own loop."""
     try:
         import uvloop
     except ImportError:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -238,3 +239,24 @@ async def test_a_final_commit_that_fails_makes_the_exit_status_1_and_is_logged(
             cut.cancel()
         await proxy.stop()
         await asyncio.to_thread(broker.stop)
+
+
+async def test_a_daemon_that_owns_its_process_freezes_what_startup_built_and_one_in_a_shared_process_does_not(
+    kafka: str, dsn: str, topic: str
+) -> None:
+    # The test process is shared: whatever this test freezes is given back to the collector at the end.
+    gc.unfreeze()
+    try:
+        shared = Service(settings_for(kafka, dsn, topic))
+        async with serving(shared) as task:
+            await asyncio.wait_for(shared.started.wait(), 30)
+            assert not task.done()
+            assert gc.get_freeze_count() == 0, "a daemon sharing its process froze the process's heap"
+        owner = Service(settings_for(kafka, dsn, topic), owns_process=True)
+        async with serving(owner) as task:
+            await asyncio.wait_for(owner.started.wait(), 30)
+            assert not task.done()
+            # Modules, settings, clients and the subscription index: far more than a few thousand objects.
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 from typing import Any
@@ -43,8 +44,10 @@ class StartupError(Exception):
 class Service:
     """One daemon process: `await Service(settings).serve()` returns the exit status."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, *, owns_process: bool = False) -> None:
         self.settings = settings
+        # `webhookd run`: the process is this daemon's alone, so its heap may be arranged for it (gc.freeze below).
+        self._owns_process = owns_process
         self.metrics = metrics if metrics is not None else Metrics(timeout_seconds=settings.delivery.timeout_seconds)
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
@@ -176,6 +179,13 @@ class Service:
             )
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.http.listen} (http.listen): {exc}") from exc
+        if self._owns_process:
+            # What startup built (modules, settings, clients, the subscription index) lives as long as the process.
+            # Frozen out of the collector's view, it is no longer walked by every full collection, each of which
+            # stopped the loop for 20 to 25 ms about once a second under load. Collected first, so that only what is
+            # alive is frozen (a frozen cycle is never freed).
+            gc.collect()
+            gc.freeze()
         self.started.set()
         log.info(
             "started",
