@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import psutil
 import uvloop
 
 from bench import cluster, isolation
@@ -65,12 +66,22 @@ BACKLOG_RSS_MB = 150
 # Two workers on two cores against one, the broker and receiver included in the machine's load.
 WORKERS_TARGET = 1.7
 WORKERS_CONCURRENCY = 256
-_CORES = ("webhookd", "broker", "receiver", "bench", "machine", "steal")
+_CORES = ("webhookd", "broker", "postgres", "receiver", "bench", "machine", "steal")
 # The daemon's default `delivery.concurrency`, which the latency runs use: their rate is half of this row's.
 LATENCY_CONCURRENCY = 256
 # Deliveries a run when `--deliveries` is not given: the retry drain's target is set for a backlog of 100,000.
 DELIVERIES = 20_000
 RETRY_BACKLOG = 100_000
+
+
+def _with_children(pid: int | None) -> list[int]:
+    """A server's process and its children (Postgres's backends), as they are now."""
+    if pid is None:
+        return []
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _regime(delay: float) -> str:
@@ -240,21 +251,29 @@ class Bench:
         delay = 0.0
         with self.receiver(delay) as receiver:
             # Everything else that runs meanwhile on the same cores, so that the ratio can be read against it.
-            broker = [self.stack.broker.pid] if self.stack.broker.pid is not None else []
-            watch = {"broker": broker, "receiver": receiver.pids(), "bench": [os.getpid()]}
+            watch: dict[str, Callable[[], list[int]]] = {
+                "broker": lambda: _with_children(self.stack.broker.pid),
+                "postgres": lambda: _with_children(self.stack.postgres.pid),
+                "receiver": receiver.pids,
+                "bench": lambda: [os.getpid()],
+            }
+            # Five times a throughput run's deliveries: two workers deliver a throughput run's in about a second,
+            # which the second worker's first fetches and the group's first commits would decide.
+            n = 5 * self.deliveries
             one, two = await self.side_by_side(
-                functools.partial(daemon_rate, self.stack, receiver, self.deliveries, 1, 1, WORKERS_CONCURRENCY, watch),
-                functools.partial(daemon_rate, self.stack, receiver, self.deliveries, 1, 2, WORKERS_CONCURRENCY, watch),
+                functools.partial(daemon_rate, self.stack, receiver, n, 1, 1, WORKERS_CONCURRENCY, watch),
+                functools.partial(daemon_rate, self.stack, receiver, n, 1, 2, WORKERS_CONCURRENCY, watch),
             )
         verdict = "met" if two.rate / one.rate >= WORKERS_TARGET else "missed"
-        self.out(f"## `--workers N` ({_regime(delay)}, 1 webhook, 4 partitions)")
+        self.out(f"## `--workers N` ({_regime(delay)}, 1 webhook, 4 partitions, {5 * self.deliveries:,} deliveries a "
+                 f"run, concurrency {WORKERS_CONCURRENCY} a worker)")  # fmt: skip
         self.out()
         self.out(f"Cores busy during the runs ({os.cpu_count()} in all), medians: the daemon (all its workers), the "
-                 "broker, the receiver, the bench's own process, the whole machine, and the time the hypervisor "
-                 "gave the machine's cores to others (steal).")  # fmt: skip
+                 "broker, Postgres (the attempt log's COPY), the receiver, the bench's own process, the whole "
+                 "machine, and the time the hypervisor gave the machine's cores to others (steal).")  # fmt: skip
         self.out()
         self.out("| workers | webhookd (/s) | ratio to 1 worker | target | CPU per delivery, all workers (µs) | cores: "
-                 "webhookd / broker / receiver / bench / machine / stolen |")  # fmt: skip
+                 "webhookd / broker / Postgres / receiver / bench / machine / stolen |")  # fmt: skip
         self.out("| --- | --- | --- | --- | --- | --- |")
         for n, run in ((1, one), (2, two)):
             ratio = run.rate / one.rate

@@ -129,7 +129,7 @@ async def daemon_rate(
     webhooks: int,
     workers: int = 1,
     concurrency: int = CONCURRENCY,
-    watch: dict[str, list[int]] | None = None,
+    watch: dict[str, Callable[[], list[int]]] | None = None,
 ) -> Run:
     """`webhookd run` end to end: deliveries a second, from the moment it is ready to the last of events x webhooks.
 
@@ -150,7 +150,8 @@ async def daemon_rate(
     delivery = {"concurrency": concurrency, "per_host_concurrency": concurrency * workers}
     async with DaemonRun(stack, topic, workers, delivery=delivery) as daemon:
         # Counted from here: with several workers, the first to join delivers while the others are still starting.
-        watched = watch or {}
+        # Listed once the daemon is ready: Postgres's backends for the daemon's connections exist by then.
+        watched = {name: pids() for name, pids in (watch or {}).items()}
         others = {name: cpu_seconds(pids) for name, pids in watched.items()}
         started, cpu, before = time.monotonic(), daemon.cpu_seconds(), receiver.count
         machine = psutil.cpu_times()
