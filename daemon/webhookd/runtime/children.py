@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import socket
 import sys
@@ -44,8 +45,36 @@ def end_with_parent(sig: signal.Signals) -> Callable[[], None]:
 
 
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago; another process may still take it first."""
+    """A loopback TCP port that was free a moment ago; another process may still take it first.
+
+    Chosen below the kernel's ephemeral range where there is room: a port from bind(0) is one the kernel may give the
+    next outgoing connection of any process (a daemon starting up connects to Kafka and Postgres before it listens),
+    and one below the range is only ever taken by someone who asks for it by number.
+    """
+    low = _ephemeral_low()
+    if low > _BELOW_EPHEMERAL + 1024:
+        for _ in range(20):
+            port = random.randrange(low - _BELOW_EPHEMERAL, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
+
+
+# How far below the ephemeral range free_port looks.
+_BELOW_EPHEMERAL = 10_000
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux); 0 where it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
