@@ -19,9 +19,15 @@ import os
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import Any
+
+import aiohappyeyeballs
 
 from webhookd.delivery.egress import BlockedDestination, EgressPolicy, literal_address
 from webhookd.delivery.http_wire import Response, StaleConnection, WireProtocol
+
+# What getaddrinfo answers: family, type, protocol, canonical name, socket address.
+_AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 
 # Addresses of names remembered at most this many at once; a full cache is dropped, not evicted one by one.
 _NAMES_REMEMBERED = 10_000
@@ -56,7 +62,8 @@ class HttpClient:
         self._limits = limits
         self._idle: dict[Origin, list[WireProtocol]] = {}
         self._idle_count = 0
-        self._names: dict[tuple[str, int], tuple[float, list[tuple[socket.AddressFamily, tuple[str, int]]]]] = {}
+        self._names: dict[tuple[str, int], tuple[float, list[_AddrInfo]]] = {}
+        self._lookups: dict[tuple[str, int], asyncio.Task[list[_AddrInfo]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -160,64 +167,83 @@ class HttpClient:
     async def _connect(self, origin: Origin, deadline: float, loop: asyncio.AbstractEventLoop) -> WireProtocol:
         async with asyncio.timeout_at(deadline):
             addresses = await self._addresses(origin, loop)
-            failures: list[str] = []
-            for family, address in addresses:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                try:
-                    sock.setblocking(False)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    await loop.sock_connect(sock, address)
-                except OSError as exc:
-                    sock.close()
-                    failures.append(f"{address[0]}: {os.strerror(exc.errno) if exc.errno else exc}")
-                    continue
-                except BaseException:
-                    sock.close()
+            try:
+                # Happy eyeballs (RFC 8305), as aiohttp connects: the next address is tried 250 ms into the one
+                # before, IPv6 and IPv4 taking turns, so one silent address does not spend the whole deadline.
+                sock = await aiohappyeyeballs.start_connection(
+                    addresses, happy_eyeballs_delay=_NEXT_ADDRESS_SECONDS, interleave=1, loop=loop
+                )
+            except OSError as exc:
+                raise ConnectionError(f"cannot connect to {origin.host}:{origin.port} ({_reason(exc)})") from exc
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _, connection = await loop.create_connection(
+                    lambda: WireProtocol(self._limits.body_limit),
+                    sock=sock,
+                    ssl=self._tls if origin.tls else None,
+                    # A name's root dot is no part of the name its certificate carries.
+                    server_hostname=origin.host.rstrip(".") if origin.tls else None,
+                )
+            except OSError as exc:
+                sock.close()
+                if not origin.tls:
                     raise
-                try:
-                    _, connection = await loop.create_connection(
-                        lambda: WireProtocol(self._limits.body_limit),
-                        sock=sock,
-                        ssl=self._tls if origin.tls else None,
-                        server_hostname=origin.host if origin.tls else None,
-                    )
-                except OSError as exc:
-                    sock.close()
-                    if not origin.tls:
-                        raise
-                    reason = str(exc) or type(exc).__name__
-                    raise ConnectionError(f"TLS with {origin.host}:{origin.port} failed: {reason}") from exc
-                except BaseException:
-                    sock.close()
-                    raise
-                return connection
-            raise ConnectionError(f"cannot connect to {origin.host}:{origin.port} ({'; '.join(failures)})")
+                raise ConnectionError(f"TLS with {origin.host}:{origin.port} failed: {_reason(exc)}") from exc
+            except BaseException:
+                sock.close()
+                raise
+            return connection
 
-    async def _addresses(
-        self, origin: Origin, loop: asyncio.AbstractEventLoop
-    ) -> list[tuple[socket.AddressFamily, tuple[str, int]]]:
+    async def _addresses(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> list[_AddrInfo]:
         """The addresses of the origin's host that egress allows; BlockedDestination when there are none."""
         key = (origin.host, origin.port)
         known = self._names.get(key)
         if known is not None and known[0] > loop.time():
             addresses = known[1]
         else:
-            literal = literal_address(origin.host)
-            infos = await loop.getaddrinfo(
-                str(literal) if literal is not None else origin.host,
-                origin.port,
-                type=socket.SOCK_STREAM,
-                proto=socket.IPPROTO_TCP,
-                flags=socket.AI_NUMERICHOST if literal is not None else 0,
-            )
-            addresses = [(family, (str(sockaddr[0]), int(sockaddr[1]))) for family, _, _, _, sockaddr in infos]
-            if len(self._names) >= _NAMES_REMEMBERED:
-                self._names.clear()
-            self._names[key] = (loop.time() + self._limits.dns_ttl, addresses)
-        allowed = [(f, a) for f, a in addresses if self._policy.allows(ipaddress.ip_address(a[0].split("%")[0]))]
+            lookup = self._lookups.get(key)
+            if lookup is None:
+                # One lookup for every delivery that wants the name meanwhile: they would each take a thread of the
+                # resolver's small pool, which every other host's lookups share.
+                lookup = self._lookups[key] = loop.create_task(self._resolve(origin))
+                lookup.add_done_callback(lambda task: self._looked_up(key, task))
+            addresses = await asyncio.shield(lookup)
+        allowed = [a for a in addresses if self._policy.allows(ipaddress.ip_address(str(a[4][0]).split("%")[0]))]
         if not allowed:
             raise BlockedDestination(origin.host)
         return allowed
+
+    async def _resolve(self, origin: Origin) -> list[_AddrInfo]:
+        loop = asyncio.get_running_loop()
+        literal = literal_address(origin.host)
+        infos = await loop.getaddrinfo(
+            str(literal) if literal is not None else origin.host,
+            origin.port,
+            type=socket.SOCK_STREAM,
+            proto=socket.IPPROTO_TCP,
+            # Only the families this machine can reach, as aiohttp asked.
+            flags=socket.AI_NUMERICHOST if literal is not None else socket.AI_ADDRCONFIG,
+        )
+        if len(self._names) >= _NAMES_REMEMBERED:
+            self._names.clear()
+        addresses: list[_AddrInfo] = [(f, t, p, c, tuple(a)) for f, t, p, c, a in infos]
+        self._names[(origin.host, origin.port)] = (loop.time() + self._limits.dns_ttl, addresses)
+        return addresses
+
+    def _looked_up(self, key: tuple[str, int], task: asyncio.Task[list[_AddrInfo]]) -> None:
+        self._lookups.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # the callers have it; read here too, for when every caller was cancelled first
+
+
+# How long a connection attempt runs alone before the host's next address is tried beside it (RFC 8305's default).
+_NEXT_ADDRESS_SECONDS = 0.25
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno and not str(exc).strip():
+        return os.strerror(exc.errno)
+    return str(exc) or type(exc).__name__
 
 
 def _expire(waiter: asyncio.Future[Response]) -> None:

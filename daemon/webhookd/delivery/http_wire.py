@@ -46,6 +46,11 @@ class WireProtocol(asyncio.Protocol):
         self._body_limit = body_limit
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
+        # What aiohttp's client accepted and hand-written receivers send: bare LF line ends, loose header values,
+        # spaces after a chunk size. Framing stays strict (lengths, chunked, the status line).
+        self._parser.set_dangerous_leniencies(
+            lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
+        )
         self._waiter: asyncio.Future[Response] | None = None
         self.open = False
         self.reusable = False
@@ -58,6 +63,8 @@ class WireProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._headers = 0
         self._headers_done = False
+        self._framed = False  # a Content-Length or chunked body, whose end the answer itself marks
+        self._after_head = 0  # bytes after the header block: the body, its chunk framing and any trailers
         self._got_bytes = False
         self._location: str | None = None
         self._retry_after: str | None = None
@@ -109,6 +116,8 @@ class WireProtocol(asyncio.Protocol):
         self._got_bytes = True
         if not self._headers_done:
             self._head_bytes += len(data)
+        else:
+            self._after_head += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -119,8 +128,13 @@ class WireProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(self._violation or f"the answer is not valid HTTP/1.1: {exc}"))
         else:
-            if not self._headers_done and self._head_bytes > MAX_HEAD_BYTES:
-                self._fail(ProtocolError(f"the answer's headers exceed {MAX_HEAD_BYTES} bytes"))
+            if not self._headers_done:
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._fail(ProtocolError(f"the answer's headers exceed {MAX_HEAD_BYTES} bytes"))
+            elif self._after_head - self._body_bytes > MAX_HEAD_BYTES + 8 * self._body_bytes:
+                # Chunk framing may outweigh a body of tiny chunks, but not without bound: beyond this it is
+                # trailers, which llhttp would otherwise gather in memory for as long as they keep coming.
+                self._fail(ProtocolError(f"the answer's chunk framing and trailers exceed {MAX_HEAD_BYTES} bytes"))
 
     def eof_received(self) -> bool | None:
         return False  # let the transport close; connection_lost settles the exchange
@@ -130,9 +144,11 @@ class WireProtocol(asyncio.Protocol):
         self.reusable = False
         if self._waiter is None:
             return
-        if self._headers_done:
+        if self._headers_done and not self._framed:
             # A body without a length ends with the connection; whatever it delivered is the answer.
             self._finish(reusable=False)
+        elif self._headers_done:
+            self._fail(ProtocolError("the connection was closed in the middle of the answer's body"))
         elif not self._got_bytes:
             self._fail(StaleConnection("the connection was closed before any answer"))
         else:
@@ -148,15 +164,22 @@ class WireProtocol(asyncio.Protocol):
             raise ProtocolError(self._violation)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._headers_done:
+            return  # a trailer: counted with the framing, never read (as aiohttp never read them)
         self._headers += 1
         if self._headers > MAX_HEADERS:
             # Raised through llhttp, which reports it as a callback error: the reason travels beside it.
             self._violation = f"the answer has more than {MAX_HEADERS} headers"
             raise ProtocolError(self._violation)
-        if len(name) == 8 and name.lower() == b"location":
+        size = len(name)
+        if size == 8 and self._location is None and name.lower() == b"location":
             self._location = value.decode("latin-1")
-        elif len(name) == 11 and name.lower() == b"retry-after":
+        elif size == 11 and self._retry_after is None and name.lower() == b"retry-after":
             self._retry_after = value.decode("latin-1")
+        elif (size == 14 and name.lower() == b"content-length") or (
+            size == 17 and name.lower() == b"transfer-encoding" and b"chunked" in value.lower()
+        ):
+            self._framed = True
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()

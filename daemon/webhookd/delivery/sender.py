@@ -32,6 +32,7 @@ class Target:
     head: str  # the request line and the headers that depend only on the URL, each line ending in CRLF
     refusal: str | None = None  # why the egress rules forbid it (None: allowed so far; names are checked at connect)
     fault: str | None = None  # why no request can be made of it at all
+    authorized: bool = False  # the head carries Basic authentication from the URL's credentials
 
 
 class Sender:
@@ -63,8 +64,13 @@ class Sender:
         if "\n" in event_id or "\r" in event_id:
             raise ValueError("the event id holds a line break, which no header may carry")
         custom = webhook.options.headers
-        # The webhook's own headers (`webhooks set --header`) never name one of the signature's; they were checked then.
-        own = "".join([f"{name}: {value}\r\n" for name, value in custom]) if custom else ""
+        own = ""
+        if custom:
+            # The webhook's own headers (`webhooks set --header`) never name one of the signature's; they were
+            # checked then, against the URL of that moment: the URL may have gained credentials since.
+            if target.authorized and any(name.lower() == "authorization" for name, _ in custom):
+                raise ValueError("the target URL's credentials and the webhook's Authorization header conflict")
+            own = "".join([f"{name}: {value}\r\n" for name, value in custom])
         body = delivery.body
         signature = self._signer.lines(event_id, body, webhook.secret, webhook.previous_secret_at(now), now)
         return f"{target.head}{own}{signature}Content-Length: {len(body)}\r\n\r\n".encode() + body
@@ -120,10 +126,10 @@ class Sender:
             return Target(None, "", fault="the target URL names no host")
         refusal = self._refusal(host)
         authorization = ""
-        if url.user is not None:
+        if url.raw_user is not None or url.raw_password is not None:
             # Credentials in the URL become Basic authentication, as browsers and HTTP clients make of them.
             try:
-                credentials = f"{url.user}:{url.password or ''}".encode("latin-1")
+                credentials = f"{url.user or ''}:{url.password or ''}".encode("latin-1")
             except UnicodeEncodeError:
                 return Target(None, "", fault="the target URL's credentials are not Latin-1 text")
             authorization = f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n"
@@ -134,7 +140,7 @@ class Sender:
             f"POST {path} HTTP/1.1\r\nHost: {host_port}\r\n{authorization}"
             f"Content-Type: application/json\r\nUser-Agent: {self._user_agent}\r\n"
         )
-        return Target(Origin(url.scheme == "https", host, url.port), head, refusal)
+        return Target(Origin(url.scheme == "https", host, url.port), head, refusal, authorized=bool(authorization))
 
     def _refusal(self, host: str) -> str | None:
         """Why the policy forbids this host's literal address, or None (names are checked when resolved)."""
@@ -156,10 +162,10 @@ class Sender:
             seconds = float(value)
         else:
             try:
-                when = email.utils.parsedate_to_datetime(value)
-            except (TypeError, ValueError):
+                # A date past year 9999 overflows, one without a zone compares badly: neither is a pause.
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError, OverflowError, OSError):
                 return None
-            seconds = when.timestamp() - time.time()
         return max(0.0, min(seconds, self._max_retry_after))
 
 
