@@ -24,7 +24,6 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import psutil
 import uvloop
 
 from bench import cluster, isolation
@@ -35,7 +34,7 @@ from bench.memory import backlog_peak_rss, table_cost
 from bench.ordering import RECORDS, ordered_rate
 from bench.receivers import Receiver, capacity, receiver_for, running
 from bench.retry_drain import drain_rate
-from bench.stack import Stack
+from bench.stack import Stack, process_tree
 from bench.throughput import CONCURRENCY, Run, bodies_for, ceiling, daemon_rate, lean_ceiling, naive_rate
 from webhookd.runtime.logs import setup_logging
 
@@ -72,16 +71,6 @@ LATENCY_CONCURRENCY = 256
 # Deliveries a run when `--deliveries` is not given: the retry drain's target is set for a backlog of 100,000.
 DELIVERIES = 20_000
 RETRY_BACKLOG = 100_000
-
-
-def _with_children(pid: int | None) -> list[int]:
-    """A server's process and its children (Postgres's backends), as they are now."""
-    if pid is None:
-        return []
-    try:
-        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
-    except psutil.NoSuchProcess:
-        return []
 
 
 def _regime(delay: float) -> str:
@@ -252,8 +241,8 @@ class Bench:
         with self.receiver(delay) as receiver:
             # Everything else that runs meanwhile on the same cores, so that the ratio can be read against it.
             watch: dict[str, Callable[[], list[int]]] = {
-                "broker": lambda: _with_children(self.stack.broker.pid),
-                "postgres": lambda: _with_children(self.stack.postgres.pid),
+                "broker": lambda: process_tree(self.stack.broker.pid),
+                "postgres": lambda: process_tree(self.stack.postgres.pid),
                 "receiver": receiver.pids,
                 "bench": lambda: [os.getpid()],
             }

@@ -30,10 +30,10 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
-import psutil
 import uvloop
 from aiohttp import web
 
+from bench.stack import process_tree
 from webhookd.runtime.children import free_port
 
 _ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
@@ -134,11 +134,7 @@ http {{
 
     def pids(self) -> list[int]:
         """nginx's master and its worker."""
-        if self._proc is None:
-            return []
-        with contextlib.suppress(psutil.NoSuchProcess):
-            return [self._proc.pid, *(p.pid for p in psutil.Process(self._proc.pid).children())]
-        return []
+        return process_tree(self._proc.pid if self._proc is not None else None)
 
     async def latencies(self) -> list[float]:
         """Milliseconds from `sent_ms` to arrival of each request logged since the last call."""

@@ -112,6 +112,25 @@ async def produce(bootstrap: str, topic: str, values: Iterable[bytes]) -> None:
         await producer.stop()
 
 
+def process_tree(pid: int | None) -> list[int]:
+    """A process and its descendants as they are now (a daemon's workers, Postgres's backends, nginx's worker)."""
+    if pid is None:
+        return []
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU of these processes so far (those that have ended count nothing)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += sum(psutil.Process(pid).cpu_times()[:2])
+    return total
+
+
 def _status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -202,12 +221,7 @@ class DaemonRun:
     def cpu_seconds(self) -> float:
         """CPU time of the daemon so far, its workers' included."""
         assert self.proc is not None
-        process = psutil.Process(self.proc.pid)
-        total = 0.0
-        for p in [process, *process.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess):  # a worker that ended between the listing and the read
-                total += sum(p.cpu_times()[:2])
-        return total
+        return cpu_seconds(process_tree(self.proc.pid))
 
     def rss_mib(self) -> float:
         assert self.proc is not None

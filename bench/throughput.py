@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import time
 import uuid
@@ -27,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from bench.receivers import Receiver
-from bench.stack import SECRET, DaemonRun, Stack, event_doc, produce
+from bench.stack import SECRET, DaemonRun, Stack, cpu_seconds, event_doc, produce
 from webhookd.delivery.egress import EgressPolicy
 from webhookd.delivery.http_client import ClientLimits, HttpClient
 from webhookd.delivery.payload import build_body
@@ -59,15 +58,6 @@ class Run:
     @classmethod
     def of(cls, deliveries: int, seconds: float, cpu_seconds: float) -> Run:
         return cls(deliveries / seconds, cpu_seconds / deliveries * 1e6)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU of these processes so far (those that have ended count nothing)."""
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += sum(psutil.Process(pid).cpu_times()[:2])
-    return total
 
 
 async def ceiling(url: str, bodies: list[bytes], concurrency: int = CONCURRENCY) -> Run:

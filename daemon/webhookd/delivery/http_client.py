@@ -95,7 +95,7 @@ class HttpClient:
                 connection.close()
         self._idle.clear()
         self._idle_count = 0
-        # The transports finish closing on the next iterations of the loop (TLS ones send their close_notify).
+        # Aborted transports let go of their sockets on the loop's next iteration.
         await asyncio.sleep(0)
 
     # -- connections

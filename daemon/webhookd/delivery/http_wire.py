@@ -52,7 +52,6 @@ class WireProtocol(asyncio.Protocol):
             lenient_headers=True, lenient_optional_cr_before_lf=True, lenient_spaces_after_chunk_size=True
         )
         self._waiter: asyncio.Future[Response] | None = None
-        self.open = False
         self.reusable = False
         self.idle_since = 0.0
         self._interim = 0
@@ -78,8 +77,7 @@ class WireProtocol(asyncio.Protocol):
         """Send `request`; the future ends with the response, or with the error that ended the connection."""
         assert self._waiter is None, "one exchange at a time"
         transport = self._transport
-        if transport is None or transport.is_closing():
-            # The receiver's close is on its way to connection_lost: the connection only looks open.
+        if transport is None or not self.open:
             raise StaleConnection("the connection was closed while idle")
         self.reusable = False
         self._reset()
@@ -93,8 +91,12 @@ class WireProtocol(asyncio.Protocol):
             raise StaleConnection("the connection was closed while idle") from exc
         return waiter
 
+    @property
+    def open(self) -> bool:
+        """Connected, and neither side has begun to close (a receiver's close may still be on its way here)."""
+        return self._transport is not None and not self._transport.is_closing()
+
     def close(self) -> None:
-        self.open = False
         self.reusable = False
         if self._transport is not None:
             # abort, not close: nothing of ours is left to send, and a receiver that stopped reading must not
@@ -106,7 +108,6 @@ class WireProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without deriving from it.
         self._transport = cast(asyncio.Transport, transport)
-        self.open = True
 
     def data_received(self, data: bytes) -> None:
         if self._waiter is None:
@@ -140,7 +141,6 @@ class WireProtocol(asyncio.Protocol):
         return False  # let the transport close; connection_lost settles the exchange
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
         self.reusable = False
         if self._waiter is None:
             return

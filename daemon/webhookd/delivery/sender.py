@@ -1,4 +1,4 @@
-"""One HTTP attempt: sign, POST, and classify what came back.
+"""One HTTP attempt: lay the request out for its target, sign it, POST it, and classify what came back.
 
 Every way an attempt can end becomes an AttemptResult with a bounded `result` label; nothing a receiver does (hang,
 drip, redirect, huge body, reset) escapes as an exception or holds more than a small, fixed amount of memory.
@@ -6,33 +6,19 @@ drip, redirect, huge body, reset) escapes as an exception or holds more than a s
 
 from __future__ import annotations
 
-import base64
 import email.utils
 import re
 import time
-from dataclasses import dataclass
-
-from yarl import URL
 
 from webhookd import __version__
-from webhookd.delivery.egress import BlockedDestination, EgressPolicy, literal_address
-from webhookd.delivery.http_client import HttpClient, Origin
+from webhookd.delivery.egress import BlockedDestination, EgressPolicy
+from webhookd.delivery.http_client import HttpClient
 from webhookd.delivery.signing import Signer
+from webhookd.delivery.targets import Target, Targets
 from webhookd.model import AttemptResult, AttemptResultLabel, Delivery
 
 # What is neither 2xx nor 3xx-5xx (1xx, or a status past 599) counts as a server error: the receiver is broken.
 _STATUS_CLASSES: dict[int, AttemptResultLabel] = {3: "3xx", 4: "4xx", 5: "5xx"}
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A target URL as every attempt to it uses it: where to connect, and the head its requests share."""
-
-    origin: Origin | None
-    head: str  # the request line and the headers that depend only on the URL, each line ending in CRLF
-    refusal: str | None = None  # why the egress rules forbid it (None: allowed so far; names are checked at connect)
-    fault: str | None = None  # why no request can be made of it at all
-    authorized: bool = False  # the head carries Basic authentication from the URL's credentials
 
 
 class Sender:
@@ -49,13 +35,9 @@ class Sender:
     ) -> None:
         self._client = client
         self._signer = signer
-        self._https_only = https_only
-        self._policy = policy
         self._timeout = timeout_seconds
         self._max_retry_after = max_retry_after
-        self._user_agent = f"webhookd/{__version__}"
-        # Each target URL parsed, judged and laid out once, not per attempt: all are pure functions of its text.
-        self._targets: dict[str, Target] = {}
+        self._targets = Targets(policy, https_only, f"webhookd/{__version__}")
 
     def request(self, delivery: Delivery, target: Target, now: float) -> bytes:
         """The whole request of one attempt, signed at `now`."""
@@ -77,7 +59,7 @@ class Sender:
 
     async def attempt(self, delivery: Delivery) -> AttemptResult:
         started = time.monotonic()
-        target = self._targets.get(delivery.webhook.target_url) or self._learn(delivery.webhook.target_url)
+        target = self._targets.get(delivery.webhook.target_url)
         if target.refusal is not None:
             return AttemptResult("blocked", error=target.refusal)
         try:
@@ -106,54 +88,6 @@ class Sender:
     async def close(self) -> None:
         await self._client.close()
 
-    def _learn(self, text: str) -> Target:
-        if len(self._targets) >= _TARGETS_REMEMBERED:
-            self._targets.clear()
-        target = self._targets[text] = self._target(text)
-        return target
-
-    def _target(self, text: str) -> Target:
-        try:
-            url = URL(text)
-        except (TypeError, ValueError) as exc:
-            return Target(None, "", fault=f"the target URL cannot be read: {exc}")
-        if url.scheme not in ("http", "https"):
-            return Target(None, "", fault=f"the target URL's scheme {url.scheme!r} is neither http nor https")
-        if self._https_only and url.scheme != "https":
-            return Target(None, "", refusal="egress.https_only forbids plain http targets")
-        host = url.raw_host
-        if not host or url.port is None:
-            return Target(None, "", fault="the target URL names no host")
-        refusal = self._refusal(host)
-        authorization = ""
-        if url.raw_user is not None or url.raw_password is not None:
-            # Credentials in the URL become Basic authentication, as browsers and HTTP clients make of them.
-            try:
-                credentials = f"{url.user or ''}:{url.password or ''}".encode("latin-1")
-            except UnicodeEncodeError:
-                return Target(None, "", fault="the target URL's credentials are not Latin-1 text")
-            authorization = f"Authorization: Basic {base64.b64encode(credentials).decode()}\r\n"
-        path, host_port = url.raw_path_qs or "/", url.host_port_subcomponent or host
-        if any(c in path or c in host_port for c in "\r\n\0 "):
-            return Target(None, "", fault="the target URL holds a space or a control character")
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host_port}\r\n{authorization}"
-            f"Content-Type: application/json\r\nUser-Agent: {self._user_agent}\r\n"
-        )
-        return Target(Origin(url.scheme == "https", host, url.port), head, refusal, authorized=bool(authorization))
-
-    def _refusal(self, host: str) -> str | None:
-        """Why the policy forbids this host's literal address, or None (names are checked when resolved)."""
-        if "%" in host:
-            # A zone id only makes sense for link-local addresses, and getaddrinfo reads forms ipaddress does not.
-            return "an address with a zone id is a forbidden destination"
-        literal = literal_address(host)
-        if literal is None and ":" in host:
-            return "an IPv6 address that cannot be read is a forbidden destination"
-        if literal is not None and not self._policy.allows(literal):
-            return f"{literal} is a forbidden destination"
-        return None
-
     def _retry_after(self, value: str | None) -> float | None:
         if not value:
             return None
@@ -168,9 +102,6 @@ class Sender:
                 return None
         return max(0.0, min(seconds, self._max_retry_after))
 
-
-# Far more distinct target URLs than a deployment has; a full cache is dropped, not evicted one by one.
-_TARGETS_REMEMBERED = 100_000
 
 _DELTA_SECONDS = re.compile(r"[0-9]{1,10}")
 
