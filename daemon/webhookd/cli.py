@@ -169,28 +169,37 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _connect(settings: Settings) -> asyncpg.Connection[Any] | None:
-    """A connection made as the daemon makes its own (TLS included), or None after saying why not."""
-    from webhookd.runtime.tls import TLSError, postgres_connect
+async def _connect(settings: Settings, *, attempt_log: bool = False) -> asyncpg.Connection[Any] | None:
+    """A connection made as the daemon makes its own (TLS included), or None after saying why not; to the attempt
+    log's database (postgres.attempts_dsn) with `attempt_log`."""
+    from webhookd.runtime.tls import TLSError, transport
 
     try:
-        postgres = postgres_connect(settings.postgres)
+        links = transport(settings)
     except TLSError as exc:
         print(f"webhookd: {exc}", file=sys.stderr)
         return None
+    postgres, key = (links.attempts, "postgres.attempts_dsn") if attempt_log else (links.postgres, "postgres.dsn")
     try:
         return await asyncpg.connect(postgres.dsn, ssl=postgres.ssl, timeout=10)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        print(f"webhookd: cannot connect to Postgres (postgres.dsn): {exc}", file=sys.stderr)
+        print(f"webhookd: cannot connect to Postgres ({key}): {exc}", file=sys.stderr)
         return None
 
 
 async def _operate(settings: Settings, args: argparse.Namespace) -> int:
     from webhookd.operate import delivery_commands, endpoint_commands, replay
+    from webhookd.operate.attempt_history import AttemptHistory
     from webhookd.operate.output import NotFound, UsageError
 
     conn = await _connect(settings)
     if conn is None:
+        return EXIT_FAILURE
+    log_conn: asyncpg.Connection[Any] | None = conn
+    if settings.postgres.attempts_dsn is not None and args.command == "deliveries":
+        log_conn = await _connect(settings, attempt_log=True)
+    if log_conn is None:
+        await conn.close()
         return EXIT_FAILURE
     table = settings.postgres.subscriptions_table_sql
     try:
@@ -201,7 +210,7 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
                 "retry": delivery_commands.retry_deliveries,
                 "replay": replay.command(settings),
             }[args.action]
-            return await action(conn, args)
+            return await action(conn, args, AttemptHistory(conn, log_conn, table))
         if args.command == "webhooks":
             from webhookd.operate import webhook_commands
 
@@ -232,6 +241,8 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     finally:
         await conn.close()
+        if log_conn is not conn:
+            await log_conn.close()
 
 
 async def _migrate(settings: Settings) -> int:
@@ -240,12 +251,25 @@ async def _migrate(settings: Settings) -> int:
     conn = await _connect(settings)
     if conn is None:
         return EXIT_FAILURE
+    log_conn = None
+    if settings.postgres.attempts_dsn is not None:
+        log_conn = await _connect(settings, attempt_log=True)
+        if log_conn is None:
+            await conn.close()
+            return EXIT_FAILURE
     try:
-        applied = await migrate(conn, settings.postgres.subscriptions_table_sql)
+        applied = await migrate(
+            conn,
+            settings.postgres.subscriptions_table_sql,
+            log_conn,
+            retention=settings.endpoints.attempt_log_retention_seconds,
+        )
     except asyncpg.PostgresError as exc:
         print(f"webhookd: migration failed: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     finally:
         await conn.close()
+        if log_conn is not None:
+            await log_conn.close()
     print(f"schema up to date ({len(applied)} migration(s) applied: {', '.join(applied) or 'none needed'})")
     return EXIT_OK

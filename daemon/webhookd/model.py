@@ -26,11 +26,15 @@ Deferral = Literal["circuit_open", "rate_limited", "endpoint_busy", "record_orde
 # updates that changed nothing a receiver sees, changes of schemas that are no Twenty workspace, and changes of
 # objects Twenty never sends to webhooks (timelineActivity).
 SkipReason = Literal["tombstone", "truncate", "message", "snapshot", "unchanged", "not_twenty", "not_sent_by_twenty"]
+# What the attempt log keeps of a first-try success (`endpoints.attempt_log`), and so the form of its rows: the
+# `form` label of the attempt-log metrics. Failures, retries and filtered pairs are kept in full in every mode.
+AttemptLogForm = Literal["full", "compact", "aggregate"]
 
 ATTEMPT_RESULTS: Final[tuple[AttemptResultLabel, ...]] = get_args(AttemptResultLabel)
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
 DEFERRALS: Final[tuple[Deferral, ...]] = get_args(Deferral)
 SKIPS: Final[tuple[SkipReason, ...]] = get_args(SkipReason)
+ATTEMPT_LOG_FORMS: Final[tuple[AttemptLogForm, ...]] = get_args(AttemptLogForm)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.support import (
+    OLD_ATTEMPT_LOG,
     Receiver,
     add_webhook,
     config_for,
@@ -79,7 +80,11 @@ async def scene(kafka: str, dsn: str, topic: str, receiver: Receiver) -> AsyncIt
 
 
 async def _logged_attempts(dsn: str, n: int) -> bool:
-    return int((await fetch(dsn, "SELECT count(*) AS n FROM webhookd.attempts"))[0]["n"]) == n
+    rows = await fetch(
+        dsn,
+        "SELECT (SELECT count(*) FROM webhookd.attempt_log) + (SELECT count(*) FROM webhookd.first_tries) AS n",
+    )
+    return int(rows[0]["n"]) == n
 
 
 async def _dead(dsn: str, n: int) -> bool:
@@ -187,11 +192,15 @@ async def _log_attempt(
     result: str = "2xx",
     error: str | None = None,
     source: str | None,
+    table: str = "attempt_log",
 ) -> None:
-    """An attempt-log row as the daemon writes one, for the cases a single run does not leave behind."""
+    """An attempt-log row as the daemon writes one, for the cases a single run does not leave behind; `table`
+    'attempts' is the attempt log of earlier releases."""
+    if table == "attempts":
+        await fetch(scene.dsn, OLD_ATTEMPT_LOG)
     await fetch(
         scene.dsn,
-        "INSERT INTO webhookd.attempts (event_id, webhook_id, workspace_id, event_name, attempt, at, duration_ms, "
+        f"INSERT INTO webhookd.{table} (event_id, webhook_id, workspace_id, event_name, attempt, at, duration_ms, "
         "result, status, error, source) VALUES ($1, $2::uuid, $3::uuid, 'person.created', $4, now(), 1, $5, "
         "CASE WHEN $5 = '2xx' THEN 200 END, $6, $7)",
         event_id,
@@ -313,7 +322,7 @@ async def test_replay_reports_records_gone_from_kafka_and_replays_the_rest(scene
     await _log_attempt(scene, "before-sources", scene.good, source=None)
     # Where e0 came from now holds another event as far as this row knows: a recreated topic reuses positions.
     e0 = await fetch(
-        scene.dsn, "SELECT source FROM webhookd.attempts WHERE event_id = 'e0' AND webhook_id = $1", scene.good
+        scene.dsn, "SELECT source FROM webhookd.first_tries WHERE event_id = 'e0' AND webhook_id = $1", scene.good
     )
     await _log_attempt(scene, "imposter", scene.good, source=e0[0]["source"])
 
@@ -442,8 +451,8 @@ async def test_replay_warns_that_first_try_successes_older_than_the_attempt_log_
     status, out = await scene.cli("deliveries", "replay", "--webhook", scene.good, "--since", "30d", "--dry-run")
     assert status == 0, out
     assert "warning: first-try successes before " in out
-    assert "are no longer in the attempt log and cannot be found" in out
-    assert "it keeps 14 days: endpoints.attempt_log_retention_seconds" in out
+    assert "may be gone from the attempt log and then cannot be found" in out
+    assert "it keeps whole days, 14 days at least: endpoints.attempt_log_retention_seconds" in out
     assert "3 would be replayed (0 reset, 3 read again from Kafka)" in out, "the recent ones are still found"
     dry = await scene.json("deliveries", "replay", "--webhook", scene.good, "--since", "30d", "--dry-run")
     assert len(dry["warnings"]) == 1
@@ -461,7 +470,7 @@ async def test_replay_warns_that_first_try_successes_older_than_the_attempt_log_
     replay = ("deliveries", "replay", "--webhook", scene.good, "--dry-run", "--config", scene.config)
     status, out = await webhookd_cli(*replay, "--since", "1h", env=env)
     assert status == 0, out
-    assert "(it keeps 600 seconds: endpoints.attempt_log_retention_seconds)" in out
+    assert "(it keeps whole days, 600 seconds at least: endpoints.attempt_log_retention_seconds)" in out
     status, out = await webhookd_cli(*replay, "--since", "5m", env=env)
     assert status == 0, out
     assert "warning" not in out
@@ -478,9 +487,9 @@ async def test_replay_keeps_both_pairs_of_a_reused_event_id_and_prefers_the_row_
     await _log_attempt(scene, "reused", scene.good, source=f"{scene.topic}:0:999990")
     await _log_attempt(scene, "reused", scene.good, source=f"{scene.topic}:1:999990")
     # Logged by a webhookd without sources, then again (after a restart) by one with: one pair, with its source.
-    await _log_attempt(scene, "upgraded", scene.good, source=None)
+    await _log_attempt(scene, "upgraded", scene.good, source=None, table="attempts")
     await _log_attempt(scene, "upgraded", scene.good, source=f"{scene.topic}:2:999990")
-    await _log_attempt(scene, "old", scene.good, source=None)
+    await _log_attempt(scene, "old", scene.good, source=None, table="attempts")
     # A pair with a row of its own hides only its own first try, not another pair's under the same id.
     await fetch(
         scene.dsn,

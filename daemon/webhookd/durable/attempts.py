@@ -1,30 +1,43 @@
 """The attempt log: every HTTP attempt, kept in Postgres for operators, written with COPY in batches.
 
-Adding an attempt only appends a tuple to a list; a background task copies the list to `webhookd.attempts` every
-second, so the hot path never waits on Postgres. The log is for diagnosis, not for delivery, so nothing in it may
-stop the daemon: if Postgres stays away long enough for the buffer to fill, the oldest entries are let go, and a
-warning says how many; a batch Postgres refuses for good (a value it rejects, a permission or column taken away) is
-let go with an error saying why, and the writer goes on with the next. Old attempts are pruned after the retention
-period, in small batches so that no long lock or transaction builds up.
+What is kept of an attempt depends on what it was, and for a first-try success (attempt 1, a 2xx, and no row of
+its own in webhookd.deliveries) on `endpoints.attempt_log`:
+
+- failures, every attempt of a delivery that has a row (retries, deferred deliveries) and, but with 'aggregate',
+  the pairs a webhook's filter kept back: a row of `webhookd.attempt_log` in full, whatever the mode;
+- a first-try success: with 'full' the same full row; with 'compact' a row of `webhookd.first_tries` with what
+  `deliveries show` and `deliveries replay` need (event, webhook, source, time, duration, status); with
+  'aggregate' only a count in `webhookd.attempt_counts`, per webhook and minute, as are filtered pairs.
+
+Adding an attempt only appends a tuple to a list; a background task copies the lists to Postgres every second, so
+the hot path never waits on Postgres. The log is for diagnosis, not for delivery, so nothing in it may stop the
+daemon: if Postgres stays away long enough for a buffer to fill, its oldest entries are let go, and a warning says
+how many; a batch Postgres refuses for good (a value it rejects, a permission or column taken away) is let go with
+an error saying why, and the writer goes on with the next. The counts of a minute are written once the minute is
+over (a process killed loses at most its current minute's counts). The tables are partitioned by day and kept by
+`attempt_partitions`: retention drops whole days.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import structlog
 
+from webhookd.durable.attempt_partitions import TABLES, form_stats, keep, retire_old_table
 from webhookd.durable.outcomes import clean_text
 from webhookd.durable.transient import TRANSIENT
-from webhookd.model import AttemptResult, Delivery, Event
+from webhookd.model import ATTEMPT_LOG_FORMS, AttemptLogForm, AttemptResult, Delivery, Event
+from webhookd.runtime.metrics import Metrics
 
 log = structlog.get_logger("webhookd.durable.attempts")
 
-_COLUMNS = (
+_FULL = (
     "event_id",
     "webhook_id",
     "workspace_id",
@@ -36,20 +49,28 @@ _COLUMNS = (
     "status",
     "error",
     "source",
+    "row_id",
 )
+_COMPACT = ("event_id", "webhook_id", "source", "at", "duration_ms", "status")
+_COUNTS = ("minute", "webhook_id", "result", "attempts", "duration_ms", "max_duration_ms")
 _EXCERPT = 300  # characters of an error or response body kept per attempt
-_PRUNE = """
-DELETE FROM webhookd.attempts WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM webhookd.attempts WHERE at < now() - make_interval(secs => $1) LIMIT 10000
-))
-"""
+# How often the partitions are made and dropped, and how often their sizes are read for the metrics.
+_KEEP_SECONDS = 300.0
+_STATS_SECONDS = 60.0
+
+# A minute's counts of one webhook and result: [attempts, sum of their durations (ms), the longest (ms)].
+_Count = list[float]
 
 
 def transient(exc: BaseException) -> bool:
     """Whether copying the same rows again may succeed. asyncpg reports a value it cannot encode (an integer out of
     range) as a DataError that is also an InterfaceError, which TRANSIENT lists for connections that broke: that one
-    would fail again forever, and is a ValueError too."""
-    return isinstance(exc, TRANSIENT) and not isinstance(exc, ValueError)
+    would fail again forever, and is a ValueError too. A row whose day has no partition yet waits for one."""
+    return (isinstance(exc, TRANSIENT) and not isinstance(exc, ValueError)) or _no_partition(exc)
+
+
+def _no_partition(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.CheckViolationError) and "no partition" in str(exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -57,27 +78,47 @@ def _describe(exc: BaseException) -> str:
 
 
 class AttemptLog:
-    """Buffers attempts and copies them to Postgres; `run` is the writer, `close` flushes what is left."""
+    """Buffers attempts and copies them to Postgres; `run` is the writer and keeper, `close` flushes what is left.
+
+    `pool` reaches the attempt log's database; `main_pool` the daemon's own (the same unless postgres.attempts_dsn
+    is set), where the attempt log of earlier releases waits to be dropped.
+    """
 
     def __init__(
         self,
         pool: asyncpg.Pool,
         retention_seconds: float,
+        mode: AttemptLogForm = "compact",
+        *,
+        metrics: Metrics | None = None,
+        main_pool: asyncpg.Pool | None = None,
         flush_interval: float = 1.0,
         max_buffered: int = 200_000,
-        prune_interval: float = 600.0,
     ) -> None:
         self._pool = pool
+        self._main_pool = main_pool if main_pool is not None else pool
         self._retention = retention_seconds
+        self.mode = mode
+        self._metrics = metrics
         self._flush_interval = flush_interval
         self._max_buffered = max_buffered
-        self._prune_interval = prune_interval
-        self._rows: list[tuple[Any, ...]] = []
+        self._full: list[tuple[Any, ...]] = []
+        self._compact: list[tuple[Any, ...]] = []
+        self._counts: dict[tuple[int, str, str], _Count] = {}
         self._dropped = 0
 
     def add(self, delivery: Delivery, attempt: int, result: AttemptResult) -> None:
+        ms = result.duration * 1000
+        if self.mode != "full" and result.ok and attempt == 1 and delivery.row_id is None:
+            if self.mode == "compact":
+                row = (delivery.event_id, delivery.webhook.id, delivery.source, datetime.now(UTC), ms, result.status)
+                self._compact.append(row)
+                self._trim(self._compact)
+            else:
+                self._count(delivery.webhook.id, "2xx", ms)
+            return
         error = result.describe() if not result.ok else None
-        self._rows.append(
+        self._full.append(
             (
                 delivery.event_id,
                 delivery.webhook.id,
@@ -85,104 +126,172 @@ class AttemptLog:
                 delivery.event_name,
                 attempt,
                 datetime.now(UTC),
-                result.duration * 1000,
+                ms,
                 result.result,
                 result.status,
                 clean_text(error[:_EXCERPT]) if error else None,
                 delivery.source,
+                delivery.row_id,
             )
         )
-        self._trim()
+        self._trim(self._full)
 
     def add_filtered(self, event: Event, webhook_id: str, source: str, why: str) -> None:
         """A pair that a webhook's filter kept from being sent: attempt 0, result `filtered`, never a failure; it is
-        here so that `deliveries show --event` can say why nothing went out."""
-        self._rows.append(
-            (
-                event.id,
-                webhook_id,
-                event.workspace_id,
-                event.name,
-                0,
-                datetime.now(UTC),
-                0.0,
-                "filtered",
-                None,
-                clean_text(why[:_EXCERPT]),
-                source,
-            )
-        )
-        self._trim()
+        here so that `deliveries show --event` can say why nothing went out (with 'aggregate', only counted)."""
+        if self.mode == "aggregate":
+            self._count(webhook_id, "filtered", 0.0)
+            return
+        row = (event.id, webhook_id, event.workspace_id, event.name, 0, datetime.now(UTC), 0.0, "filtered", None)
+        self._full.append((*row, clean_text(why[:_EXCERPT]), source, None))
+        self._trim(self._full)
 
-    def _trim(self) -> None:
-        if len(self._rows) > self._max_buffered:
-            excess = len(self._rows) - self._max_buffered
-            del self._rows[:excess]
+    def _count(self, webhook_id: str, result: str, ms: float) -> None:
+        key = (int(time.time()) // 60, webhook_id, result)
+        count = self._counts.get(key)
+        if count is None:
+            self._counts[key] = [1, ms, ms]
+        else:
+            count[0] += 1
+            count[1] += ms
+            count[2] = max(count[2], ms)
+
+    def _trim(self, rows: list[tuple[Any, ...]]) -> None:
+        if len(rows) > self._max_buffered:
+            excess = len(rows) - self._max_buffered
+            del rows[:excess]
             self._dropped += excess
 
     async def run(self) -> None:
-        """The writer: flushes every `flush_interval` and prunes every `prune_interval`, until cancelled. No error
-        of the log's own ends it: deliveries must not stop for want of diagnostics."""
+        """The writer: flushes every `flush_interval`, and keeps the partitions (at once, then every few minutes),
+        until cancelled. No error of the log's own ends it: deliveries must not stop for want of diagnostics."""
         loop = asyncio.get_running_loop()
-        next_prune = loop.time() + 5.0
+        next_keep = next_stats = loop.time()
         while True:
+            if loop.time() >= next_keep:
+                await self.maintain()
+                next_keep = next_stats = loop.time() + _KEEP_SECONDS
+            elif loop.time() >= next_stats:
+                await self._read_stats()
+                next_stats = loop.time() + _STATS_SECONDS
             await asyncio.sleep(self._flush_interval)
             try:
                 await self.flush()
             except Exception as exc:  # flush() raises only errors that may pass, its batch still buffered
-                log.warning("attempt_log_write_retrying", error=_describe(exc), buffered=len(self._rows))
-                continue
-            if loop.time() < next_prune:
-                continue
-            try:
-                await self.prune()
-            except Exception as exc:
-                if transient(exc):
-                    log.warning("attempt_log_prune_retrying", error=_describe(exc))
-                    continue  # at the next flush
-                # Trying every second would only repeat the error; old attempts wait one more interval.
-                log.error("attempt_log_prune_failed", error=_describe(exc), retry_in_seconds=self._prune_interval)
-            next_prune = loop.time() + self._prune_interval
+                buffered = len(self._full) + len(self._compact)
+                log.warning("attempt_log_write_retrying", error=_describe(exc), buffered=buffered)
 
-    async def flush(self) -> int:
-        """Copy the buffered attempts to Postgres; returns how many.
+    async def maintain(self) -> None:
+        """Make the coming days' partitions, drop those past the retention, drop the table of earlier releases once
+        nothing needs it, and read the sizes for the metrics. Errors are logged: the next round tries again."""
+        try:
+            created, dropped = await keep(self._pool, self._retention)
+            if created or dropped:
+                log.info("attempt_log_partitions_kept", created=created, dropped=dropped)
+            if await retire_old_table(self._main_pool, self._retention):
+                log.info("attempt_log_old_table_dropped", table="webhookd.attempts")
+        except Exception as exc:
+            # A partition missing when its day comes is made by the first write that needs it (flush).
+            log.warning("attempt_log_keep_failed", error=_describe(exc), retry_in_seconds=_KEEP_SECONDS)
+        await self._read_stats()
+
+    async def _read_stats(self) -> None:
+        if self._metrics is None:
+            return
+        try:
+            stats = await form_stats(self._pool)
+        except Exception as exc:
+            log.warning("attempt_log_stats_failed", error=_describe(exc))
+            return
+        m = self._metrics
+        for form, s in stats.items():
+            m.attempt_log_bytes.labels(form).set(s.bytes)
+            m.attempt_log_partitions.labels(form).set(s.partitions)
+            age = (datetime.now(UTC) - s.oldest_day).total_seconds() if s.oldest_day is not None else 0.0
+            m.attempt_log_oldest_partition_age.labels(form).set(age)
+
+    async def flush(self, *, final: bool = False) -> int:
+        """Copy the buffered attempts (and the counts of the minutes that are over, or all of them when `final`) to
+        Postgres; returns how many rows.
 
         On a transient error the batch stays buffered and the error is raised. On any other the batch is let go, as
         it would fail again forever, with an `attempt_log_write_failed` error that says why; 0 is returned.
         """
         if self._dropped:
-            log.warning("attempt_log_overflow", dropped=self._dropped, kept=len(self._rows))
+            log.warning("attempt_log_overflow", dropped=self._dropped, kept=len(self._full) + len(self._compact))
+            if self._metrics is not None:
+                self._metrics.attempt_log_dropped.inc(self._dropped)
             self._dropped = 0
-        rows, self._rows = self._rows, []
-        if not rows:
+        full, self._full = self._full, []
+        compact, self._compact = self._compact, []
+        counts = self._take_counts(final)
+        total = len(full) + len(compact) + len(counts)
+        if not total:
             return 0
+        started = time.perf_counter()
         try:
-            async with self._pool.acquire() as conn:
-                await conn.copy_records_to_table("attempts", schema_name="webhookd", columns=_COLUMNS, records=rows)
+            await self._write(full, compact, counts)
         except BaseException as exc:
             if isinstance(exc, Exception) and not transient(exc):
-                log.error("attempt_log_write_failed", error=_describe(exc), dropped=len(rows))
+                log.error("attempt_log_write_failed", error=_describe(exc), dropped=total)
+                if self._metrics is not None:
+                    self._metrics.attempt_log_dropped.inc(total)
                 return 0
             # Kept for the next flush, or for close() when the writer was cancelled in the middle of the copy.
-            self._rows[:0] = rows
-            self._trim()
+            self._full[:0] = full
+            self._compact[:0] = compact
+            self._put_back(counts)
+            self._trim(self._full)
+            self._trim(self._compact)
             raise
-        return len(rows)
+        if self._metrics is not None:
+            self._metrics.attempt_log_write_duration.observe(time.perf_counter() - started)
+            for form, rows in zip(ATTEMPT_LOG_FORMS, (full, compact, counts), strict=True):
+                if rows:
+                    self._metrics.attempt_log_rows_by_form[form].inc(len(rows))
+        return total
 
-    async def prune(self) -> int:
-        """Delete attempts older than the retention period; returns how many went."""
-        removed = 0
-        while True:
-            status = await self._pool.execute(_PRUNE, self._retention)
-            count = int(status.rpartition(" ")[2])
-            removed += count
-            if count < 10000:
-                break
-        if removed:
-            log.info("attempt_log_pruned", removed=removed)
-        return removed
+    def _take_counts(self, final: bool) -> list[tuple[Any, ...]]:
+        now = int(time.time()) // 60
+        done = [key for key in self._counts if final or key[0] < now]
+        rows = []
+        for key in done:
+            n, total_ms, max_ms = self._counts.pop(key)
+            rows.append((datetime.fromtimestamp(key[0] * 60, UTC), key[1], key[2], int(n), total_ms, max_ms))
+        return rows
+
+    def _put_back(self, rows: list[tuple[Any, ...]]) -> None:
+        for minute, webhook_id, result, n, total_ms, max_ms in rows:
+            key = (int(minute.timestamp()) // 60, webhook_id, result)
+            count = self._counts.setdefault(key, [0, 0.0, 0.0])
+            count[0] += n
+            count[1] += total_ms
+            count[2] = max(count[2], max_ms)
+
+    async def _write(
+        self, full: list[tuple[Any, ...]], compact: list[tuple[Any, ...]], counts: list[tuple[Any, ...]]
+    ) -> None:
+        batches = [(TABLES["full"], _FULL, full), (TABLES["compact"], _COMPACT, compact)]
+        batches.append((TABLES["aggregate"], _COUNTS, counts))
+        async with self._pool.acquire() as conn:
+            for second_try in (False, True):
+                try:
+                    # One transaction: a batch is written whole or stays buffered whole.
+                    async with conn.transaction():
+                        for table, columns, rows in batches:
+                            if rows:
+                                await conn.copy_records_to_table(
+                                    table, schema_name="webhookd", columns=columns, records=rows
+                                )
+                    return
+                except asyncpg.CheckViolationError as exc:
+                    # A day without its partition yet: past midnight before the keeper's round, or a database
+                    # migrated days before the first daemon.
+                    if second_try or not _no_partition(exc):
+                        raise
+                    await keep(conn, self._retention)
 
     async def close(self, timeout: float) -> None:
-        """Write what is buffered, within `timeout`."""
+        """Write what is buffered, the current minute's counts included, within `timeout`."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.flush(), timeout)
+            await asyncio.wait_for(self.flush(final=True), timeout)

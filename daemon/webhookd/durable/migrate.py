@@ -1,7 +1,9 @@
 """Creates and upgrades the database objects webhookd needs; safe to run any number of times, from any replica.
 
 Two kinds of objects are managed here. The `webhookd` schema is ours: its SQL files in `migrations/` run once each,
-in order, recorded in `webhookd.schema_migrations`. The subscriptions table has Twenty's layout and, in a Twenty
+in order, recorded in `webhookd.schema_migrations`; those of `migrations/attempt_log/` run the same way in the
+database of the attempt log (`postgres.attempts_dsn`, or the same one), which then gets its first partitions. The
+subscriptions table has Twenty's layout and, in a Twenty
 database, belongs to Twenty: it is created only where it is missing and never altered; we only attach a trigger that
 tells running daemons when a row changes.
 """
@@ -71,38 +73,61 @@ def _subscriptions_ddl(table: str) -> str:
     """
 
 
-async def migrate(conn: asyncpg.Connection, table: str) -> list[str]:
+async def migrate(
+    conn: asyncpg.Connection, table: str, attempts: asyncpg.Connection | None = None, *, retention: float = 1209600.0
+) -> list[str]:
     """Bring the database up to date and return the names of the migrations applied now.
 
     `table` is the subscriptions table already quoted for SQL, with its schema if it has one ('"core"."webhook"').
+    `attempts` is a connection to the attempt log's own database, if it has one; `retention` is the attempt log's
+    (`endpoints.attempt_log_retention_seconds`), which decides the partitions to drop.
     """
-    applied: list[str] = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK_KEY)
-        await conn.execute(
-            """
-            DO $create_schema$ BEGIN
-                -- Only where missing, so that a migrated database asks no CREATE on the database of later runs.
-                IF to_regnamespace('webhookd') IS NULL THEN CREATE SCHEMA webhookd; END IF;
-            END $create_schema$;
-            CREATE TABLE IF NOT EXISTS webhookd.schema_migrations (
-                name       text PRIMARY KEY,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            );
-            """
-        )
-        done = {r["name"] for r in await conn.fetch("SELECT name FROM webhookd.schema_migrations")}
-        for name, sql in _migration_files():
-            if name in done:
-                continue
-            await conn.execute(sql)
-            await conn.execute("INSERT INTO webhookd.schema_migrations (name) VALUES ($1)", name)
-            applied.append(name)
+        applied = await _apply(conn, _migration_files(""))
         await conn.execute(_subscriptions_ddl(table))
+    log_conn = attempts if attempts is not None else conn
+    async with log_conn.transaction():
+        applied += await _apply(log_conn, _migration_files(ATTEMPT_LOG))
+        await log_conn.execute("SELECT webhookd.keep_attempt_partitions($1, $2)", retention, DAYS_AHEAD)
     return applied
 
 
-def _migration_files() -> list[tuple[str, str]]:
+# The folder of the attempt log's migrations, and its prefix in the names recorded.
+ATTEMPT_LOG = "attempt_log"
+# Days of partitions made ahead of time: the daemons make more every few minutes, so two are enough for a database
+# no daemon writes to for a day after `migrate`.
+DAYS_AHEAD = 2
+
+
+async def _apply(conn: asyncpg.Connection, files: list[tuple[str, str]]) -> list[str]:
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATE_LOCK_KEY)
+    await conn.execute(
+        """
+        DO $create_schema$ BEGIN
+            -- Only where missing, so that a migrated database asks no CREATE on the database of later runs.
+            IF to_regnamespace('webhookd') IS NULL THEN CREATE SCHEMA webhookd; END IF;
+        END $create_schema$;
+        CREATE TABLE IF NOT EXISTS webhookd.schema_migrations (
+            name       text PRIMARY KEY,
+            applied_at timestamptz NOT NULL DEFAULT now()
+        );
+        """
+    )
+    done = {r["name"] for r in await conn.fetch("SELECT name FROM webhookd.schema_migrations")}
+    for name, sql in files:
+        if name in done:
+            continue
+        await conn.execute(sql)
+        await conn.execute("INSERT INTO webhookd.schema_migrations (name) VALUES ($1)", name)
+        applied.append(name)
+    return applied
+
+
+def _migration_files(folder_name: str) -> list[tuple[str, str]]:
+    """The SQL files of `migrations/` or of one of its folders, in order, named as recorded ('attempt_log/0001_...')."""
     folder = resources.files("webhookd.durable") / "migrations"
-    files = sorted((f.name, f.read_text("utf-8")) for f in folder.iterdir() if f.name.endswith(".sql"))
-    return files
+    if folder_name:
+        folder = folder / folder_name
+    prefix = f"{folder_name}/" if folder_name else ""
+    return sorted((prefix + f.name, f.read_text("utf-8")) for f in folder.iterdir() if f.name.endswith(".sql"))

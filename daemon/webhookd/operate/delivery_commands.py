@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from webhookd.endpoints.sync import Connection
+from webhookd.operate.attempt_history import AttemptHistory, Filters
 from webhookd.operate.output import NotFound, UsageError, emit_json, emit_table, plain, since, webhook_id, workspace_id
 
 _LIST_COLUMNS = (
@@ -43,32 +44,6 @@ SELECT id, status, attempts, event_id, event_name, webhook_id::text AS webhook_i
        -- 'infinity': waiting for an earlier delivery of the same record (an ordered webhook), not for a time.
        CASE WHEN status = 'pending' AND isfinite(next_attempt_at) THEN next_attempt_at END AS next_attempt_at
 FROM webhookd.deliveries
-"""
-# First-attempt successes, which only the attempt log knows: those with no row (a delivery deferred before its
-# first attempt has one, and is listed from it).
-_FIRST_TRY = """
-SELECT NULL::bigint AS id, 'delivered' AS status, 1 AS attempts, event_id, event_name,
-       webhook_id::text AS webhook_id, workspace_id::text AS workspace_id, NULL AS source, status AS last_status,
-       NULL AS last_error, at AS created_at, at AS updated_at, at AS delivered_at, NULL::timestamptz AS next_attempt_at
-FROM webhookd.attempts a
-WHERE NOT EXISTS (
-    SELECT 1 FROM webhookd.deliveries d WHERE d.event_id = a.event_id AND d.webhook_id = a.webhook_id
-)
-"""
-# Pairs a webhook's filter kept from being sent: never attempted, so only the attempt log knows them, with the
-# filter's reason as the error. A record read twice (after a crash) logs its pair twice; the newest one speaks.
-_FILTERED = """
-SELECT DISTINCT ON (webhook_id) NULL::bigint AS id, 'filtered' AS status, 0 AS attempts, event_id, event_name,
-       webhook_id::text AS webhook_id, workspace_id::text AS workspace_id, source, NULL::integer AS last_status,
-       NULL AS last_error, error AS reason, at AS created_at, at AS updated_at, NULL::timestamptz AS delivered_at,
-       NULL::timestamptz AS next_attempt_at
-FROM webhookd.attempts
-WHERE event_id = $1 AND result = 'filtered'
-ORDER BY webhook_id, at DESC
-"""
-_ATTEMPTS = """
-SELECT attempt, at, round(duration_ms::numeric, 1)::float8 AS duration_ms, result, status, error
-FROM webhookd.attempts WHERE event_id = $1 AND webhook_id = $2::uuid ORDER BY at
 """
 # A pending row under a live claim is being attempted right now: its attempt settles it, and freeing its claim
 # would let another replica send it at the same time; it is left alone and reported.
@@ -111,16 +86,22 @@ def _filters(args: argparse.Namespace) -> tuple[list[str], list[Any]]:
     return where, values
 
 
-async def list_deliveries(conn: Connection, args: argparse.Namespace) -> int:
+async def list_deliveries(conn: Connection, args: argparse.Namespace, history: AttemptHistory) -> int:
     where, values = _filters(args)
     rows_where = [*where, f"status = '{args.status}'"] if args.status else where  # status is one of argparse's choices
-    parts = [_ROWS + (" WHERE " + " AND ".join(rows_where) if rows_where else "")]
-    if args.status in (None, "delivered"):
-        first_where = [w.replace("updated_at", "at") for w in where] + ["attempt = 1", "result = '2xx'"]
-        parts.append(_FIRST_TRY + " AND " + " AND ".join(f"a.{w}" for w in first_where))
     values.append(args.limit)
-    sql = " UNION ALL ".join(f"({p})" for p in parts) + f" ORDER BY updated_at DESC LIMIT ${len(values)}"
-    rows = [plain(r) for r in await conn.fetch(sql, *values)]
+    sql = _ROWS + (" WHERE " + " AND ".join(rows_where) if rows_where else "")
+    rows = [plain(r) for r in await conn.fetch(sql + f" ORDER BY updated_at DESC LIMIT ${len(values)}", *values)]
+    if args.status in (None, "delivered"):
+        # First-try successes, which only the attempt log knows.
+        asked = Filters(
+            webhook=webhook_id(args.webhook, "--webhook") if args.webhook else None,
+            workspace=workspace_id(args.workspace) if args.workspace else None,
+            event=args.event,
+            since=since(args.since) if args.since else None,
+        )
+        rows += await history.first_tries(asked, args.limit)
+        rows = sorted(rows, key=lambda r: r["updated_at"], reverse=True)[: args.limit]
     if args.json:
         emit_json(rows)
     else:
@@ -130,22 +111,19 @@ async def list_deliveries(conn: Connection, args: argparse.Namespace) -> int:
     return 0
 
 
-async def show_delivery(conn: Connection, args: argparse.Namespace) -> int:
+async def show_delivery(conn: Connection, args: argparse.Namespace, history: AttemptHistory) -> int:
     if args.event is not None:
         rows = await conn.fetch(_ROWS + " WHERE event_id = $1 ORDER BY webhook_id", args.event)
         found = [plain(r) for r in rows]
-        first_try = _FIRST_TRY + " AND a.event_id = $1 AND a.attempt = 1 AND a.result = '2xx'"
-        found += [plain(r) for r in await conn.fetch(first_try, args.event)]
-        found += [plain(r) for r in await conn.fetch(_FILTERED, args.event)]
+        found += await history.first_tries_of_event(args.event)
+        found += await history.filtered(args.event)
     else:
         found = [plain(r) for r in await conn.fetch(_ROWS + " WHERE id = $1", args.id)]
     if not found:
         what = f"event {args.event!r}" if args.event is not None else f"id {args.id}"
         raise NotFound(f"no delivery with {what}")
     for delivery in found:
-        delivery["attempt_log"] = [
-            plain(a) for a in await conn.fetch(_ATTEMPTS, delivery["event_id"], delivery["webhook_id"])
-        ]
+        delivery["attempt_log"] = await history.attempts_of(delivery["event_id"], delivery["webhook_id"])
     if args.json:
         emit_json(found if args.event is not None else found[0])
         return 0
@@ -184,7 +162,7 @@ def _print_delivery(d: dict[str, Any]) -> None:
     if d["attempt_log"]:
         emit_table(d["attempt_log"], _ATTEMPT_COLUMNS)
     else:
-        print("  (none in the attempt log: not attempted yet, or pruned)")
+        print("  (none in the attempt log: not attempted yet, past its retention, or counted only: 'aggregate')")
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +193,8 @@ def print_skipped_disabled(skipped: list[dict[str, Any]]) -> None:
         )
 
 
-async def retry_deliveries(conn: Connection, args: argparse.Namespace) -> int:
+async def retry_deliveries(conn: Connection, args: argparse.Namespace, history: AttemptHistory) -> int:
+    del history  # the rows are all in the deliveries table
     if not args.ids and not args.dead:
         raise UsageError("name delivery ids, or choose dead letters with --dead (and --webhook, --since)")
     if args.ids and (args.dead or args.webhook or args.since or args.all):

@@ -34,6 +34,7 @@ from typing import Any
 
 from webhookd.endpoints.sync import Connection
 from webhookd.model import Event
+from webhookd.operate.attempt_history import AttemptHistory
 from webhookd.operate.delivery_commands import reset_rows
 from webhookd.operate.output import UsageError, emit_json, emit_table, since, webhook_id
 from webhookd.operate.replay_report import SHOWN, Report, finish, print_missed, print_warnings
@@ -45,42 +46,36 @@ from webhookd.runtime.config import Settings
 _DISABLED = "SELECT disabled_at IS NOT NULL FROM webhookd.endpoints WHERE webhook_id = $1::uuid"
 
 
-def command(settings: Settings) -> Callable[[Connection, argparse.Namespace], Awaitable[int]]:
+def command(settings: Settings) -> Callable[[Connection, argparse.Namespace, AttemptHistory], Awaitable[int]]:
     """`replay_deliveries` with the settings bound, shaped as the other `deliveries` actions."""
 
-    async def replay(conn: Connection, args: argparse.Namespace) -> int:
-        return await replay_deliveries(conn, args, settings)
+    async def replay(conn: Connection, args: argparse.Namespace, history: AttemptHistory) -> int:
+        return await replay_deliveries(history, args, settings)
 
     return replay
 
 
-async def replay_deliveries(conn: Connection, args: argparse.Namespace, settings: Settings) -> int:
+async def replay_deliveries(history: AttemptHistory, args: argparse.Namespace, settings: Settings) -> int:
+    conn = history.main
     webhook = webhook_id(args.webhook, "--webhook")
     start = since(args.since)
     end = datetime.now(UTC) if args.until is None else since(args.until, "--until")
     if end < start:
         raise UsageError(f"--until ({iso(end)}) is before --since ({iso(start)}): nothing can be in that window")
     subscriber = await live_webhook(conn, settings.postgres.subscriptions_table_sql, webhook)
-    pairs = await window_pairs(conn, webhook, start, end, args.event_name)
+    pairs = await window_pairs(history, webhook, start, end, args.event_name)
     # The window, and what the operator must know about it: printed with every answer, a list in JSON.
     window = {
         "webhook_id": webhook,
         "since": start,
         "until": end,
         "event_name": args.event_name,
-        "warnings": window_warnings(start, settings.endpoints.attempt_log_retention_seconds),
+        "warnings": window_warnings(
+            start, settings.endpoints.attempt_log_retention_seconds, settings.endpoints.attempt_log
+        ),
     }
     if not pairs:
-        if args.json:
-            emit_json({**window, "dry_run": args.dry_run, "count": 0, **Report().as_json()})
-        else:
-            named = f" named {args.event_name}" if args.event_name else ""
-            print(
-                f"nothing to replay: webhook {webhook} has no deliveries{named} delivered or dead-lettered between "
-                f"{iso(start)} and {iso(end)}"
-            )
-            print_warnings(window)
-        return 0
+        return _nothing(args, window)
     report = Report()
     from_kafka: dict[Pair, Where] = {}
     for pair in pairs:
@@ -105,6 +100,13 @@ async def replay_deliveries(conn: Connection, args: argparse.Namespace, settings
     rows: dict[Pair, tuple[Event, bytes]] = {}
     if from_kafka:
         rows = await read_again(settings, subscriber, from_kafka, args.kafka_timeout, report)
+        if args.event_name is not None:
+            # Compact first tries carry no name; now that their records were read, those named otherwise go.
+            other = {p for p, (event, _) in rows.items() if event.name != args.event_name}
+            rows = {p: r for p, r in rows.items() if p not in other}
+            pairs = [p for p in pairs if p not in other]
+            if not pairs:
+                return _nothing(args, window)
     async with conn.transaction():
         outcome = await reset_rows(conn, [p.row_id for p in pairs if p.row_id is not None])
         report.reset, report.skipped_disabled, report.in_flight = (
@@ -115,6 +117,19 @@ async def replay_deliveries(conn: Connection, args: argparse.Namespace, settings
         if rows:
             await insert_pending(conn, subscriber, rows, report)
     return finish(args, window, pairs, report)
+
+
+def _nothing(args: argparse.Namespace, window: dict[str, Any]) -> int:
+    if args.json:
+        emit_json({**window, "dry_run": args.dry_run, "count": 0, **Report().as_json()})
+    else:
+        named = f" named {args.event_name}" if args.event_name else ""
+        print(
+            f"nothing to replay: webhook {window['webhook_id']} has no deliveries{named} delivered or dead-lettered "
+            f"between {iso(window['since'])} and {iso(window['until'])}"
+        )
+        print_warnings(window)
+    return 0
 
 
 async def _dry_run(

@@ -124,7 +124,10 @@ def _changed(pair: Pair, where: Where, event: Event | Skip | BadEvent | NeedsLay
     assert isinstance(event, Event)
     if event.id != pair.event_id:
         return f"the record at {where} is now event {event.id!r}, not {pair.event_id!r}"
-    if event.workspace_id != pair.workspace_id or event.name != pair.event_name:
+    # A compact first try carries neither (None): its event id and the webhook's workspace, checked after, suffice.
+    if (pair.workspace_id is not None and event.workspace_id != pair.workspace_id) or (
+        pair.event_name is not None and event.name != pair.event_name
+    ):
         # Default ids are topic:partition:offset, which a recreated topic reuses for other events.
         return f"the record at {where} is now a {event.name} of workspace {event.workspace_id}"
     return None

@@ -41,8 +41,8 @@ _FORGET_MIN_SECONDS = 60.0
 # one statement see the table as it was before any of them, and must not touch the same row twice.
 _BEAT = """
 WITH beat AS (
-    INSERT INTO webhookd.members AS m (member_id, seen_at) VALUES ($1, clock_timestamp())
-    ON CONFLICT (member_id) DO UPDATE SET seen_at = EXCLUDED.seen_at
+    INSERT INTO webhookd.members AS m (member_id, seen_at, attempt_log) VALUES ($1, clock_timestamp(), $4)
+    ON CONFLICT (member_id) DO UPDATE SET seen_at = EXCLUDED.seen_at, attempt_log = EXCLUDED.attempt_log
 ), gone AS (
     DELETE FROM webhookd.members
     WHERE member_id <> $1 AND seen_at < clock_timestamp() - make_interval(secs => $3)
@@ -61,8 +61,13 @@ def share(cap: int, live: int) -> int:
 class Membership:
     """This process's heartbeat in `webhookd.members`, and the count of live processes it reads back."""
 
-    def __init__(self, pool: asyncpg.Pool, interval: float, member_id: str | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, interval: float, member_id: str | None = None, attempt_log: str = "compact"
+    ) -> None:
         self._pool = pool
+        # Its endpoints.attempt_log, shown to operators; a row without one is a daemon of an earlier release, which
+        # still writes webhookd.attempts (see durable.attempt_partitions.retire_old_table).
+        self._attempt_log = attempt_log
         self._interval = interval
         self.member_id = member_id or f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
         self._live = 1  # until the first heartbeat: this process alone, as a single process would be
@@ -88,6 +93,7 @@ class Membership:
             self.member_id,
             _LIVE_BEATS * self._interval,
             max(_FORGET_BEATS * self._interval, _FORGET_MIN_SECONDS),
+            self._attempt_log,
         )
         self._set(int(live))
         return self._live

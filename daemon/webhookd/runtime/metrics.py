@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from webhookd.model import ATTEMPT_RESULTS, DEFERRALS, OUTCOMES, SKIPS
+from webhookd.model import ATTEMPT_LOG_FORMS, ATTEMPT_RESULTS, DEFERRALS, OUTCOMES, SKIPS
 from webhookd.routing.filters import FILTER_REASONS
 
 # Receivers answer in milliseconds to seconds; buckets above the delivery timeout would always be empty.
@@ -56,6 +56,16 @@ class Metrics:
         self.retry_queue_depth = Gauge(
             "webhookd_retry_queue_depth", "Deliveries waiting in Postgres for another attempt.", registry=r
         )
+        self.retry_table_bytes = Gauge(
+            "webhookd_retry_table_bytes",
+            "Size on disk of the retry table webhookd.deliveries, with its TOAST and indexes.",
+            registry=r,
+        )
+        self.retry_table_dead_rows = Gauge(
+            "webhookd_retry_table_dead_rows",
+            "Row versions of the retry table left dead by updates and deletes, not yet vacuumed (Postgres's estimate).",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
             "webhookd_consumer_lag",
             "Records between the committed position and the partition's high watermark.",
@@ -81,6 +91,41 @@ class Metrics:
         self.endpoints_disabled = Gauge(
             "webhookd_endpoints_disabled", "Webhooks disabled, automatically or by an operator.", registry=r
         )
+        self.attempt_log_rows = Counter(
+            "webhookd_attempt_log_rows_written",
+            "Rows this process wrote to the attempt log, by form (full, compact, aggregate).",
+            ["form"],
+            registry=r,
+        )
+        self.attempt_log_bytes = Gauge(
+            "webhookd_attempt_log_bytes",
+            "Size of the attempt log's tables on disk (rows, TOAST and indexes), by form.",
+            ["form"],
+            registry=r,
+        )
+        self.attempt_log_partitions = Gauge(
+            "webhookd_attempt_log_partitions",
+            "Day partitions of the attempt log's tables, by form.",
+            ["form"],
+            registry=r,
+        )
+        self.attempt_log_oldest_partition_age = Gauge(
+            "webhookd_attempt_log_oldest_partition_age_seconds",
+            "Time since the start of the oldest day kept, by form: above the retention plus a day, drops fall behind.",
+            ["form"],
+            registry=r,
+        )
+        self.attempt_log_write_duration = Histogram(
+            "webhookd_attempt_log_write_seconds",
+            "Time of one batch written to the attempt log, all forms in one transaction.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.attempt_log_dropped = Counter(
+            "webhookd_attempt_log_dropped_rows",
+            "Attempt-log rows let go: the buffer overflowed while Postgres was away, or Postgres refused them.",
+            registry=r,
+        )
         # The bounded label values, created up front so that dashboards see zeros, not missing series, and kept
         # so that the per-delivery path skips labels()' lock and lookup.
         self.attempts_by_result = {result: self.delivery_attempts.labels(result) for result in ATTEMPT_RESULTS}
@@ -89,6 +134,7 @@ class Metrics:
             self.deliveries_deferred.labels(reason)
         self.skips_by_reason = {reason: self.events_skipped.labels(reason) for reason in SKIPS}
         self.filtered_by_reason = {reason: self.deliveries_filtered.labels(reason) for reason in FILTER_REASONS}
+        self.attempt_log_rows_by_form = {form: self.attempt_log_rows.labels(form) for form in ATTEMPT_LOG_FORMS}
 
 
 def duration_buckets(timeout: float) -> tuple[float, ...]:

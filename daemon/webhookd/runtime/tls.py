@@ -18,6 +18,7 @@ does not match its certificate, an encrypted key) raises TLSError naming its con
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,14 +71,17 @@ class Transport:
     postgres: PostgresConnect
     kafka: KafkaSecurity = field(repr=False)  # holds the SASL password
     delivery: ssl.SSLContext
+    attempts: PostgresConnect  # the attempt log's database: postgres.attempts_dsn, with postgres' TLS settings
 
 
 def transport(settings: Settings) -> Transport:
     """Build every link's settings; TLSError if a configured file cannot be used."""
+    postgres = postgres_connect(settings.postgres)
     return Transport(
-        postgres=postgres_connect(settings.postgres),
+        postgres=postgres,
         kafka=kafka_security(settings.kafka),
         delivery=delivery_ssl_context(settings.delivery),
+        attempts=dataclasses.replace(postgres, dsn=settings.postgres.attempt_log_dsn),
     )
 
 

@@ -56,6 +56,7 @@ class Parts:
     """The parts of one daemon process, built from the settings; the Service starts, watches and stops them."""
 
     pool: asyncpg.Pool
+    attempts_pool: asyncpg.Pool | None  # the attempt log's own database (postgres.attempts_dsn), if it has one
     sender: Sender
     outcomes: OutcomeWriter
     store: SubscriptionStore
@@ -73,7 +74,14 @@ class Parts:
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
 
-async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links: Transport, on_fatal: OnFatal) -> Parts:
+async def build(
+    settings: Settings,
+    metrics: Metrics,
+    pool: asyncpg.Pool,
+    attempts_pool: asyncpg.Pool | None,
+    links: Transport,
+    on_fatal: OnFatal,
+) -> Parts:
     """Every part of one daemon process, connected; nothing started yet."""
     s = settings
     policy = EgressPolicy(s.egress.allow_private, tuple(s.egress.allowed_cidrs))
@@ -96,7 +104,7 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
     )
     outcomes = OutcomeWriter(pool)
     e = s.endpoints
-    membership = Membership(pool, e.sync_interval_seconds)
+    membership = Membership(pool, e.sync_interval_seconds, attempt_log=e.attempt_log)
     pacer = Pacer(PostgresLedger(pool), members=lambda: membership.live)
     health = EndpointHealth(
         BreakerSettings(
@@ -113,7 +121,9 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
         metrics=metrics,
         pacer=pacer,
     )
-    attempts = AttemptLog(pool, e.attempt_log_retention_seconds)
+    attempts = AttemptLog(
+        attempts_pool or pool, e.attempt_log_retention_seconds, e.attempt_log, metrics=metrics, main_pool=pool
+    )
     store = SubscriptionStore(
         links.postgres,
         pool,
@@ -197,6 +207,7 @@ async def build(settings: Settings, metrics: Metrics, pool: asyncpg.Pool, links:
     )
     return Parts(
         pool,
+        attempts_pool,
         sender,
         outcomes,
         store,

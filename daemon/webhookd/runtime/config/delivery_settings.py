@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BeforeValidator, model_validator
 
+from webhookd.model import ATTEMPT_LOG_FORMS, AttemptLogForm
 from webhookd.runtime.config.section_rules import _combination_error, _Section
 from webhookd.runtime.config.values import (
     _choice,
@@ -79,6 +80,10 @@ class EndpointSettings(_Section):
     rate_limit_per_second: Annotated[float | None, BeforeValidator(_optional(_rate))] = None
     # Disabled after failing this long without one success (410 Gone disables at once); 0 never disables.
     disable_after_seconds: _Delay = 432000.0
+    # What the attempt log keeps of a first-try success: 'full' (every column), 'compact' (what `deliveries show`
+    # and `deliveries replay` need) or 'aggregate' (counts per webhook and minute); failures are always in full.
+    attempt_log: Annotated[AttemptLogForm, BeforeValidator(_choice(*ATTEMPT_LOG_FORMS))] = "compact"
+    # Kept by whole days (UTC): a day's partition goes once all of it is older than this.
     attempt_log_retention_seconds: _Timeout = 1209600.0
     # How often health is shared with Postgres (and so with replicas and `webhookd endpoints list`).
     sync_interval_seconds: _Timeout = 2.0

@@ -34,6 +34,8 @@ class Settings(_Section):
         """The effective configuration as plain data, for printing: passwords are `***`."""
         data = self.model_dump(mode="json")
         data["postgres"]["dsn"] = redact(data["postgres"]["dsn"])
+        if self.postgres.attempts_dsn is not None:
+            data["postgres"]["attempts_dsn"] = redact(data["postgres"]["attempts_dsn"])
         if self.kafka.sasl_password is not None:
             data["kafka"]["sasl_password"] = "***"
         return data

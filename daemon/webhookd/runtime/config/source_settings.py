@@ -120,6 +120,9 @@ class PostgresSettings(_Section):
     """Where subscriptions and the daemon's own state live."""
 
     dsn: str
+    # The attempt log's own database, so that its writes leave the one holding Twenty's tables and the retry queue
+    # alone (see the README's sizing); unset, the attempt log lives in `dsn`'s. The TLS settings below apply to both.
+    attempts_dsn: str | None = None
     subscriptions_table: str = "core.webhook"
     pool_size: _Count = 10
     subscriptions_refresh_seconds: _Timeout = 30.0
@@ -152,9 +155,17 @@ class PostgresSettings(_Section):
     def _check_dsn(cls, value: object) -> str:
         if value is None or value == "":
             raise ValueError("required")
-        if isinstance(value, str) and (re.match(r"postgres(ql)?://", value.strip()) or _KEY_VALUE_DSN.fullmatch(value)):
-            return value.strip()
-        raise ValueError("must be a postgresql:// URI or a key=value DSN such as 'host=db dbname=crm'")
+        return _dsn(value)
+
+    @field_validator("attempts_dsn", mode="before")
+    @classmethod
+    def _check_attempts_dsn(cls, value: object) -> str | None:
+        return None if value is None or value == "" else _dsn(value)
+
+    @property
+    def attempt_log_dsn(self) -> str:
+        """Where the attempt log lives."""
+        return self.attempts_dsn or self.dsn
 
     @field_validator("subscriptions_table", mode="before")
     @classmethod
@@ -171,4 +182,10 @@ class PostgresSettings(_Section):
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
-            yield name, redact(value) if name == "dsn" else value
+            yield name, redact(value) if name in ("dsn", "attempts_dsn") and value else value
+
+
+def _dsn(value: object) -> str:
+    if isinstance(value, str) and (re.match(r"postgres(ql)?://", value.strip()) or _KEY_VALUE_DSN.fullmatch(value)):
+        return value.strip()
+    raise ValueError("must be a postgresql:// URI or a key=value DSN such as 'host=db dbname=crm'")

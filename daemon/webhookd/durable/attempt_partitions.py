@@ -1,0 +1,69 @@
+"""The attempt log's day partitions: made ahead of time and dropped whole after the retention, and what an operator
+is shown of them.
+
+The work itself is Postgres's (`webhookd.keep_attempt_partitions`, `webhookd.retire_attempts`): they run as the
+role that migrated, since the daemon's own role may create and drop nothing. Retention therefore costs a `DROP
+TABLE` a day per table, whatever the number of rows, and leaves no dead rows behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from webhookd.durable.migrate import DAYS_AHEAD
+from webhookd.endpoints.sync import Connection
+from webhookd.model import ATTEMPT_LOG_FORMS, AttemptLogForm
+
+# The table of each form. Its partitions are named <table>_YYYYMMDD after the day (UTC) they hold.
+TABLES: dict[AttemptLogForm, str] = {"full": "attempt_log", "compact": "first_tries", "aggregate": "attempt_counts"}
+
+_PARTITIONS = """
+SELECT p.relname AS parent, c.relname AS child, pg_total_relation_size(c.oid) AS bytes
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_class p ON p.oid = i.inhparent
+JOIN pg_namespace n ON n.oid = p.relnamespace
+WHERE n.nspname = 'webhookd' AND p.relname = ANY($1::text[])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FormStats:
+    """One form's table: its day partitions, the first day it holds, and its size on disk."""
+
+    partitions: int
+    oldest_day: datetime | None
+    bytes: int
+
+
+def partition_day(name: str) -> datetime:
+    """The start (midnight UTC) of the day a partition holds, from its name."""
+    return datetime.strptime(name[-8:], "%Y%m%d").replace(tzinfo=UTC)
+
+
+async def keep(conn: Connection | asyncpg.Pool, retention: float) -> tuple[int, int]:
+    """Make the coming days' partitions and drop those past the retention; returns (created, dropped). Does nothing
+    while another process does it."""
+    row = await conn.fetchrow("SELECT * FROM webhookd.keep_attempt_partitions($1, $2)", retention, DAYS_AHEAD)
+    assert row is not None  # a function with OUT parameters returns one row
+    return int(row["created"]), int(row["dropped"])
+
+
+async def retire_old_table(conn: Connection | asyncpg.Pool, retention: float) -> bool:
+    """Drop the attempt log of earlier releases (webhookd.attempts) once no daemon writes it and its rows are all
+    past the retention; returns whether it went."""
+    return bool(await conn.fetchval("SELECT webhookd.retire_attempts($1)", retention))
+
+
+async def form_stats(conn: Connection | asyncpg.Pool) -> dict[AttemptLogForm, FormStats]:
+    """Every form's partitions and size, from the catalogs: no table is read."""
+    rows = await conn.fetch(_PARTITIONS, list(TABLES.values()))
+    stats: dict[AttemptLogForm, FormStats] = {}
+    for form in ATTEMPT_LOG_FORMS:
+        mine = [r for r in rows if r["parent"] == TABLES[form]]
+        days = [partition_day(r["child"]) for r in mine]
+        stats[form] = FormStats(len(mine), min(days) if days else None, sum(int(r["bytes"]) for r in mine))
+    return stats
