@@ -375,3 +375,35 @@ def test_a_topic_pattern_may_stand_alone() -> None:
     )
 
     assert (settings.kafka.topics, settings.kafka.topic_pattern) == ((), r"twenty\.workspace_.*")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "says"),
+    [
+        (
+            "postgres: {dsn: 'postgresql://db/twenty'}\nendpoints: {attempt_log: everything}\n",
+            "endpoints.attempt_log: must be one of full, compact, aggregate",
+        ),
+        (
+            "postgres: {dsn: 'postgresql://db/twenty', attempts_dsn: 'mysql://u:hunter2@log/x'}\n",
+            "postgres.attempts_dsn: must be a postgresql:// URI",
+        ),
+    ],
+)
+def test_the_attempt_log_keys_are_checked_with_a_message_naming_them(tmp_path: Path, yaml_text: str, says: str) -> None:
+    problems = problems_of(write(tmp_path, yaml_text))
+
+    assert any(p.startswith(says) for p in problems), problems
+    assert not any("hunter2" in p for p in problems)
+
+
+def test_the_attempt_log_is_compact_in_the_main_database_unless_told_otherwise() -> None:
+    settings = load_settings(None, DSN_ENV)
+    assert settings.endpoints.attempt_log == "compact"
+    assert settings.postgres.attempt_log_dsn == DSN
+
+    log_dsn = "postgresql://webhookd:hunter3@log.internal/attempts"
+    settings = load_settings(None, {**DSN_ENV, "WEBHOOKD_POSTGRES__ATTEMPTS_DSN": log_dsn})
+    assert settings.postgres.attempt_log_dsn == log_dsn
+    for text in (repr(settings), describe(settings)):
+        assert "hunter3" not in text
