@@ -106,6 +106,8 @@ class AttemptLog:
         self._compact: list[tuple[Any, ...]] = []
         self._counts: dict[tuple[int, str, str], _Count] = {}
         self._dropped = 0
+        if metrics is not None:
+            metrics.attempt_log_retention.set(retention_seconds)
 
     def add(self, delivery: Delivery, attempt: int, result: AttemptResult) -> None:
         ms = result.duration * 1000

@@ -115,6 +115,11 @@ class Metrics:
             ["form"],
             registry=r,
         )
+        self.attempt_log_retention = Gauge(
+            "webhookd_attempt_log_retention_seconds",
+            "endpoints.attempt_log_retention_seconds, for alerts on the oldest partition's age.",
+            registry=r,
+        )
         self.attempt_log_write_duration = Histogram(
             "webhookd_attempt_log_write_seconds",
             "Time of one batch written to the attempt log, all forms in one transaction.",
