@@ -10,6 +10,7 @@ import asyncio
 import tempfile
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -33,6 +34,7 @@ from tests.support import (
     webhookd_cli,
     write_config,
 )
+from webhookd.durable.attempt_partitions import keep, retire_old_table
 from webhookd.durable.migrate import migrate
 from webhookd.embedded import _postgres_bin_dir, create_database
 from webhookd.embedded.twenty import create_twenty_core
@@ -170,7 +172,8 @@ async def test_migrate_role_migrates_and_runtime_role_delivers_retries_and_dead_
         assert len(receiver.at("/fail")) == 3
 
         async def attempts_logged() -> bool:
-            return len(await fetch(roles.admin, "SELECT FROM webhookd.attempts")) == 4
+            logged = "SELECT FROM webhookd.attempt_log UNION ALL SELECT FROM webhookd.first_tries"
+            return len(await fetch(roles.admin, logged)) == 4
 
         await until(attempts_logged, 30, "the attempt log")
         assert daemon.terminate() == 0
@@ -199,6 +202,9 @@ async def test_runtime_role_reads_twentys_metadata_and_can_change_no_structure(
         "ALTER TABLE core.webhook ADD COLUMN x int",
         "CREATE SCHEMA x",
         "CREATE TABLE public.x (id int)",
+        "CREATE TABLE webhookd.attempt_log_20991231 PARTITION OF webhookd.attempt_log "
+        "FOR VALUES FROM ('2099-12-31') TO ('2100-01-01')",
+        "DROP TABLE webhookd.attempts",
     ]
     runtime = await asyncpg.connect(roles.runtime_dsn())
     try:
@@ -225,6 +231,20 @@ async def test_runtime_role_reads_twentys_metadata_and_can_change_no_structure(
     try:
         await pool.execute("INSERT INTO webhookd.later (note) VALUES ('x')")
         assert await pool.fetchval("DELETE FROM webhookd.later RETURNING id") == 1
+        # The attempt log's partitions come and go through the functions that run as the migrate role, and are the
+        # runtime role's to write at once.
+        created, _ = await keep(pool, 86400 * 14)
+        assert created == 0, "migrate made the coming days"
+        await pool.execute("SELECT webhookd.keep_attempt_partitions(1, 5)")
+        far = (datetime.now(UTC) + timedelta(days=5)).replace(hour=12)
+        await pool.execute(
+            "INSERT INTO webhookd.attempt_log (event_id, webhook_id, workspace_id, event_name, attempt, at, "
+            "duration_ms, result) VALUES ('e', gen_random_uuid(), gen_random_uuid(), 'x.y', 1, $1, 1, '5xx')",
+            far,
+        )
+        # The (empty) attempt log of earlier releases goes through its function too, which this role may call.
+        assert await retire_old_table(pool, 0.0)
+        assert await pool.fetchval("SELECT to_regclass('webhookd.attempts')") is None
         # What the Debezium input and the twenty body read from Twenty's metadata.
         assert await TwentyCatalog(pool, refresh_seconds=60).check() == []
     finally:
