@@ -754,7 +754,14 @@ def test_alerts_and_dashboard_query_only_metrics_webhookd_exports() -> None:
 
 
 # Read from Postgres by every daemon, so every replica and every `--workers` process reports the same value.
-SHARED_GAUGES = ("webhookd_retry_queue_depth", "webhookd_subscriptions", "webhookd_endpoints_disabled")
+SHARED_GAUGES = (
+    "webhookd_retry_queue_depth",
+    "webhookd_subscriptions",
+    "webhookd_endpoints_disabled",
+    "webhookd_attempt_log_bytes",
+    "webhookd_attempt_log_partitions",
+    "webhookd_attempt_log_oldest_partition_age_seconds",
+)
 SUM_OPENING = re.compile(r"\bsum\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(")
 
 
@@ -793,6 +800,28 @@ def test_endpoint_health_is_alerted_on_and_shown() -> None:
     }
     assert {"webhookd_endpoint_circuit_open", "webhookd_endpoints_disabled"} <= alerted
     assert "webhookd_deliveries_deferred_total" in metric_names_in_deploy()
+
+
+def test_the_attempt_log_and_the_retry_table_are_alerted_on_and_shown() -> None:
+    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    alerted = {
+        name
+        for group in rules["spec"]["groups"]
+        for rule in group["rules"]
+        for name in METRIC_NAME.findall(rule["expr"])
+    }
+    # Retention that falls behind, and writes that grow slow.
+    assert {
+        "webhookd_attempt_log_oldest_partition_age_seconds",
+        "webhookd_attempt_log_retention_seconds",
+        "webhookd_attempt_log_write_seconds_bucket",
+    } <= alerted
+    shown = metric_names_in_deploy() - alerted
+    assert {
+        "webhookd_attempt_log_bytes",
+        "webhookd_attempt_log_rows_written_total",
+        "webhookd_retry_table_bytes",
+    } <= shown
 
 
 # --- Grafana --------------------------------------------------------------------------------------------------------
