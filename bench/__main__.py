@@ -3,7 +3,7 @@
     python -m bench [--deliveries N] [--repeats 3] [--only SECTION,...]
 
 Sections: throughput, naive, latency, backlog, rows, workers, decode, filters, ordering, retries, isolation,
-cluster.
+cluster, attempt_log.
 
 Runs that are compared are alternated (ceiling, daemon, ceiling, daemon, ...) and their medians reported, because
 a shared machine is noisy. See BENCHMARKS.md for the latest table and what it says.
@@ -51,9 +51,11 @@ SECTIONS = (
     "retries",
     "isolation",
     "cluster",
+    "attempt_log",
 )
-# The sections measured in this process alone, on CPU: they need neither the broker nor Postgres.
-IN_PROCESS = frozenset({"decode", "filters"})
+# The sections that need neither the shared broker nor its Postgres: decode and filters are measured in this process
+# alone, on CPU; attempt_log starts a Postgres of its own, whose checkpoints and vacuum only it decides.
+IN_PROCESS = frozenset({"decode", "filters", "attempt_log"})
 DELAYS = (0.0, 0.05)
 # The throughput table's rows: the receiver's delay, the concurrency on every side, and the ratio to the aiohttp
 # ceiling that webhookd must reach there.
@@ -413,6 +415,16 @@ class Bench:
                      f"to the pause's end | 0 {verdict} | first request after it: {first}; {paused.in_flight} within "
                      f"{grace} s of the 429 (already on their way) |")  # fmt: skip
         self.out()
+
+    async def attempt_log(self) -> None:
+        # Imported here: only this section needs them, and it runs for several minutes on a Postgres of its own.
+        from bench.attempt_capacity import attempt_capacity
+        from bench.capacity_model import Assumptions, section_lines
+
+        with tempfile.TemporaryDirectory(prefix="webhookd-bench-attempts-") as tmp:
+            found = await attempt_capacity(Path(tmp), progress=lambda line: print(line, file=sys.stderr, flush=True))
+        for line in section_lines(found, Assumptions()):
+            self.out(line)
 
 
 async def main_async(args: argparse.Namespace) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -276,3 +277,24 @@ async def test_a_day_without_its_partition_gets_one_at_its_first_write(dsn: str)
     finally:
         await pool.close()
     assert [r["event_id"] for r in await fetch(dsn, "SELECT event_id FROM webhookd.attempt_log")] == ["today"]
+
+
+async def test_a_minutes_counts_are_written_once_the_minute_is_over_and_the_rest_at_close(dsn: str) -> None:
+    now = [time.time() // 60 * 60]
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    try:
+        log = AttemptLog(pool, retention_seconds=3600, mode="aggregate", clock=lambda: now[0])
+        log.add(_delivery("a"), 1, AttemptResult("2xx", status=200, duration=0.01))
+        log.add(_delivery("b"), 1, AttemptResult("2xx", status=200, duration=0.03))
+        assert await log.flush() == 0, "the minute is not over"
+        now[0] += 60
+        log.add(_delivery("c"), 1, AttemptResult("2xx", status=200, duration=0.02))
+        assert await log.flush() == 1
+        assert await log.flush() == 0
+        await log.close(timeout=5)
+    finally:
+        await pool.close()
+    rows = await fetch(dsn, "SELECT minute, attempts, max_duration_ms FROM webhookd.attempt_counts ORDER BY minute")
+    assert [r["attempts"] for r in rows] == [2, 1]
+    assert (rows[1]["minute"] - rows[0]["minute"]).total_seconds() == 60
+    assert rows[0]["max_duration_ms"] == pytest.approx(30)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -94,8 +95,10 @@ class AttemptLog:
         main_pool: asyncpg.Pool | None = None,
         flush_interval: float = 1.0,
         max_buffered: int = 200_000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._pool = pool
+        self._clock = clock  # seconds since the epoch: the minutes counts are kept by
         self._main_pool = main_pool if main_pool is not None else pool
         self._retention = retention_seconds
         self.mode = mode
@@ -149,7 +152,7 @@ class AttemptLog:
         self._trim(self._full)
 
     def _count(self, webhook_id: str, result: str, ms: float) -> None:
-        key = (int(time.time()) // 60, webhook_id, result)
+        key = (int(self._clock()) // 60, webhook_id, result)
         count = self._counts.get(key)
         if count is None:
             self._counts[key] = [1, ms, ms]
@@ -254,7 +257,7 @@ class AttemptLog:
         return total
 
     def _take_counts(self, final: bool) -> list[tuple[Any, ...]]:
-        now = int(time.time()) // 60
+        now = int(self._clock()) // 60
         done = [key for key in self._counts if final or key[0] < now]
         rows = []
         for key in done:
