@@ -52,6 +52,7 @@ SECTIONS = (
     "isolation",
     "cluster",
     "attempt_log",
+    "claims",
 )
 # The sections that need neither the shared broker nor its Postgres: decode and filters are measured in this process
 # alone, on CPU; attempt_log starts a Postgres of its own, whose checkpoints and vacuum only it decides.
@@ -425,6 +426,49 @@ class Bench:
             found = await attempt_capacity(Path(tmp), progress=lambda line: print(line, file=sys.stderr, flush=True))
         for line in section_lines(found, Assumptions()):
             self.out(line)
+
+    async def claims(self) -> None:
+        from bench import retry_claims as rc  # this section's own module, kept apart from the others' imports
+
+        target, mb = rc.TARGET_MS, 1024 * 1024
+        self.out(f"## The retry table under churn: {rc.ROWS:,} pending rows")
+        self.out()
+        self.out(f"Each shape loaded anew, then {rc.BATCHES} batches (after {rc.WARM_UP} to warm up) claimed through "
+                 "`RetryPoller.claim` (statement, round trip, hand-over) and settled by the outcome writer: a: one "
+                 "endpoint's rows all due, its circuit open, another endpoint's 10 due rows failing again; b: the "
+                 "endpoint back, its rows delivered; c: the rows in backoff; d: an ordered webhook, queues of "
+                 f"{rc.RECORD_QUEUE} per record, heads due, the rest waiting; e: as b with {rc.LOCKED_ELSEWHERE:,} "
+                 "rows claimed by other replicas. The depth gauge's sample against the count(*) it replaced; a "
+                 f"slice of the lost wake-up sweep ({rc.SWEEP_SLICE} records); a round of pruning what the churn "
+                 "delivered; HOT: the churn's updates that were HOT; size: table, TOAST and indexes.")  # fmt: skip
+        self.out()
+        self.out("| shape | batch | claim median / p99 (ms) | target | rows a claim | depth sample / count(*) (ms) | "
+                 "sweep slice (ms) | prune round (ms, rows) | HOT | size before → after churn (MB) |")  # fmt: skip
+        self.out("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for shape in rc.SHAPES:
+            c = await rc.shape_cost(self.stack.dsn, shape)
+            verdict = "met" if c.claim_median_ms < target and c.sample_ms < target else "missed"
+            self.out(f"| {c.shape} | {c.batch} | {c.claim_median_ms:.1f} / {c.claim_p99_ms:.1f} | < {target:g} "
+                     f"{verdict} | {c.rows_per_claim:.0f} | {c.sample_ms:.2f} / {c.count_ms:.0f} | {c.sweep_ms:.1f} | "
+                     f"{c.prune_ms:.0f}, {c.pruned:,} | {c.hot_ratio:.0%} | {c.bytes_before / mb:,.0f} → "
+                     f"{c.bytes_after / mb:,.0f} |")  # fmt: skip
+        self.out()
+        self.out("Fillfactor of the table, under shape b's churn:")
+        self.out()
+        self.out("| fillfactor | claim median / p99 (ms) | HOT | size before → after churn (MB) |")
+        self.out("| --- | --- | --- | --- |")
+        for fillfactor in rc.FILLFACTORS:
+            c = await rc.fillfactor_cost(self.stack.dsn, fillfactor)
+            self.out(f"| {fillfactor} | {c.claim_median_ms:.1f} / {c.claim_p99_ms:.1f} | {c.hot_ratio:.0%} | "
+                     f"{c.bytes_before / mb:,.0f} → {c.bytes_after / mb:,.0f} |")  # fmt: skip
+        self.out()
+        self.out("The pending-count triggers, per statement (shape b, 100,000 rows; medians):")
+        self.out()
+        self.out("| statement | with the triggers (ms) | without (ms) |")
+        self.out("| --- | --- | --- |")
+        for t in await rc.trigger_costs(self.stack.dsn):
+            self.out(f"| {t.statement} | {t.with_ms:.2f} | {t.without_ms:.2f} |")
+        self.out()
 
 
 async def main_async(args: argparse.Namespace) -> list[str]:

@@ -13,7 +13,8 @@ import asyncpg
 import pytest
 
 from webhookd.durable.outcomes import OutcomeWriter
-from webhookd.durable.retries import _CLAIM_MANY, _UNBLOCK
+from webhookd.durable.retries import _CLAIM_MANY
+from webhookd.durable.retry_upkeep import _UNBLOCK
 from webhookd.model import Delivery, Webhook
 
 WORKSPACE = str(uuid.uuid4())

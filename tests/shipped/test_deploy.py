@@ -756,6 +756,8 @@ def test_alerts_and_dashboard_query_only_metrics_webhookd_exports() -> None:
 # Read from Postgres by every daemon, so every replica and every `--workers` process reports the same value.
 SHARED_GAUGES = (
     "webhookd_retry_queue_depth",
+    "webhookd_retry_table_bytes",
+    "webhookd_retry_table_dead_rows",
     "webhookd_subscriptions",
     "webhookd_endpoints_disabled",
     "webhookd_attempt_log_bytes",

@@ -4,7 +4,8 @@ Several replicas may share one database. A claim is a lease (`locked_until`) tak
 two replicas never take the same row at once, and a replica killed mid-attempt loses its claims when they expire.
 
 A backlog drains as fast as the receivers take it: while rows are due, the poller claims again as soon as retries
-under way settle and free room, not after the poll interval.
+under way settle and free room, not after the poll interval. Between claims it has the table looked after
+(`retry_upkeep`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import structlog
 from webhookd.delivery.dispatch import Dispatcher
 from webhookd.durable.held_connection import HeldConnection
 from webhookd.durable.outcomes import OutcomeWriter
+from webhookd.durable.retry_upkeep import PRUNE_SECONDS, UNBLOCK_SECONDS, RetryTableUpkeep
 from webhookd.durable.transient import TRANSIENT
 from webhookd.endpoints.state import EndpointHealth
 from webhookd.model import Delivery, Webhook
@@ -28,71 +30,99 @@ from webhookd.runtime.metrics import Metrics
 log = structlog.get_logger("webhookd.durable.retries")
 
 # $1 the most rows to claim, $2 the lease in seconds, $3 our own claims still under way (whose lease may have run
-# out), $4 webhook ids; `rows` selects the ids of the due rows to claim.
+# out), $4 webhook ids; `rows` selects the ids of the due rows to claim, an array so that the rows are then found by
+# the primary key whatever the planner thinks of the batch's size. Only locked_until changes, which no index holds: a
+# claim is a HOT update, and updated_at stays the time of the row's last change an operator would see.
 _CLAIM = """
 UPDATE webhookd.deliveries d
-SET locked_until = now() + make_interval(secs => $2), updated_at = now()
-WHERE d.id IN ({rows})
+SET locked_until = now() + make_interval(secs => $2)
+WHERE d.id = ANY(ARRAY({rows}))
 RETURNING d.id, d.event_id, d.webhook_id::text AS webhook_id, d.workspace_id::text AS workspace_id,
           d.event_name, d.body, (extract(epoch FROM d.event_time) * 1000)::bigint AS event_ms, d.source, d.attempts,
           d.order_key, d.order_pos
 """
+
+
 # A row of an ordered webhook is due only once no earlier row of its record (by its event's place in Kafka) is
 # pending and none of its record's rows is claimed: a record's deliveries leave one at a time, in Kafka order, even
-# when a record read again after a crash writes an earlier one behind later ones.
-_DUE = """q.status = 'pending' AND q.next_attempt_at <= now() AND (q.locked_until IS NULL OR q.locked_until < now())
-    AND NOT (q.id = ANY($3::bigint[]))
-    AND (q.order_key IS NULL OR NOT EXISTS (
+# when a record read again after a crash writes an earlier one behind later ones. A claimed row was due when claimed
+# and waits for nothing ('infinity'), so the claimed rows are looked for among the record's rows that are not waiting
+# (deliveries_in_order_active), never in the queue behind them.
+def _due(q: str) -> str:
+    return f"""{q}.status = 'pending' AND {q}.next_attempt_at <= now()
+    AND ({q}.locked_until IS NULL OR {q}.locked_until < now()) AND NOT ({q}.id = ANY($3::bigint[]))
+    AND ({q}.order_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM webhookd.deliveries e
-        WHERE e.webhook_id = q.webhook_id AND e.order_key = q.order_key AND e.status = 'pending' AND e.id <> q.id
-          AND ((e.order_pos, e.id) < (q.order_pos, q.id) OR e.locked_until >= now() OR e.id = ANY($3::bigint[]))
+        WHERE e.webhook_id = {q}.webhook_id AND e.order_key = {q}.order_key AND e.status = 'pending'
+          AND (e.order_pos, e.id) < ({q}.order_pos, {q}.id)
+    ) AND NOT EXISTS (
+        SELECT 1 FROM webhookd.deliveries e
+        WHERE e.webhook_id = {q}.webhook_id AND e.order_key = {q}.order_key AND e.status = 'pending'
+          AND e.next_attempt_at < 'infinity' AND e.id <> {q}.id
+          AND (e.locked_until >= now() OR e.id = ANY($3::bigint[]))
     ))"""
-# The earliest due rows of every endpoint but those that take nothing now (circuit open, paused, host busy) or one
-# delivery (a probe).
+
+
+def _one_webhook(q: str, of: str) -> str:
+    """`q.webhook_id = of.webhook_id` as a range, which only deliveries_due_by_webhook serves in webhook order: the
+    statistics of a table where one endpoint has a million rows see no other, and with an equality the planner would
+    as soon walk deliveries_due for an endpoint's few rows as jump to them."""
+    return f"{q}.webhook_id >= {of}.webhook_id AND {q}.webhook_id <= {of}.webhook_id"
+
+
+# The earliest due rows of every endpoint, in one walk of deliveries_due: what claims use while no endpoint is left
+# out, the walk passing only rows claimed elsewhere.
 _CLAIM_MANY = _CLAIM.format(
-    rows=f"""SELECT q.id FROM webhookd.deliveries q WHERE {_DUE} AND NOT (q.webhook_id = ANY($4::uuid[]))
+    rows=f"""SELECT q.id FROM webhookd.deliveries q WHERE {_due("q")} AND NOT (q.webhook_id = ANY($4::uuid[]))
     ORDER BY q.next_attempt_at LIMIT $1 FOR UPDATE OF q SKIP LOCKED"""
+)
+# The same rows with endpoints left out ($4: circuit open, paused, host busy, probing): a walk in due order would pass
+# every row of theirs, a million for an endpoint down an hour. Instead each other endpoint with pending rows, found by
+# jumping from one to the next in deliveries_due_by_webhook, offers its earliest due rows, and the earliest of those
+# are claimed; the row locked is checked again as claims check it, since it may have changed since it was read.
+_CLAIM_AROUND = _CLAIM.format(
+    rows=f"""WITH RECURSIVE hooks (webhook_id) AS (
+        (SELECT h.webhook_id FROM webhookd.deliveries h WHERE h.status = 'pending'
+         ORDER BY h.webhook_id, h.next_attempt_at LIMIT 1)
+        UNION ALL
+        SELECT (SELECT h.webhook_id FROM webhookd.deliveries h WHERE h.status = 'pending'
+                AND h.webhook_id > hooks.webhook_id ORDER BY h.webhook_id, h.next_attempt_at LIMIT 1)
+        FROM hooks WHERE hooks.webhook_id IS NOT NULL
+    )
+    SELECT q.id FROM hooks CROSS JOIN LATERAL (
+        SELECT c.id, c.next_attempt_at FROM webhookd.deliveries c WHERE {_one_webhook("c", "hooks")} AND {_due("c")}
+        ORDER BY c.webhook_id, c.next_attempt_at LIMIT $1
+    ) offered
+    JOIN webhookd.deliveries q ON q.id = offered.id
+    WHERE hooks.webhook_id IS NOT NULL AND NOT (hooks.webhook_id = ANY($4::uuid[])) AND {_due("q")}
+    ORDER BY offered.next_attempt_at LIMIT $1 FOR UPDATE OF q SKIP LOCKED"""
 )
 # The earliest due row of each endpoint whose half-open circuit takes one delivery, its probe: one query for all.
 _CLAIM_PROBES = _CLAIM.format(
     rows=f"""SELECT probe.id FROM unnest($4::uuid[]) AS w (webhook_id) CROSS JOIN LATERAL (
-        SELECT q.id FROM webhookd.deliveries q WHERE q.webhook_id = w.webhook_id AND {_DUE}
-        ORDER BY q.next_attempt_at LIMIT 1 FOR UPDATE OF q SKIP LOCKED
+        SELECT q.id FROM webhookd.deliveries q WHERE {_one_webhook("q", "w")} AND {_due("q")}
+        ORDER BY q.webhook_id, q.next_attempt_at LIMIT 1 FOR UPDATE OF q SKIP LOCKED
     ) probe LIMIT $1"""
 )
 # Probes claimed in one poll at most; more wait for the next.
 _PROBES_PER_POLL = 20
 _RELEASE = "UPDATE webhookd.deliveries SET locked_until = NULL WHERE id = ANY($1::bigint[]) AND status = 'pending'"
-_DEPTH = "SELECT count(*) FROM webhookd.deliveries WHERE status = 'pending'"
-# The records whose earliest pending delivery still waits ('infinity') for one before it that is no longer pending:
-# its wake-up (record._PROMOTE) was lost to a race with another process writing it, or the one before it left by a
-# path that wakes nobody (an operator's command). Made due now.
-_UNBLOCK = """
-UPDATE webhookd.deliveries d SET next_attempt_at = now(), updated_at = now()
-FROM (
-    SELECT DISTINCT ON (webhook_id, order_key) id, next_attempt_at FROM webhookd.deliveries
-    WHERE status = 'pending' AND order_key IS NOT NULL
-    ORDER BY webhook_id, order_key, order_pos, id
-) first
-WHERE d.id = first.id AND first.next_attempt_at = 'infinity'
-"""
-# How often the poller looks for such records: a lost wake-up costs a record at most this long.
-_UNBLOCK_SECONDS = 15.0
 _UNSUBSCRIBED = "the webhook no longer exists or no longer subscribes to this event"
 
 
 @dataclass(frozen=True)
 class RetrySettings:
     """How often to look for due retries, how many may be under way at once (claimed, being sent or having their
-    outcome written), and how long a claim lasts."""
+    outcome written), how long a claim lasts, and how long delivered rows are kept (None: for ever)."""
 
     poll_interval: float
     max_in_flight: int
     lease_seconds: float
+    delivered_retention_seconds: float | None = None
 
 
 class RetryPoller:
-    """Claims due deliveries while the dispatcher has room for them."""
+    """Claims due deliveries while the dispatcher has room for them, and looks after the table meanwhile."""
 
     def __init__(
         self,
@@ -112,11 +142,14 @@ class RetryPoller:
         self._outcomes = outcomes
         self._metrics = metrics
         self._settings = settings
+        self.upkeep = RetryTableUpkeep(self._conn, metrics, settings.delivered_retention_seconds)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        next_depth = 0.0
-        next_unblock = loop.time() + _UNBLOCK_SECONDS
+        # When each chore is next due, on the loop's clock; one that failed is tried again at the next poll.
+        upkeep = self.upkeep
+        due = {"sample": 0.0, "sweep": loop.time() + UNBLOCK_SECONDS, "prune": loop.time() + PRUNE_SECONDS}
+        chores = {"sample": upkeep.sample, "sweep": upkeep.sweep, "prune": upkeep.prune}
         try:
             while True:
                 room = self._room()
@@ -125,16 +158,15 @@ class RetryPoller:
                     if room > 0:
                         # A claim that took all it asked for suggests more rows are due than there was room for.
                         more_due = await self.claim(room) >= room
-                    if loop.time() >= next_depth:
-                        async with self._conn.use() as conn:
-                            self._metrics.retry_queue_depth.set(await conn.fetchval(_DEPTH))
-                        next_depth = loop.time() + 5.0
-                    if loop.time() >= next_unblock:
-                        async with self._conn.use() as conn:
-                            await conn.execute(_UNBLOCK)
-                        next_unblock = loop.time() + _UNBLOCK_SECONDS
                 except (*TRANSIENT, asyncpg.PostgresError) as exc:
                     log.warning("retry_poll_failed", error=str(exc))
+                for name, chore in chores.items():
+                    try:
+                        if loop.time() >= due[name]:
+                            due[name] = loop.time() + await chore()
+                    except (*TRANSIENT, asyncpg.PostgresError) as exc:
+                        # Each on its own: one that keeps failing must not keep the others from their turn.
+                        log.warning("retry_table_chore_failed", chore=name, error=str(exc))
                 if more_due or room <= 0:
                     await self._room_for_a_batch()
                 elif self._dispatcher.ordered_retries_in_flight():
@@ -185,7 +217,8 @@ class RetryPoller:
         held, probing = self._health.retry_holds()
         skipped = held + self._dispatcher.busy_webhooks() + probing
         async with self._conn.use() as conn:
-            rows = list(await conn.fetch(_CLAIM_MANY, limit, self._settings.lease_seconds, own, skipped))
+            many = _CLAIM_AROUND if skipped else _CLAIM_MANY
+            rows = list(await conn.fetch(many, limit, self._settings.lease_seconds, own, skipped))
             probes = min(_PROBES_PER_POLL, limit - len(rows))
             if probing and probes > 0:
                 rows += await conn.fetch(_CLAIM_PROBES, probes, self._settings.lease_seconds, own, probing)

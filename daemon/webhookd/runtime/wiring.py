@@ -203,6 +203,7 @@ async def build(
             poll_interval=s.delivery.retry_poll_interval_seconds,
             max_in_flight=retries_in_flight(s),
             lease_seconds=lease_seconds(s),
+            delivered_retention_seconds=e.attempt_log_retention_seconds,
         ),
     )
     return Parts(

@@ -5,8 +5,9 @@ so the partitions are split between them) and Postgres. The supervisor starts, w
 the pod's /healthz, /readyz and /metrics by asking every worker on a private loopback port: alive when every
 running worker is alive, ready when every worker is ready, and /metrics is every worker's series with a `worker`
 label. Counters and histograms add up across workers; the gauges that each worker reads from Postgres
-(`webhookd_retry_queue_depth`, `webhookd_subscriptions`, `webhookd_endpoints_disabled`) say the same thing once per
-worker, so take their max() over a pod, not their sum().
+(`webhookd_retry_queue_depth`, `webhookd_retry_table_bytes`, `webhookd_retry_table_dead_rows`,
+`webhookd_subscriptions`, `webhookd_endpoints_disabled`) say the same thing once per worker, so take their max() over
+a pod, not their sum().
 
 A worker that exits on its own is started again after a pause that doubles up to 30 s; the records it had not
 committed go to whichever worker holds the partitions next, so nothing is lost. SIGTERM and SIGINT are passed on to
