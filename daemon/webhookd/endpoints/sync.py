@@ -103,10 +103,11 @@ ON CONFLICT (webhook_id) DO UPDATE SET
     disabled_at = NULL, disabled_reason = NULL, enabled_at = now(), failing_since = NULL, consecutive_failures = 0,
     circuit_open_until = NULL, rate_limited_until = NULL, updated_at = now()
 """
-# What an open circuit or a pause deferred, and the retries waiting out their backoff, go at the next poll.
+# What an open circuit or a pause deferred, and the retries waiting out their backoff, go at the next poll; an
+# ordered record's rows waiting ('infinity') for the one before them keep waiting for it.
 _RESUME_PENDING = """
 UPDATE webhookd.deliveries SET next_attempt_at = now(), updated_at = now()
-WHERE webhook_id = ANY($1::uuid[]) AND status = 'pending' AND next_attempt_at > now()
+WHERE webhook_id = ANY($1::uuid[]) AND status = 'pending' AND next_attempt_at > now() AND next_attempt_at < 'infinity'
 """
 _SET_RATE = """
 INSERT INTO webhookd.endpoints AS e (webhook_id, rate_limit_per_second) VALUES ($1::uuid, $2)

@@ -14,7 +14,8 @@ The running daemons' retry pollers then send them, under the same event id, so r
 What it costs: a first-try success stores no body, only the ~30 bytes of `source` in its attempt-log row, instead
 of the body's kilobytes; the price is that its body exists only as long as Kafka keeps the record. The attempt log
 itself is kept for `endpoints.attempt_log_retention_seconds`, and a window that starts earlier is answered with a
-warning: its older first-try successes cannot be found. The topic's own retention (or compaction) decides whether
+warning: its older deliveries, first-try and retried alike (delivered rows are deleted after the same retention),
+may be gone; dead letters are still found. The topic's own retention (or compaction) decides whether
 the record is still there. When Kafka no longer has it (the offset is before the partition's first one,
 past its end after a topic was recreated, compacted away, or the topic or partition is gone), that pair is reported
 as "gone from Kafka" and not replayed, and the rest of the window still is; the command then exits 1. A record that

@@ -102,9 +102,9 @@ def window_warnings(start: datetime, retention: float, mode: str = "compact") ->
     kept = f"{retention / 86400:g} days" if retention >= 86400 else f"{retention:g} seconds"
     return [
         f"first-try successes before {iso(kept_from)} may be gone from the attempt log and then cannot be found "
-        f"(it keeps whole days, {kept} at least: endpoints.attempt_log_retention_seconds); retried and "
-        "dead-lettered deliveries have "
-        "rows of their own and are still found"
+        f"(it keeps whole days, {kept} at least: endpoints.attempt_log_retention_seconds), nor can deliveries "
+        "delivered after a retry, whose rows go after the same retention; dead letters keep their rows and are "
+        "still found"
     ]
 
 

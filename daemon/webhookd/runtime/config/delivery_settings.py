@@ -83,7 +83,8 @@ class EndpointSettings(_Section):
     # What the attempt log keeps of a first-try success: 'full' (every column), 'compact' (what `deliveries show`
     # and `deliveries replay` need) or 'aggregate' (counts per webhook and minute); failures are always in full.
     attempt_log: Annotated[AttemptLogForm, BeforeValidator(_choice(*ATTEMPT_LOG_FORMS))] = "compact"
-    # Kept by whole days (UTC): a day's partition goes once all of it is older than this.
+    # Kept by whole days (UTC): a day's partition goes once all of it is older than this. The retry table's delivered
+    # rows go after it too (dead letters stay).
     attempt_log_retention_seconds: _Timeout = 1209600.0
     # How often health is shared with Postgres (and so with replicas and `webhookd endpoints list`).
     sync_interval_seconds: _Timeout = 2.0
