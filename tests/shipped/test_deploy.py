@@ -792,26 +792,25 @@ def test_gauges_every_process_repeats_are_never_added_up() -> None:
     assert [*summed("sum_over_time(webhookd_subscriptions[5m])")] == []
 
 
-def test_endpoint_health_is_alerted_on_and_shown() -> None:
+def alerted_metrics() -> set[str]:
+    """Every metric an alert rule's expression names."""
     rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
-    alerted = {
+    return {
         name
         for group in rules["spec"]["groups"]
         for rule in group["rules"]
         for name in METRIC_NAME.findall(rule["expr"])
     }
+
+
+def test_endpoint_health_is_alerted_on_and_shown() -> None:
+    alerted = alerted_metrics()
     assert {"webhookd_endpoint_circuit_open", "webhookd_endpoints_disabled"} <= alerted
     assert "webhookd_deliveries_deferred_total" in metric_names_in_deploy()
 
 
 def test_the_attempt_log_and_the_retry_table_are_alerted_on_and_shown() -> None:
-    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
-    alerted = {
-        name
-        for group in rules["spec"]["groups"]
-        for rule in group["rules"]
-        for name in METRIC_NAME.findall(rule["expr"])
-    }
+    alerted = alerted_metrics()
     # Retention that falls behind, and writes that grow slow.
     assert {
         "webhookd_attempt_log_oldest_partition_age_seconds",
