@@ -196,7 +196,8 @@ async def _operate(settings: Settings, args: argparse.Namespace) -> int:
     if conn is None:
         return EXIT_FAILURE
     log_conn: asyncpg.Connection[Any] | None = conn
-    if settings.postgres.attempts_dsn is not None and args.command == "deliveries":
+    # Only what reads the attempt log needs its database: a retry of dead letters works while it is away.
+    if settings.postgres.attempts_dsn is not None and args.command == "deliveries" and args.action != "retry":
         log_conn = await _connect(settings, attempt_log=True)
     if log_conn is None:
         await conn.close()

@@ -1,7 +1,7 @@
 """`postgres.attempts_dsn`: the attempt log in a database of its own. `webhookd migrate` makes its tables there, the
 daemon writes every attempt there and none in the main database, and the operator commands read it there, the
 delivery rows they need still from the main database; a daemon whose attempt-log database was never migrated is
-refused with a message naming the key."""
+refused with a message naming the key, and one whose attempt-log database is away delivers all the same."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from tests.support import (
     write_config,
 )
 from webhookd.embedded import create_database
+from webhookd.runtime.children import free_port
 from webhookd.runtime.config import Settings
 from webhookd.runtime.service import Service, StartupError
 
@@ -98,3 +99,14 @@ async def test_a_daemon_whose_attempts_database_is_not_migrated_is_refused_namin
             await service.startup()
     finally:
         await service._close_partial()
+
+
+async def test_an_attempts_database_that_is_away_holds_up_no_delivery(
+    kafka: str, dsn: str, topic: str, receiver: Receiver
+) -> None:
+    ws = new_workspace()
+    await add_webhook(dsn, ws, receiver.url("/good"), ["*.*"])
+    away = f"postgresql://webhookd@127.0.0.1:{free_port()}/attempts"
+    async with running(Settings.model_validate(config_for(kafka, dsn, topic, postgres={"attempts_dsn": away}))):
+        await produce(kafka, topic, [event("person.created", ws, id="e1")])
+        await receiver.wait_for(lambda: len(receiver.at("/good")) == 1, 20, "the delivery")

@@ -53,8 +53,9 @@ async def keep(conn: Connection | asyncpg.Pool, retention: float) -> tuple[int, 
 
 
 async def retire_old_table(conn: Connection | asyncpg.Pool, retention: float) -> bool:
-    """Drop the attempt log of earlier releases (webhookd.attempts) once no daemon writes it and its rows are all
-    past the retention; returns whether it went."""
+    """Empty the attempt log of earlier releases (webhookd.attempts) once no daemon writes it and its rows are all
+    past the retention; returns whether it did. The table stays, empty: earlier releases refuse to start without
+    it, and a rollback must stay possible."""
     return bool(await conn.fetchval("SELECT webhookd.retire_attempts($1)", retention))
 
 

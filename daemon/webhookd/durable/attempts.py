@@ -63,15 +63,21 @@ _STATS_SECONDS = 60.0
 _Count = list[float]
 
 
+class PartitionPending(Exception):
+    """A batch's day has no partition and it could not be made now (the keeper's lock or the database busy): the
+    rows wait for the next flush."""
+
+
 def transient(exc: BaseException) -> bool:
     """Whether copying the same rows again may succeed. asyncpg reports a value it cannot encode (an integer out of
     range) as a DataError that is also an InterfaceError, which TRANSIENT lists for connections that broke: that one
-    would fail again forever, and is a ValueError too. A row whose day has no partition yet waits for one."""
-    return (isinstance(exc, TRANSIENT) and not isinstance(exc, ValueError)) or _no_partition(exc)
+    would fail again forever, and is a ValueError too."""
+    return (isinstance(exc, TRANSIENT) and not isinstance(exc, ValueError)) or isinstance(exc, PartitionPending)
 
 
 def _no_partition(exc: BaseException) -> bool:
-    return isinstance(exc, asyncpg.CheckViolationError) and "no partition" in str(exc)
+    """A row no partition takes: a check violation that names no constraint (whatever the server's language)."""
+    return isinstance(exc, asyncpg.CheckViolationError) and not getattr(exc, "constraint_name", None)
 
 
 def _describe(exc: BaseException) -> str:
@@ -291,10 +297,14 @@ class AttemptLog:
                     return
                 except asyncpg.CheckViolationError as exc:
                     # A day without its partition yet: past midnight before the keeper's round, or a database
-                    # migrated days before the first daemon.
+                    # migrated days before the first daemon. Made now; a row no partition takes even then (a day
+                    # older than the retention, or a clock far ahead) fails the batch for good, with its reason.
                     if second_try or not _no_partition(exc):
                         raise
-                    await keep(conn, self._retention)
+                    try:
+                        await keep(conn, self._retention)
+                    except (*TRANSIENT, asyncpg.PostgresError) as busy:
+                        raise PartitionPending(f"{exc}; making it failed: {busy}") from busy
 
     async def close(self, timeout: float) -> None:
         """Write what is buffered, the current minute's counts included, within `timeout`."""

@@ -108,6 +108,7 @@ class AttemptHistory:
             found = await self._first_tries_since(filters, since, webhooks, limit)
             if len(found) >= limit or since == filters.since:
                 break
+        found = await self._without_rows(found)
         found.sort(key=lambda r: r["updated_at"], reverse=True)
         return await self._with_workspaces(found[:limit])
 
@@ -128,13 +129,19 @@ class AttemptHistory:
     async def first_tries_of_event(self, event_id: str) -> list[dict[str, Any]]:
         """Every first-try success of this event, but those a delivery row of the same pair stands for."""
         found = await self._first_tries_since(Filters(event=event_id), None, None, 10_000)
-        rows = {
-            r["webhook_id"]
-            for r in await self.main.fetch(
-                "SELECT webhook_id::text AS webhook_id FROM webhookd.deliveries WHERE event_id = $1", event_id
-            )
-        }
-        return await self._with_workspaces([f for f in found if f["webhook_id"] not in rows])
+        return await self._with_workspaces(await self._without_rows(found))
+
+    async def _without_rows(self, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Leave out the first tries of pairs that have a delivery row (a record read again after a crash, whose
+        second pass failed): the row stands for the pair."""
+        if not found:
+            return found
+        rows = await self.main.fetch(
+            "SELECT event_id, webhook_id::text AS webhook_id FROM webhookd.deliveries WHERE event_id = ANY($1::text[])",
+            list({f["event_id"] for f in found}),
+        )
+        pairs = {(r["event_id"], r["webhook_id"]) for r in rows}
+        return [f for f in found if (f["event_id"], f["webhook_id"]) not in pairs]
 
     async def filtered(self, event_id: str) -> list[dict[str, Any]]:
         found = [plain(r) for r in await self.log.fetch(_FILTERED.format(table="webhookd.attempt_log"), event_id)]

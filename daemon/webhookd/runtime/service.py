@@ -21,25 +21,14 @@ import structlog
 
 from webhookd.durable.transient import TRANSIENT
 from webhookd.runtime.config import Settings
+from webhookd.runtime.databases import DatabaseUnusable, open_pools
 from webhookd.runtime.metrics import Metrics
 from webhookd.runtime.policy import STALL_SECONDS, ShutdownClock
 from webhookd.runtime.probes import Probes, build_app, start_server
-from webhookd.runtime.tls import PostgresConnect, TLSError, transport
+from webhookd.runtime.tls import TLSError, transport
 from webhookd.runtime.wiring import Parts, build
 
 log = structlog.get_logger("webhookd.runtime.service")
-
-# The newest migration's objects: present, the schema is current.
-_SCHEMA_CURRENT = (
-    "SELECT to_regclass('webhookd.deliveries') IS NOT NULL AND to_regclass('webhookd.endpoints') IS NOT NULL "
-    "AND to_regclass('webhookd.pacing') IS NOT NULL AND to_regclass('webhookd.webhook_options') IS NOT NULL "
-    "AND to_regprocedure('webhookd.retire_attempts(double precision)') IS NOT NULL"
-)
-# The same in the attempt log's database.
-_ATTEMPT_LOG_CURRENT = (
-    "SELECT to_regclass('webhookd.attempt_log') IS NOT NULL AND to_regclass('webhookd.first_tries') IS NOT NULL "
-    "AND to_regclass('webhookd.attempt_counts') IS NOT NULL"
-)
 
 
 class StartupError(Exception):
@@ -117,14 +106,11 @@ class Service:
             links = transport(s)
         except TLSError as exc:
             raise StartupError(str(exc)) from exc
-        pool = await _open_pool(links.postgres, "postgres.dsn", s.postgres.pool_size, _SCHEMA_CURRENT)
-        attempts_pool = None
         try:
-            if s.postgres.attempts_dsn is None:
-                await _check_schema(pool, "postgres.dsn", _ATTEMPT_LOG_CURRENT)
-            else:
-                # The attempt log's writer and keeper take a connection at a time.
-                attempts_pool = await _open_pool(links.attempts, "postgres.attempts_dsn", 2, _ATTEMPT_LOG_CURRENT)
+            pool, attempts_pool = await open_pools(links, s.postgres.pool_size, s.postgres.attempts_dsn is not None)
+        except DatabaseUnusable as exc:
+            raise StartupError(str(exc)) from exc
+        try:
             self._res = await build(self.settings, self.metrics, pool, attempts_pool, links, self._on_fatal)
         except BaseException:
             # Until _build returns, the pools are nowhere _close_partial can find them.
@@ -331,29 +317,3 @@ class Service:
         except (*TRANSIENT, asyncpg.PostgresError):
             return False
         return True
-
-
-async def _open_pool(link: PostgresConnect, key: str, size: int, schema_check: str) -> asyncpg.Pool:
-    """A pool on one of the daemon's databases, once its schema is found current."""
-    try:
-        pool = await asyncpg.create_pool(link.dsn, ssl=link.ssl, min_size=1, max_size=size, timeout=10)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise StartupError(f"cannot connect to Postgres ({key}): {exc}") from exc
-    assert pool is not None
-    try:
-        await _check_schema(pool, key, schema_check)
-    except BaseException:
-        await pool.close()
-        raise
-    return pool
-
-
-async def _check_schema(pool: asyncpg.Pool, key: str, schema_check: str) -> None:
-    try:
-        current = await pool.fetchval(schema_check)
-    except (*TRANSIENT, asyncpg.PostgresError) as exc:
-        raise StartupError(f"cannot check the webhookd schema ({key}): {exc}") from exc
-    if not current:
-        raise StartupError(
-            f"the webhookd schema ({key}) is missing or out of date: run `webhookd migrate --config FILE`"
-        )

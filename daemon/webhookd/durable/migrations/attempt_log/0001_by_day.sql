@@ -56,12 +56,13 @@ CREATE TABLE IF NOT EXISTS webhookd.attempt_counts (
 ) PARTITION BY RANGE (minute);
 CREATE INDEX IF NOT EXISTS attempt_counts_by_webhook ON webhookd.attempt_counts (webhook_id, minute);
 
--- Creates the partitions from yesterday to `days_ahead` days from now and drops those wholly older than the
--- retention; returns how many of each. Called by every daemon every few minutes and by `webhookd migrate`; one at a
--- time (a busy lock returns zeros). SECURITY DEFINER: the daemon's own role may create and drop nothing, so this
--- runs as the role that migrated, which owns the tables. The lock timeout keeps a drop or a creation, which lock the
--- parent table, from queueing the log's writers behind a long query for more than a moment; what could not be done
--- is done on the next call.
+-- Creates the partitions from yesterday (unless the retention is over by then) to `days_ahead` days from now and
+-- drops those wholly older than the retention; returns how many of each. Called by every daemon every few minutes,
+-- by a write that finds no partition for its day, and by `webhookd migrate`; one at a time, the others waiting for
+-- it. SECURITY DEFINER: the daemon's own role may create and drop nothing, so this runs as the role that migrated,
+-- which owns the tables; the arguments are bounded, so that no caller can drop the last hour or make years of
+-- partitions. The lock timeout keeps a drop or a creation, which lock the parent table, from queueing the log's
+-- writers behind a long query for more than a moment; what could not be done is done on the next call.
 CREATE OR REPLACE FUNCTION webhookd.keep_attempt_partitions(
     retention double precision, days_ahead integer, OUT created integer, OUT dropped integer
 ) LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET lock_timeout = '2s' AS $$
@@ -74,14 +75,15 @@ DECLARE
 BEGIN
     created := 0;
     dropped := 0;
-    IF NOT pg_try_advisory_xact_lock(7765626801) THEN
-        RETURN;
-    END IF;
+    retention := greatest(retention, 3600);
+    PERFORM pg_advisory_xact_lock(7765626801);
     FOREACH parent IN ARRAY ARRAY['attempt_log', 'first_tries', 'attempt_counts'] LOOP
-        FOR ahead IN -1..greatest(days_ahead, 1) LOOP
+        FOR ahead IN -1..least(greatest(days_ahead, 1), 7) LOOP
             day := today + ahead;
             child := parent || '_' || to_char(day, 'YYYYMMDD');
-            IF to_regclass('webhookd.' || child) IS NULL THEN
+            -- A day the retention is already over for would be dropped below, again at every call.
+            IF to_regclass('webhookd.' || child) IS NULL
+               AND (day + 1)::timestamp AT TIME ZONE 'UTC' > now() - make_interval(secs => retention) THEN
                 EXECUTE format(
                     'CREATE TABLE webhookd.%I PARTITION OF webhookd.%I FOR VALUES FROM (%L) TO (%L)',
                     child, parent, day::timestamp AT TIME ZONE 'UTC', (day + 1)::timestamp AT TIME ZONE 'UTC'
