@@ -460,14 +460,3 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str)
 def write_config(path: Path, config: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-# The attempt log of releases before day partitions, as their migrations left it (webhookd.attempts), for tests of
-# what is still read from it.
-OLD_ATTEMPT_LOG = """
-CREATE TABLE IF NOT EXISTS webhookd.attempts (
-    event_id text NOT NULL, webhook_id uuid NOT NULL, workspace_id uuid NOT NULL, event_name text NOT NULL,
-    attempt integer NOT NULL, at timestamptz NOT NULL, duration_ms real NOT NULL, result text NOT NULL,
-    status integer, error text, source text
-)
-"""

@@ -235,7 +235,7 @@ async def test_retention_drops_whole_days_past_it_and_deletes_no_row(dsn: str) -
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     try:
         log = AttemptLog(pool, retention_seconds=14 * 86400)
-        await log.maintain()
+        await log.keeper.maintain()
         stats = await form_stats(pool)
     finally:
         await pool.close()

@@ -158,7 +158,7 @@ async def test_upgrading_keeps_every_row_while_an_older_daemon_writes_and_reads_
                 AttemptResult("5xx", status=503),
             )
             assert await log.flush() == 2
-            await log.maintain()
+            await log.keeper.maintain()
             assert (await fetch(dsn, "SELECT to_regclass('webhookd.attempts') IS NOT NULL AS kept"))[0]["kept"]
         finally:
             await pool.close()
@@ -199,14 +199,14 @@ async def test_the_old_table_is_emptied_only_once_no_older_daemon_runs_and_its_r
     try:
         log = AttemptLog(pool, retention_seconds=14 * 86400)
         await fetch(dsn, "UPDATE webhookd.attempts SET at = at - interval '15 days'")
-        await log.maintain()
+        await log.keeper.maintain()
         assert await old_rows() == HISTORY, "an older daemon is still a member: it writes the old table"
         await fetch(dsn, "DELETE FROM webhookd.members")
         await fetch(dsn, "UPDATE webhookd.attempts SET at = now() WHERE event_id = 'past1'")
-        await log.maintain()
+        await log.keeper.maintain()
         assert await old_rows() == HISTORY, "a row of it is still within the retention"
         await fetch(dsn, "UPDATE webhookd.attempts SET at = now() - interval '15 days' WHERE event_id = 'past1'")
-        await log.maintain()
+        await log.keeper.maintain()
         # Emptied, not dropped: a daemon of the earlier release still finds its table, so a rollback still starts.
         assert await old_rows() == 0
     finally:

@@ -14,7 +14,7 @@ import pytest
 
 from webhookd.durable.outcomes import OutcomeWriter
 from webhookd.durable.retries import _CLAIM_MANY
-from webhookd.durable.retry_upkeep import _UNBLOCK
+from webhookd.durable.retry_upkeep import _NO_RECORD, _SWEEP_SLICE, _UNBLOCK_SLICE
 from webhookd.model import Delivery, Webhook
 
 WORKSPACE = str(uuid.uuid4())
@@ -114,5 +114,5 @@ async def test_a_lost_wake_up_is_made_good_by_the_periodic_unblock(table: Table)
     # u1 leaves by a path that wakes nobody (an operator's command, or a race with the write of u2).
     await table.pool.execute("UPDATE webhookd.deliveries SET status = 'delivered' WHERE event_id = 'u1'")
     assert await table.claim() == []
-    await table.pool.execute(_UNBLOCK)
+    await table.pool.execute(_UNBLOCK_SLICE, *_NO_RECORD, _SWEEP_SLICE)  # the poller's slice, from the start
     assert await table.claim() == ["u2"]

@@ -12,13 +12,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+import structlog
 
 from webhookd.durable.migrate import DAYS_AHEAD
+from webhookd.durable.transient import describe_error
 from webhookd.endpoints.sync import Connection
 from webhookd.model import ATTEMPT_LOG_FORMS, AttemptLogForm
+from webhookd.runtime.metrics import Metrics
+
+log = structlog.get_logger("webhookd.durable.attempt_partitions")
 
 # The table of each form. Its partitions are named <table>_YYYYMMDD after the day (UTC) they hold.
 TABLES: dict[AttemptLogForm, str] = {"full": "attempt_log", "compact": "first_tries", "aggregate": "attempt_counts"}
+
+# How often the partitions are made and dropped, and how often their sizes are read for the metrics.
+KEEP_SECONDS = 300.0
+STATS_SECONDS = 60.0
 
 _PARTITIONS = """
 SELECT p.relname AS parent, c.relname AS child, pg_total_relation_size(c.oid) AS bytes
@@ -68,3 +77,48 @@ async def form_stats(conn: Connection | asyncpg.Pool) -> dict[AttemptLogForm, Fo
         days = [partition_day(r["child"]) for r in mine]
         stats[form] = FormStats(len(mine), min(days) if days else None, sum(int(r["bytes"]) for r in mine))
     return stats
+
+
+class PartitionKeeper:
+    """What the attempt log's writer has done between writes: the partitions kept, the table of earlier releases
+    emptied when its time comes, and the sizes published. `pool` reaches the attempt log's database, `main_pool` the
+    daemon's own. Errors are logged, never raised: the next round tries again."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, main_pool: asyncpg.Pool, retention: float, metrics: Metrics | None = None
+    ) -> None:
+        self._pool = pool
+        self._main_pool = main_pool
+        self._retention = retention
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.attempt_log_retention.set(retention)
+
+    async def maintain(self) -> None:
+        """Make the coming days' partitions, drop those past the retention, empty the table of earlier releases
+        once nothing needs it, and read the sizes for the metrics."""
+        try:
+            created, dropped = await keep(self._pool, self._retention)
+            if created or dropped:
+                log.info("attempt_log_partitions_kept", created=created, dropped=dropped)
+            if await retire_old_table(self._main_pool, self._retention):
+                log.info("attempt_log_old_table_emptied", table="webhookd.attempts")
+        except Exception as exc:
+            # A partition missing when its day comes is made by the first write that needs it.
+            log.warning("attempt_log_keep_failed", error=describe_error(exc), retry_in_seconds=KEEP_SECONDS)
+        await self.read_stats()
+
+    async def read_stats(self) -> None:
+        if self._metrics is None:
+            return
+        try:
+            stats = await form_stats(self._pool)
+        except Exception as exc:
+            log.warning("attempt_log_stats_failed", error=describe_error(exc))
+            return
+        m = self._metrics
+        for form, s in stats.items():
+            m.attempt_log_bytes.labels(form).set(s.bytes)
+            m.attempt_log_partitions.labels(form).set(s.partitions)
+            age = (datetime.now(UTC) - s.oldest_day).total_seconds() if s.oldest_day is not None else 0.0
+            m.attempt_log_oldest_partition_age.labels(form).set(age)

@@ -30,9 +30,9 @@ from typing import Any
 import asyncpg
 import structlog
 
-from webhookd.durable.attempt_partitions import TABLES, form_stats, keep, retire_old_table
+from webhookd.durable.attempt_partitions import KEEP_SECONDS, STATS_SECONDS, TABLES, PartitionKeeper, keep
 from webhookd.durable.outcomes import clean_text
-from webhookd.durable.transient import TRANSIENT
+from webhookd.durable.transient import TRANSIENT, describe_error
 from webhookd.model import ATTEMPT_LOG_FORMS, AttemptLogForm, AttemptResult, Delivery, Event
 from webhookd.runtime.metrics import Metrics
 
@@ -55,9 +55,6 @@ _FULL = (
 _COMPACT = ("event_id", "webhook_id", "source", "at", "duration_ms", "status")
 _COUNTS = ("minute", "webhook_id", "result", "attempts", "duration_ms", "max_duration_ms")
 _EXCERPT = 300  # characters of an error or response body kept per attempt
-# How often the partitions are made and dropped, and how often their sizes are read for the metrics.
-_KEEP_SECONDS = 300.0
-_STATS_SECONDS = 60.0
 
 # A minute's counts of one webhook and result: [attempts, sum of their durations (ms), the longest (ms)].
 _Count = list[float]
@@ -80,15 +77,12 @@ def _no_partition(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.CheckViolationError) and not getattr(exc, "constraint_name", None)
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 class AttemptLog:
-    """Buffers attempts and copies them to Postgres; `run` is the writer and keeper, `close` flushes what is left.
+    """Buffers attempts and copies them to Postgres; `run` is the writer, which has `keeper` look after the
+    partitions between writes; `close` flushes what is left.
 
     `pool` reaches the attempt log's database; `main_pool` the daemon's own (the same unless postgres.attempts_dsn
-    is set), where the attempt log of earlier releases waits to be dropped.
+    is set), where the attempt log of earlier releases waits to be emptied.
     """
 
     def __init__(
@@ -105,8 +99,8 @@ class AttemptLog:
     ) -> None:
         self._pool = pool
         self._clock = clock  # seconds since the epoch: the minutes counts are kept by
-        self._main_pool = main_pool if main_pool is not None else pool
         self._retention = retention_seconds
+        self.keeper = PartitionKeeper(pool, main_pool if main_pool is not None else pool, retention_seconds, metrics)
         self.mode = mode
         self._metrics = metrics
         self._flush_interval = flush_interval
@@ -115,8 +109,6 @@ class AttemptLog:
         self._compact: list[tuple[Any, ...]] = []
         self._counts: dict[tuple[int, str, str], _Count] = {}
         self._dropped = 0
-        if metrics is not None:
-            metrics.attempt_log_retention.set(retention_seconds)
 
     def add(self, delivery: Delivery, attempt: int, result: AttemptResult) -> None:
         ms = result.duration * 1000
@@ -180,46 +172,17 @@ class AttemptLog:
         next_keep = next_stats = loop.time()
         while True:
             if loop.time() >= next_keep:
-                await self.maintain()
-                next_keep = next_stats = loop.time() + _KEEP_SECONDS
+                await self.keeper.maintain()
+                next_keep = next_stats = loop.time() + KEEP_SECONDS
             elif loop.time() >= next_stats:
-                await self._read_stats()
-                next_stats = loop.time() + _STATS_SECONDS
+                await self.keeper.read_stats()
+                next_stats = loop.time() + STATS_SECONDS
             await asyncio.sleep(self._flush_interval)
             try:
                 await self.flush()
             except Exception as exc:  # flush() raises only errors that may pass, its batch still buffered
                 buffered = len(self._full) + len(self._compact)
-                log.warning("attempt_log_write_retrying", error=_describe(exc), buffered=buffered)
-
-    async def maintain(self) -> None:
-        """Make the coming days' partitions, drop those past the retention, drop the table of earlier releases once
-        nothing needs it, and read the sizes for the metrics. Errors are logged: the next round tries again."""
-        try:
-            created, dropped = await keep(self._pool, self._retention)
-            if created or dropped:
-                log.info("attempt_log_partitions_kept", created=created, dropped=dropped)
-            if await retire_old_table(self._main_pool, self._retention):
-                log.info("attempt_log_old_table_dropped", table="webhookd.attempts")
-        except Exception as exc:
-            # A partition missing when its day comes is made by the first write that needs it (flush).
-            log.warning("attempt_log_keep_failed", error=_describe(exc), retry_in_seconds=_KEEP_SECONDS)
-        await self._read_stats()
-
-    async def _read_stats(self) -> None:
-        if self._metrics is None:
-            return
-        try:
-            stats = await form_stats(self._pool)
-        except Exception as exc:
-            log.warning("attempt_log_stats_failed", error=_describe(exc))
-            return
-        m = self._metrics
-        for form, s in stats.items():
-            m.attempt_log_bytes.labels(form).set(s.bytes)
-            m.attempt_log_partitions.labels(form).set(s.partitions)
-            age = (datetime.now(UTC) - s.oldest_day).total_seconds() if s.oldest_day is not None else 0.0
-            m.attempt_log_oldest_partition_age.labels(form).set(age)
+                log.warning("attempt_log_write_retrying", error=describe_error(exc), buffered=buffered)
 
     async def flush(self, *, final: bool = False) -> int:
         """Copy the buffered attempts (and the counts of the minutes that are over, or all of them when `final`) to
@@ -244,7 +207,7 @@ class AttemptLog:
             await self._write(full, compact, counts)
         except BaseException as exc:
             if isinstance(exc, Exception) and not transient(exc):
-                log.error("attempt_log_write_failed", error=_describe(exc), dropped=total)
+                log.error("attempt_log_write_failed", error=describe_error(exc), dropped=total)
                 if self._metrics is not None:
                     self._metrics.attempt_log_dropped.inc(total)
                 return 0

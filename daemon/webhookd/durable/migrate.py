@@ -15,6 +15,7 @@ from importlib import resources
 import asyncpg
 
 from webhookd.routing.subscriptions import NOTIFY_CHANNEL
+from webhookd.runtime.config import EndpointSettings
 
 # Any constant works; it only has to be the same for every replica so that two `migrate` runs never interleave.
 _MIGRATE_LOCK_KEY = 0x7765_6268_6F6F_6B64  # "webhookd"
@@ -74,7 +75,11 @@ def _subscriptions_ddl(table: str) -> str:
 
 
 async def migrate(
-    conn: asyncpg.Connection, table: str, attempts: asyncpg.Connection | None = None, *, retention: float = 1209600.0
+    conn: asyncpg.Connection,
+    table: str,
+    attempts: asyncpg.Connection | None = None,
+    *,
+    retention: float = EndpointSettings().attempt_log_retention_seconds,
 ) -> list[str]:
     """Bring the database up to date and return the names of the migrations applied now.
 

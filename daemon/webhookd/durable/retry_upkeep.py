@@ -53,8 +53,6 @@ SELECT (SELECT count(*) FROM woken) AS woken, count(*) AS visited,
 FROM visited
 """
 _NO_RECORD = ("00000000-0000-0000-0000-000000000000", "")  # before any record: order keys are never empty
-# Every record with a waiting row, in one statement (an operator's or a test's).
-_UNBLOCK = _SWEEP.format(after="('{}'::uuid, '{}'::text)".format(*_NO_RECORD), slice="ALL")
 # From the poller, `_SWEEP_SLICE` records a statement, whatever the backlog: a pass goes on at the next polls.
 _UNBLOCK_SLICE = _SWEEP.format(after="($1::uuid, $2::text)", slice="$3")
 _SWEEP_SLICE = 1000

@@ -22,3 +22,8 @@ TRANSIENT = (
     # restarts under load); the pool drops that connection, and the next try gets a new one.
     asyncpg.InternalClientError,
 )
+
+
+def describe_error(exc: BaseException) -> str:
+    """An error as a log line names it: its type, and its message when it has one."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -12,7 +12,7 @@ its webhook's, looked up in the subscriptions table; the name is known once its 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,9 +25,12 @@ SELECT NULL::bigint AS id, 'delivered' AS status, 1 AS attempts, event_id, {name
        webhook_id::text AS webhook_id, {workspace} AS workspace_id, source, status::integer AS last_status,
        NULL AS last_error, at AS created_at, at AS updated_at, at AS delivered_at, NULL::timestamptz AS next_attempt_at
 """
+# A first-try success among the full rows: the live path's first attempt, answered 2xx (a delivery with a row of its
+# own is listed from that row).
+FIRST_TRY = "attempt = 1 AND result = '2xx' AND row_id IS NULL"
 _FULL_FIRST_TRIES = (
     _AS_DELIVERY.format(name="event_name", workspace="workspace_id::text")
-    + "FROM webhookd.attempt_log WHERE attempt = 1 AND result = '2xx' AND row_id IS NULL"
+    + f"FROM webhookd.attempt_log WHERE {FIRST_TRY}"
 )
 _COMPACT_FIRST_TRIES = (
     _AS_DELIVERY.format(name="NULL::text", workspace="NULL::text") + "FROM webhookd.first_tries WHERE true"
@@ -78,17 +81,21 @@ class Filters:
     since: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AttemptHistory:
-    """Reads of the attempt log. `main` is postgres.dsn's database, `log` the attempt log's (the same connection
-    when postgres.attempts_dsn is unset); `table` the subscriptions table, quoted for SQL."""
+    """Reads of the attempt log, for one command. `main` is postgres.dsn's database, `log` the attempt log's (the
+    same connection when postgres.attempts_dsn is unset); `table` the subscriptions table, quoted for SQL."""
 
     main: Connection
     log: Connection
     table: str
+    _old: bool | None = field(default=None, init=False)
 
     async def old_table(self) -> bool:
-        return bool(await self.main.fetchval(_OLD_TABLE))
+        """Whether the attempt log of earlier releases is there to be read; looked up once a command."""
+        if self._old is None:
+            self._old = bool(await self.main.fetchval(_OLD_TABLE))
+        return self._old
 
     async def first_tries(self, filters: Filters, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` first-try successes that match, newest first."""
@@ -120,7 +127,7 @@ class AttemptHistory:
         if await self.old_table():
             queries.append((self.main, _OLD_FIRST_TRIES, True))
         for conn, sql, has_workspace in queries:
-            where, values = _conditions(filters, since, webhooks if not has_workspace else None)
+            where, values = conditions(filters, since, webhooks if not has_workspace else None)
             values.append(limit)
             query = sql + "".join(f" AND {w}" for w in where) + f" ORDER BY at DESC LIMIT ${len(values)}"
             found += [plain(r) for r in await conn.fetch(query, *values)]
@@ -182,8 +189,11 @@ class AttemptHistory:
         return found
 
 
-def _conditions(filters: Filters, since: datetime | None, webhooks: list[str] | None) -> tuple[list[str], list[Any]]:
-    """The WHERE conditions and their values; `webhooks` stands for the workspace in a table without one."""
+def conditions(
+    filters: Filters, since: datetime | None, webhooks: list[str] | None = None, time_column: str = "at"
+) -> tuple[list[str], list[Any]]:
+    """The WHERE conditions and their values, `since` on `time_column`; `webhooks` stands for the workspace in a
+    table without one."""
     where: list[str] = []
     values: list[Any] = []
 
@@ -201,5 +211,5 @@ def _conditions(filters: Filters, since: datetime | None, webhooks: list[str] | 
     if filters.event is not None:
         add("event_id = ${n}", filters.event)
     if since is not None:
-        add("at >= ${n}", since)
+        add(f"{time_column} >= ${{n}}", since)
     return where, values

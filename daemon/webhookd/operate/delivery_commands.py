@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from webhookd.endpoints.sync import Connection
-from webhookd.operate.attempt_history import AttemptHistory, Filters
+from webhookd.operate.attempt_history import AttemptHistory, Filters, conditions
 from webhookd.operate.output import NotFound, UsageError, emit_json, emit_table, plain, since, webhook_id, workspace_id
 
 _LIST_COLUMNS = (
@@ -67,39 +67,20 @@ WHERE d.id = ANY($1::bigint[])
 """
 
 
-def _filters(args: argparse.Namespace) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    values: list[Any] = []
-
-    def add(condition: str, value: Any) -> None:
-        values.append(value)
-        where.append(condition.format(n=len(values)))
-
-    if args.webhook:
-        add("webhook_id = ${n}::uuid", webhook_id(args.webhook, "--webhook"))
-    if args.workspace:
-        add("workspace_id = ${n}::uuid", workspace_id(args.workspace))
-    if args.event:
-        add("event_id = ${n}", args.event)
-    if args.since:
-        add("updated_at >= ${n}", since(args.since))
-    return where, values
-
-
 async def list_deliveries(conn: Connection, args: argparse.Namespace, history: AttemptHistory) -> int:
-    where, values = _filters(args)
+    asked = Filters(
+        webhook=webhook_id(args.webhook, "--webhook") if args.webhook else None,
+        workspace=workspace_id(args.workspace) if args.workspace else None,
+        event=args.event,
+        since=since(args.since) if args.since else None,
+    )
+    where, values = conditions(asked, asked.since, time_column="updated_at")
     rows_where = [*where, f"status = '{args.status}'"] if args.status else where  # status is one of argparse's choices
     values.append(args.limit)
     sql = _ROWS + (" WHERE " + " AND ".join(rows_where) if rows_where else "")
     rows = [plain(r) for r in await conn.fetch(sql + f" ORDER BY updated_at DESC LIMIT ${len(values)}", *values)]
     if args.status in (None, "delivered"):
         # First-try successes, which only the attempt log knows.
-        asked = Filters(
-            webhook=webhook_id(args.webhook, "--webhook") if args.webhook else None,
-            workspace=workspace_id(args.workspace) if args.workspace else None,
-            event=args.event,
-            since=since(args.since) if args.since else None,
-        )
         rows += await history.first_tries(asked, args.limit)
         rows = sorted(rows, key=lambda r: r["updated_at"], reverse=True)[: args.limit]
     if args.json:

@@ -11,7 +11,7 @@ from typing import Any
 
 from webhookd.endpoints.sync import Connection
 from webhookd.model import Webhook
-from webhookd.operate.attempt_history import AttemptHistory
+from webhookd.operate.attempt_history import FIRST_TRY, AttemptHistory
 from webhookd.operate.output import NotFound
 from webhookd.routing.subscription_rows import webhook_from_row
 
@@ -26,9 +26,9 @@ WHERE webhook_id = $1::uuid
 # First-try successes of the window in the attempt log's own tables (it may be another database: the delivery rows
 # that hide some of them are looked up apart). Compact rows carry no name: --event-name is applied once their
 # records are read again.
-_FIRST_TRIES = """
+_FIRST_TRIES = f"""
 SELECT event_id, event_name, workspace_id::text AS workspace_id, source, at FROM webhookd.attempt_log
-WHERE webhook_id = $1::uuid AND attempt = 1 AND result = '2xx' AND row_id IS NULL AND at BETWEEN $2 AND $3
+WHERE webhook_id = $1::uuid AND {FIRST_TRY} AND at BETWEEN $2 AND $3
   AND ($4::text IS NULL OR event_name = $4)
 UNION ALL
 SELECT event_id, NULL, NULL, source, at FROM webhookd.first_tries

@@ -12,7 +12,7 @@ operator fixes a file in one pass. Passwords in the Postgres DSN never reach a r
 """
 
 from webhookd.runtime.config.daemon_settings import HttpSettings, LoggingSettings
-from webhookd.runtime.config.delivery_settings import DeliverySettings, EgressSettings
+from webhookd.runtime.config.delivery_settings import DeliverySettings, EgressSettings, EndpointSettings
 from webhookd.runtime.config.loading import ConfigError, load_settings
 from webhookd.runtime.config.schema import Settings, describe
 from webhookd.runtime.config.source_settings import KafkaSettings, PostgresSettings
@@ -22,6 +22,7 @@ __all__ = [
     "ConfigError",
     "DeliverySettings",
     "EgressSettings",
+    "EndpointSettings",
     "HttpSettings",
     "KafkaSettings",
     "LoggingSettings",
